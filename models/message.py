@@ -1,0 +1,573 @@
+"""Parse raw RFC 822 / MIME mail into the normalised view that rules and features read.
+
+Spam is adversarial input: broken MIME, lying charsets, base64 junk, hidden HTML text,
+zero-width characters and look-alike letters are all common. ``parse`` therefore never
+raises; it returns the best parse it can plus *defect flags* that are themselves strong
+signals for the rules and the learned models. Only the first ``max_bytes`` bytes are
+analysed, so a 50 MB message costs what a 256 KB one does.
+
+Speed matters (the whole per-message pipeline has a budget of ~400 us), so the parser is
+the stdlib ``email`` package with the fast ``compat32`` policy, decoding done here with
+``binascii`` and HTML rendered with selectolax's lexbor backend.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import email
+import email.header
+import email.message
+import email.utils
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from email import policy as _email_policy
+
+import structlog
+from selectolax.lexbor import LexborHTMLParser
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["DEFAULT_MAX_BYTES", "ParsedMessage", "normalize_text", "parse"]
+
+DEFAULT_MAX_BYTES = 262_144
+_MAX_PARTS = 200  # parts walked per message; more is a defect, not a reason to spend time
+_MAX_URLS = 500
+
+# ---------------------------------------------------------------------------------------
+# Text normalisation
+# ---------------------------------------------------------------------------------------
+
+# Invisible / formatting characters used to split words past filters ("V\u200bIAGRA").
+_INVISIBLE = (
+    [0x00AD, 0x034F, 0x061C, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180E, 0x3164, 0xFEFF, 0xFFA0]
+    + list(range(0x200B, 0x2010))  # zero-width space/joiners, LRM, RLM
+    + list(range(0x202A, 0x202F))  # bidi embeddings and overrides
+    + list(range(0x2060, 0x2070))  # word joiner, invisible operators, bidi isolates
+    + list(range(0xFE00, 0xFE10))  # variation selectors
+    + list(range(0xE0000, 0xE0080))  # tag characters
+)
+_STRIP_INVISIBLE = {cp: None for cp in _INVISIBLE}
+_INVISIBLE_RE = re.compile("[" + "".join(re.escape(chr(cp)) for cp in _INVISIBLE) + "]")
+
+# Cyrillic / Greek / fullwidth-resistant letters that render like Latin ones. Applied only to
+# words that mix Latin with these scripts (a genuine Russian or Greek word is left alone).
+_CONFUSABLES: dict[str, str] = {
+    # Cyrillic lower
+    "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p",
+    "с": "c", "т": "t", "у": "y", "х": "x", "ѕ": "s", "і": "i", "ї": "i", "ј": "j", "ԁ": "d",
+    "ԛ": "q", "ԝ": "w", "һ": "h", "ɡ": "g", "ո": "n", "ս": "u",
+    # Cyrillic upper
+    "А": "A", "В": "B", "Е": "E", "Ё": "E", "К": "K", "М": "M", "Н": "H", "О": "O", "Р": "P",
+    "С": "C", "Т": "T", "У": "Y", "Х": "X", "Ѕ": "S", "І": "I", "Ї": "I", "Ј": "J", "Ԛ": "Q",
+    "Ԝ": "W", "Һ": "H",
+    # Greek
+    "α": "a", "ο": "o", "ρ": "p", "ν": "v", "τ": "t", "ι": "i", "κ": "k", "υ": "u", "χ": "x",
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N",
+    "Ο": "O", "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X",
+    # Latin look-alikes outside ASCII that NFKC keeps
+    "ı": "i", "ȷ": "j", "ℓ": "l", "ɑ": "a", "ɩ": "i", "ʏ": "y",
+}
+_CONFUSABLE_TABLE = str.maketrans(_CONFUSABLES)
+_CONFUSABLE_CHARS = "".join(_CONFUSABLES)
+# A "word" holding at least one non-ASCII letter; checked for a Latin/other-script mix.
+_NONASCII_WORD_RE = re.compile(r"\w*[^\x00-\x7f]\w*")
+_ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
+_CONFUSABLE_RE = re.compile("[" + re.escape(_CONFUSABLE_CHARS) + "]")
+
+
+def normalize_text(text: str, defects: list[str] | None = None) -> str:
+    """NFKC, strip invisible characters and map mixed-script look-alikes to Latin.
+
+    ASCII text (the vast majority) returns at once. When ``defects`` is given, the
+    evasions found are recorded there ("invisible_chars", "confusables").
+    """
+    if text.isascii():
+        return text
+    if _INVISIBLE_RE.search(text) is not None:
+        text = text.translate(_STRIP_INVISIBLE)
+        if defects is not None and "invisible_chars" not in defects:
+            defects.append("invisible_chars")
+    text = unicodedata.normalize("NFKC", text)
+    if text.isascii() or _CONFUSABLE_RE.search(text) is None:
+        return text
+    found = False
+
+    def _fix(m: re.Match[str]) -> str:
+        nonlocal found
+        word = m.group(0)
+        if _ASCII_LETTER_RE.search(word) is None:
+            # no Latin letter: only a skeleton made *entirely* of look-alikes stays foreign
+            return word
+        if _CONFUSABLE_RE.search(word) is None:
+            return word
+        found = True
+        return word.translate(_CONFUSABLE_TABLE)
+
+    text = _NONASCII_WORD_RE.sub(_fix, text)
+    if found and defects is not None and "confusables" not in defects:
+        defects.append("confusables")
+    return text
+
+
+# ---------------------------------------------------------------------------------------
+# The parsed view
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ParsedMessage:
+    """What the rules and the features see of one message.
+
+    ``headers`` keeps wire order with lower-case names and decoded, normalised values;
+    ``body_text`` is the visible text (HTML rendered, hidden text dropped); ``raw_body``
+    is the decoded parts with HTML markup kept; ``raw`` is the analysed (capped) bytes.
+    """
+
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    subject: str = ""
+    sender: str = ""
+    body_text: str = ""
+    raw_body: str = ""
+    urls: list[str] = field(default_factory=list)
+    domains: list[str] = field(default_factory=list)
+    attachments: list[tuple[str, str]] = field(default_factory=list)
+    defects: list[str] = field(default_factory=list)
+    size: int = 0
+    truncated: bool = False
+    raw: bytes = b""
+    content_types: list[str] = field(default_factory=list)
+    html_parts: int = 0
+    text_parts: int = 0
+
+    def header(self, name: str) -> str:
+        """All values of header ``name`` (case-insensitive) joined by newlines; "" if absent."""
+        key = name.lower()
+        return "\n".join(v for k, v in self.headers if k == key)
+
+    def has_header(self, name: str) -> bool:
+        key = name.lower()
+        return any(k == key for k, _ in self.headers)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding helpers
+# ---------------------------------------------------------------------------------------
+
+_CHARSET_ALIASES = {
+    "unknown-8bit": "cp1252",
+    "x-unknown": "cp1252",
+    "unknown": "cp1252",
+    "default": "cp1252",
+    "default_charset": "cp1252",
+    "x-user-defined": "cp1252",
+    "iso-8859-1": "cp1252",  # what senders mean in practice (smart quotes in 0x80-0x9f)
+    "iso8859-1": "cp1252",
+    "latin1": "cp1252",
+    "us-ascii": "cp1252",
+    "ascii": "cp1252",
+    "ks_c_5601-1987": "cp949",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "x-gbk": "gb18030",
+    "iso-2022-jp": "iso2022_jp_ext",
+    "windows-874": "cp874",
+    "_iso-2022-jp$esc": "iso2022_jp",
+    "x-mac-roman": "mac_roman",
+    "macintosh": "mac_roman",
+    "utf8": "utf-8",
+    "x-euc-tw": "big5",
+    "big5-hkscs": "big5hkscs",
+}
+_codec_cache: dict[str, str | None] = {}
+
+
+def _codec_for(charset: str | None) -> str | None:
+    """Python codec name for a declared MIME charset, or None when unknown."""
+    if not charset:
+        return None
+    cs = charset.strip().strip("\"'").lower()
+    hit = _codec_cache.get(cs)
+    if hit is not None or cs in _codec_cache:
+        return hit
+    name: str | None = _CHARSET_ALIASES.get(cs, cs)
+    try:
+        codecs.lookup(name)  # type: ignore[arg-type]
+    except (LookupError, TypeError, ValueError):
+        name = None
+    if len(_codec_cache) < 1024:
+        _codec_cache[cs] = name
+    return name
+
+
+def _decode_bytes(data: bytes, charset: str | None, defects: list[str]) -> str:
+    """Decode with the declared charset; fall back to UTF-8 then cp1252 and flag the lie."""
+    if data.isascii():
+        return data.decode("ascii")
+    codec = _codec_for(charset)
+    if charset and codec is None and "bad_charset" not in defects:
+        defects.append("bad_charset")
+    if codec is not None:
+        try:
+            return data.decode(codec)
+        except (UnicodeDecodeError, LookupError, ValueError):
+            if "bad_charset" not in defects:
+                defects.append("bad_charset")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    if codec is not None:
+        try:
+            return data.decode(codec, errors="replace")
+        except (LookupError, ValueError):
+            pass
+    return data.decode("cp1252", errors="replace")
+
+
+_B64_JUNK_RE = re.compile(rb"[^A-Za-z0-9+/=\s]")
+_B64_CLEAN_RE = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def _decode_base64(data: bytes, defects: list[str], truncated: bool) -> bytes:
+    try:
+        return binascii.a2b_base64(data, strict_mode=False)
+    except (binascii.Error, ValueError):
+        pass
+    clean = _B64_CLEAN_RE.sub(b"", data)
+    rem = len(clean) % 4
+    if rem == 1:
+        clean = clean[:-1]
+    elif rem:
+        clean += b"=" * (4 - rem)
+    if not truncated and "bad_base64" not in defects:
+        defects.append("bad_base64")
+    try:
+        return binascii.a2b_base64(clean)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _decode_transfer(data: bytes, cte: str, defects: list[str], truncated: bool) -> bytes:
+    if cte == "base64":
+        if _B64_JUNK_RE.search(data) is not None and "bad_base64" not in defects:
+            defects.append("bad_base64")
+        return _decode_base64(data, defects, truncated)
+    if cte == "quoted-printable":
+        try:
+            return binascii.a2b_qp(data)
+        except (binascii.Error, ValueError):
+            defects.append("bad_qp")
+            return data
+    return data
+
+
+def _payload_bytes(part: email.message.Message) -> bytes:
+    payload = part.get_payload()
+    if isinstance(payload, bytes):
+        return payload
+    if not isinstance(payload, str):
+        return b""
+    try:
+        return payload.encode("ascii", "surrogateescape")
+    except UnicodeEncodeError:
+        return payload.encode("utf-8", "surrogateescape")
+
+
+_ENCODED_WORD_RE = re.compile(r"=\?[^?\s]+\?[bBqQ]\?")
+_FOLD_RE = re.compile(r"\r?\n[ \t]*")
+
+
+def _header_value(value: object, defects: list[str]) -> str:
+    """Unfold, decode RFC 2047 words and raw 8-bit bytes, normalise."""
+    if isinstance(value, email.header.Header):
+        try:
+            return normalize_text(str(value), defects)
+        except Exception:  # noqa: BLE001 - a broken header is a defect, not a crash
+            value = value.encode()
+    s = value if isinstance(value, str) else str(value)
+    if "\n" in s:
+        s = _FOLD_RE.sub(" ", s)
+    if not s.isascii():
+        # compat32 keeps undecodable header bytes as surrogate escapes
+        raw = s.encode("utf-8", "surrogateescape")
+        s = _decode_bytes(raw, "utf-8", [])
+    if "=?" in s and _ENCODED_WORD_RE.search(s) is not None:
+        s = _decode_encoded_words(s, defects)
+    if not s.isascii():
+        s = normalize_text(s, defects)
+    return s.strip()
+
+
+def _decode_encoded_words(s: str, defects: list[str]) -> str:
+    try:
+        chunks = email.header.decode_header(s)
+    except Exception:  # noqa: BLE001
+        defects.append("bad_encoded_word")
+        return s
+    out: list[str] = []
+    for chunk, cs in chunks:
+        if isinstance(chunk, str):
+            out.append(chunk)
+        else:
+            out.append(_decode_bytes(chunk, cs or "utf-8", defects))
+    # decode_header drops the whitespace between an encoded word and plain text; keep it
+    return "".join(out) if len(out) < 2 else _join_decoded(chunks, out)
+
+
+def _join_decoded(chunks: list[tuple[bytes | str, str | None]], out: list[str]) -> str:
+    res = []
+    prev_encoded = False
+    for (_, cs), text in zip(chunks, out, strict=True):
+        encoded = cs is not None
+        if res and not (encoded and prev_encoded) and not res[-1].endswith(" ") and not text.startswith(" "):
+            res.append(" ")
+        res.append(text)
+        prev_encoded = encoded
+    return "".join(res)
+
+
+# ---------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------
+
+_BLOCK_TAG_RE = re.compile(
+    r"<(?=/?(?:br|p|div|tr|td|th|li|ul|ol|table|h[1-6]|hr|blockquote|pre|title|center|dd|dt|section|article)\b)",
+    re.IGNORECASE,
+)
+_HIDDEN_STYLE_RE = re.compile(
+    r"display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*(?:0|[01](?:\.\d+)?\s*(?:px|pt)|0*\.\d+\s*(?:em|rem))\b"
+    r"|(?:^|;|\s)(?:max-)?(?:height|width)\s*:\s*0(?:px)?\s*(?:;|$)|opacity\s*:\s*0(?:\.0+)?\s*(?:;|$)",
+    re.IGNORECASE,
+)
+_WHITE_RE = re.compile(r"^\s*(?:#?f{3}(?:f{3})?|white|rgb\(\s*255\s*,\s*255\s*,\s*255\s*\))\s*$", re.IGNORECASE)
+_STYLE_COLOR_RE = re.compile(r"(?:^|;|\s)color\s*:\s*([^;]+)", re.IGNORECASE)
+_WS_RUN_RE = re.compile(r"[ \t\r\f\v\xa0]+")
+_NL_RUN_RE = re.compile(r"\s*\n\s*")
+
+
+def _is_white(color: str | None) -> bool:
+    return bool(color) and _WHITE_RE.match(color) is not None  # type: ignore[arg-type]
+
+
+def html_to_text(html: str, defects: list[str]) -> str:
+    """Visible text of an HTML part: no script/style/comments, no hidden elements."""
+    if "<" not in html:
+        return html
+    marked = _BLOCK_TAG_RE.sub("\n<", html)
+    try:
+        tree = LexborHTMLParser(marked)
+    except Exception:  # noqa: BLE001
+        defects.append("bad_html")
+        return html
+    tree.strip_tags(["script", "style", "noscript", "template", "object", "applet", "head"])
+    hidden = 0
+    for node in tree.css("[style], [hidden], font[color]"):
+        attrs = node.attributes
+        style = attrs.get("style") or ""
+        if "hidden" in attrs or (style and _HIDDEN_STYLE_RE.search(style) is not None):
+            hidden += 1
+            node.decompose()
+            continue
+        color = attrs.get("color")
+        if color is None and style:
+            m = _STYLE_COLOR_RE.search(style)
+            color = m.group(1) if m else None
+        if _is_white(color):
+            body = tree.body
+            bg = (body.attributes.get("bgcolor") if body is not None else None) or ""
+            if not bg or _is_white(bg):
+                hidden += 1
+                node.decompose()
+    if hidden and "hidden_text" not in defects:
+        defects.append("hidden_text")
+    root = tree.body or tree.root
+    text = root.text(separator="") if root is not None else ""
+    title = tree.css_first("title")
+    if title is not None:
+        text = title.text() + "\n" + text
+    text = _WS_RUN_RE.sub(" ", text)
+    return _NL_RUN_RE.sub("\n", text).strip()
+
+
+# ---------------------------------------------------------------------------------------
+# URLs
+# ---------------------------------------------------------------------------------------
+
+_URL_RE = re.compile(
+    r"""(?:\b(?:https?|ftp)://|\bwww\d?\.)[^\s<>"'()\[\]{}\\^`|]+"""
+    r"""|\b(?:href|src|action)\s*=\s*["']?\s*((?:https?|ftp)://[^\s"'<>]+|mailto:[^\s"'<>]+)""",
+    re.IGNORECASE,
+)
+_HOST_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?/*(?:[^@/?#]*@)?([^/?#:\s]+)", re.IGNORECASE)
+_TRAILING_PUNCT = ".,;:!?)'\"]>"
+
+
+def _extract_urls(text: str) -> tuple[list[str], list[str]]:
+    urls: list[str] = []
+    seen: set[str] = set()
+    for m in _URL_RE.finditer(text):
+        url = m.group(1) or m.group(0)
+        url = url.rstrip(_TRAILING_PUNCT)
+        if url.lower().startswith("mailto:"):
+            continue
+        if url in seen:
+            continue
+        seen.add(url)
+        urls.append(url)
+        if len(urls) >= _MAX_URLS:
+            break
+    domains: list[str] = []
+    seen_d: set[str] = set()
+    for url in urls:
+        hm = _HOST_RE.match(url)
+        if hm is None:
+            continue
+        host = hm.group(1).lower().strip(".")
+        if host.startswith("www") is False and "." not in host:
+            continue
+        if host and host not in seen_d:
+            seen_d.add(host)
+            domains.append(host)
+    return urls, domains
+
+
+# ---------------------------------------------------------------------------------------
+# parse
+# ---------------------------------------------------------------------------------------
+
+_HEADER_LINE_RE = re.compile(rb"^[!-9;-~]+[ \t]*:")
+
+
+def _empty(raw: bytes, max_bytes: int, defects: list[str]) -> ParsedMessage:
+    return ParsedMessage(defects=defects, size=len(raw), truncated=len(raw) > max_bytes, raw=raw[:max_bytes])
+
+
+def parse(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessage:
+    """Parse one raw message; never raises (malformed input gives defect flags)."""
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = str(raw).encode("utf-8", "surrogateescape")
+    raw = bytes(raw)
+    try:
+        return _parse(raw, max(1, int(max_bytes)))
+    except Exception as exc:  # noqa: BLE001 - the contract is "never raises"
+        log.warning("parse_failed", error=repr(exc)[:200], size=len(raw))
+        pm = _empty(raw, max_bytes, ["parse_error"])
+        try:
+            text = raw[:max_bytes].decode("utf-8", errors="replace")
+            pm.body_text = normalize_text(text)
+            pm.raw_body = text
+            pm.urls, pm.domains = _extract_urls(text)
+        except Exception:  # noqa: BLE001
+            pass
+        return pm
+
+
+def _parse(raw: bytes, max_bytes: int) -> ParsedMessage:
+    size = len(raw)
+    truncated = size > max_bytes
+    data = raw[:max_bytes] if truncated else raw
+    defects: list[str] = []
+    if truncated:
+        defects.append("truncated")
+    # mbox "From " envelope line is not a header; email would flag it, skip it quietly
+    if data.startswith(b"From "):
+        nl = data.find(b"\n")
+        data_hdr = data[nl + 1 :] if nl >= 0 else b""
+    else:
+        data_hdr = data
+    data_hdr = data_hdr.lstrip(b"\r\n") if data_hdr[:1] in (b"\r", b"\n") else data_hdr
+    if not data_hdr.strip():
+        defects.append("empty")
+        defects.append("missing_headers")
+        defects.append("no_text")
+        return ParsedMessage(defects=defects, size=size, truncated=truncated, raw=data)
+    if _HEADER_LINE_RE.match(data_hdr) is None:
+        defects.append("missing_headers")
+
+    msg = email.message_from_bytes(data_hdr, policy=_email_policy.compat32)
+
+    headers: list[tuple[str, str]] = []
+    for name, value in msg._headers:  # noqa: SLF001 - wire order, raw values, no policy cost
+        headers.append((name.strip().lower(), _header_value(value, defects)))
+    if not headers and "missing_headers" not in defects:
+        defects.append("missing_headers")
+
+    pm = ParsedMessage(headers=headers, size=size, truncated=truncated, raw=data, defects=defects)
+    for k, v in headers:
+        if k == "subject" and not pm.subject:
+            pm.subject = v
+        elif k == "from" and not pm.sender:
+            pm.sender = email.utils.parseaddr(v)[1].lower() or v.lower()
+
+    texts: list[str] = []
+    raws: list[str] = []
+    n = 0
+    for part in msg.walk():
+        n += 1
+        if n > _MAX_PARTS:
+            defects.append("too_many_parts")
+            break
+        for d in part.defects:
+            flag = "mime_defect:" + type(d).__name__.removesuffix("Defect")
+            if flag not in defects:
+                defects.append(flag)
+        ctype = part.get_content_type()
+        pm.content_types.append(ctype)
+        if part.is_multipart():
+            continue
+        filename = _safe_filename(part, defects)
+        disp = (part.get("content-disposition") or "").split(";", 1)[0].strip().lower()
+        maintype = ctype.split("/", 1)[0]
+        is_attachment = bool(filename) or disp == "attachment"
+        if is_attachment:
+            pm.attachments.append((filename or "", ctype))
+        if maintype == "message" or (maintype != "text" and is_attachment):
+            continue
+        if maintype != "text" and not (maintype == "application" and ctype.endswith(("/html", "/xhtml+xml"))):
+            # non-text inline part (image, application/octet-stream ...): not read as text
+            if ctype not in ("application/octet-stream",) or is_attachment:
+                continue
+        if is_attachment and ctype not in ("text/plain", "text/html"):
+            continue
+        cte = str(part.get("content-transfer-encoding") or "").strip().lower()
+        payload = _decode_transfer(_payload_bytes(part), cte, defects, truncated)
+        if cte == "base64" and "base64_text" not in defects:
+            defects.append("base64_text")
+        charset = part.get_param("charset")
+        if isinstance(charset, tuple):  # RFC 2231 form
+            charset = charset[2]
+        text = _decode_bytes(payload, charset if isinstance(charset, str) else None, defects)
+        raws.append(text)
+        if ctype.endswith("html") or (ctype == "text/plain" and _looks_like_html(text)):
+            pm.html_parts += 1
+            texts.append(normalize_text(html_to_text(text, defects), defects))
+        else:
+            pm.text_parts += 1
+            texts.append(normalize_text(text, defects))
+
+    pm.raw_body = "\n".join(raws)
+    pm.body_text = "\n".join(t for t in texts if t)
+    if not pm.body_text.strip():
+        defects.append("no_text")
+    pm.urls, pm.domains = _extract_urls(pm.raw_body)
+    return pm
+
+
+_HTML_SNIFF_RE = re.compile(r"<(?:html|body|table|font|a\s+href|div|p)\b", re.IGNORECASE)
+
+
+def _looks_like_html(text: str) -> bool:
+    return _HTML_SNIFF_RE.search(text, 0, 4096) is not None
+
+
+def _safe_filename(part: email.message.Message, defects: list[str]) -> str:
+    try:
+        name = part.get_filename()
+    except Exception:  # noqa: BLE001
+        defects.append("bad_filename")
+        return ""
+    if not name:
+        return ""
+    return _header_value(name, defects)
