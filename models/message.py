@@ -395,10 +395,11 @@ def html_to_text(html: str, defects: list[str]) -> str:
 # URLs
 # ---------------------------------------------------------------------------------------
 
+# The leading character class lets the regex engine skip quickly to candidate letters; the
+# look-behinds then check the scheme. Far faster than an alternation on this hot path.
 _URL_RE = re.compile(
-    r"""(?:\b(?:https?|ftp)://|\bwww\d?\.)[^\s<>"'()\[\]{}\\^`|]+"""
-    r"""|\b(?:href|src|action)\s*=\s*["']?\s*((?:https?|ftp)://[^\s"'<>]+|mailto:[^\s"'<>]+)""",
-    re.IGNORECASE,
+    r"""[hHfFwW](?<![\w.][hHfFwW])(?:(?<=[hH])[tT][tT][pP][sS]?://|(?<=[fF])[tT][pP]://|(?<=[wW])[wW][wW]\d?\.)"""
+    r"""[^\s<>"'()\[\]{}\\^`|]+"""
 )
 _HOST_RE = re.compile(r"^(?:[a-z][a-z0-9+.-]*:)?/*(?:[^@/?#]*@)?([^/?#:\s]+)", re.IGNORECASE)
 _TRAILING_PUNCT = ".,;:!?)'\"]>"
@@ -408,10 +409,7 @@ def _extract_urls(text: str) -> tuple[list[str], list[str]]:
     urls: list[str] = []
     seen: set[str] = set()
     for m in _URL_RE.finditer(text):
-        url = m.group(1) or m.group(0)
-        url = url.rstrip(_TRAILING_PUNCT)
-        if url.lower().startswith("mailto:"):
-            continue
+        url = m.group(0).rstrip(_TRAILING_PUNCT)
         if url in seen:
             continue
         seen.add(url)

@@ -1,0 +1,818 @@
+"""``flywheel eval``: the offline evidence for how well rules, models and the served blend separate spam.
+
+Protocols (defined in the models issue):
+
+* **P1, temporal** - train on the earlier collection (``split_p1``), test on the later one. Everything fitted
+  (model weights, the blend, operating thresholds) is fitted inside the training period: the blend and the
+  thresholds on a hold-out made of the *last* 20% (file order) of each training group, the models then refit
+  on the whole training period.
+* **P2, online** - one Date-ordered stream (``stream_p2``); each message is scored first, then its label is
+  learned at once: the linear model by ``partial_fit`` one message at a time (the retraining worker's policy),
+  the neural model by periodic retraining on everything seen so far (after 50, 100, 200, 400, 800 labels, then
+  every ``neural_retrain_every``; before its first training the neural column scores 0.5), the blend refitted
+  at each retraining on the out-of-sample scores seen so far.
+
+Metrics: ROC AUC (ties averaged), (1-AUC)%, FPR/FNR at the operating threshold, best spam recall at
+FPR <= 0.1% and <= 1% (ROC points with tied scores grouped, so a saturated score cannot cheat), class counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from models.classifier import Calibration, fit_calibration, sigmoid, threshold_for_fpr
+from models.corpus import load_corpus, split_p1, stream_p2
+from models.features import FeatureBatch, FeatureConfig, featurize
+from models.message import DEFAULT_MAX_BYTES, parse
+from models.rules import RuleEngine
+
+log = structlog.get_logger(__name__)
+
+SA_RULES_DIR = Path("/usr/share/spamassassin")
+
+WINDOW = 500
+SIDES = ("rules", "linear", "neural", "served")
+
+
+# ============================================================================================ metrics
+def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
+    """Probability that a random spam outscores a random ham, ties counting one half (NaN with one class)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_s = s[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_s, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_points(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, threshold) for "spam iff score >= threshold" at every distinct score, highest first.
+
+    Tied scores form one point: a threshold cannot separate messages with the same score.
+    The point (0, 0, +inf) is included.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
+    uniq, inv = np.unique(-s, return_inverse=True)  # ascending -s == descending s
+    pos = np.bincount(inv, weights=y.astype(np.float64), minlength=len(uniq))
+    neg = np.bincount(inv, weights=(~y).astype(np.float64), minlength=len(uniq))
+    tpr = np.concatenate([[0.0], np.cumsum(pos) / n_pos])
+    fpr = np.concatenate([[0.0], np.cumsum(neg) / n_neg])
+    thr = np.concatenate([[np.inf], -uniq])
+    return fpr, tpr, thr
+
+
+def recall_at_fpr(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray, max_fpr: float) -> float:
+    """Best spam recall over ROC points (ties grouped) whose FPR is at most ``max_fpr``."""
+    fpr, tpr, _ = roc_points(scores, labels)
+    ok = fpr <= max_fpr + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def metrics(
+    scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray, predicted: Sequence[bool] | np.ndarray,
+) -> dict[str, Any]:
+    """The metric set M of the JSON output (rates as fractions; only one_minus_auc_pct in percent)."""
+    y = np.asarray(labels).astype(bool)
+    p = np.asarray(predicted).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    n_spam, n_ham = int(y.sum()), int((~y).sum())
+    auc = roc_auc(s, y)
+    fp, fn = int((p & ~y).sum()), int((~p & y).sum())
+    return {
+        "auc": _nan_none(auc),
+        "one_minus_auc_pct": _nan_none((1.0 - auc) * 100.0),
+        "fpr": fp / n_ham if n_ham else None,
+        "fnr": fn / n_spam if n_spam else None,
+        "fp": fp,
+        "fn": fn,
+        "recall_at_fpr_0_1pct": recall_at_fpr(s, y, 0.001) if n_ham and n_spam else None,
+        "recall_at_fpr_1pct": recall_at_fpr(s, y, 0.01) if n_ham and n_spam else None,
+        "n_ham": n_ham,
+        "n_spam": n_spam,
+    }
+
+
+def windows(
+    scores: np.ndarray, labels: np.ndarray, predicted: np.ndarray, size: int = WINDOW,
+) -> list[dict[str, Any]]:
+    """Per window of ``size`` stream positions: error rate, the window's own AUC and the cumulative AUC."""
+    out: list[dict[str, Any]] = []
+    y = np.asarray(labels).astype(bool)
+    for w, lo in enumerate(range(0, len(scores), size)):
+        hi = min(lo + size, len(scores))
+        out.append({
+            "window": w, "start": lo, "end": hi - 1, "n_spam": int(y[lo:hi].sum()),
+            "error_rate": float(np.mean(np.asarray(predicted[lo:hi]) != y[lo:hi])),
+            "auc": _nan_none(roc_auc(scores[lo:hi], y[lo:hi])),
+            "cumulative_auc": _nan_none(roc_auc(scores[:hi], y[:hi])),
+        })
+    return out
+
+
+def _nan_none(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+# ============================================================================================ curve fits
+@dataclass(frozen=True, slots=True)
+class Fit:
+    """y = a + b * f(x) with its coefficient of determination."""
+
+    kind: str  # "line" (f(x) = x) or "log" (f(x) = ln x)
+    a: float
+    b: float
+    r2: float
+
+    def predict(self, x: np.ndarray | float) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        return self.a + self.b * (np.log(x) if self.kind == "log" else x)
+
+    def to_dict(self) -> dict[str, Any]:
+        formula = f"y = {self.a:.4f} + {self.b:.4f} * " + ("ln(n)" if self.kind == "log" else "n")
+        return {"kind": self.kind, "a": self.a, "b": self.b, "r2": self.r2, "formula": formula}
+
+
+def _least_squares(f: np.ndarray, y: np.ndarray, kind: str) -> Fit:
+    design = np.column_stack([np.ones_like(f), f])
+    (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
+    resid = y - (a + b * f)
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
+    return Fit(kind, float(a), float(b), r2)
+
+
+def fit_line(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> Fit:
+    """Least-squares line y = a + b x."""
+    return _least_squares(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), "line")
+
+
+def fit_log(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> Fit:
+    """Least-squares logarithm y = a + b ln x (x > 0)."""
+    return _least_squares(np.log(np.asarray(x, dtype=np.float64)), np.asarray(y, dtype=np.float64), "log")
+
+
+
+
+# ============================================================================================ learners
+# The one place that knows the training APIs of models.linear and models.neural.
+FPR_BUDGET = 0.001  # operating thresholds: lowest score with hold-out FPR <= 0.1%
+HOLDOUT_FRACTION = 0.2
+CURVE_SIZES = (25, 50, 100, 200, 400, 800, 1600)
+CURVE_FPR = 0.01
+
+
+def fit_linear(batch: FeatureBatch, labels: np.ndarray, features: FeatureConfig, seed: int = 0) -> Any:
+    from models.linear import LinearConfig, train_linear
+
+    return train_linear(batch, labels, features=features, config=LinearConfig(seed=seed))
+
+
+def fit_neural(batch: FeatureBatch, labels: np.ndarray, features: FeatureConfig, seed: int = 0) -> Any:
+    from models.neural import NeuralConfig, train_neural
+
+    return train_neural(batch, labels, features=features, config=NeuralConfig(seed=seed))
+
+
+def framework_proba(model: Any, batch: FeatureBatch) -> np.ndarray:
+    return np.asarray(model.predict_proba(batch), dtype=np.float64).reshape(-1)
+
+
+def onnx_logit(model: Any, batch: FeatureBatch, workdir: Path) -> tuple[np.ndarray, float]:
+    """Logits through the exported ONNX graph (what is served) and the max |p_ONNX - p_framework| difference."""
+    from models.runtime import OnnxModel
+
+    path = model.export_onnx(workdir / f"{type(model).__name__}-{time.monotonic_ns()}.onnx")
+    served = OnnxModel(Path(path)).run(batch)
+    z = np.asarray(served["logit"], dtype=np.float64).reshape(-1)
+    p = np.asarray(served["prob"], dtype=np.float64).reshape(-1)
+    return z, float(np.max(np.abs(p - framework_proba(model, batch)))) if batch.rows else 0.0
+
+
+# ============================================================================================ data
+@dataclass(slots=True)
+class Prepared:
+    """Messages parsed and scored by the rules once; feature batches cached per FeatureConfig."""
+
+    msgs: list[Any]
+    parsed: list[Any]
+    results: list[Any]
+    labels: np.ndarray  # int64 0/1
+    rule_scores: np.ndarray
+    rule_spam: np.ndarray
+    _batches: dict[str, FeatureBatch]
+
+    def batch(self, config: FeatureConfig) -> FeatureBatch:
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in self._batches:
+            self._batches[key] = featurize(self.parsed, self.results, config)
+        return self._batches[key]
+
+    def subset(self, index: Sequence[int] | np.ndarray) -> Prepared:
+        idx = [int(i) for i in index]
+        return Prepared(
+            [self.msgs[i] for i in idx], [self.parsed[i] for i in idx], [self.results[i] for i in idx],
+            self.labels[idx], self.rule_scores[idx], self.rule_spam[idx],
+            {k: b.take(idx) for k, b in self._batches.items()},
+        )
+
+
+def prepare(msgs: Sequence[Any], engine: RuleEngine, max_bytes: int = DEFAULT_MAX_BYTES) -> Prepared:
+    parsed = [parse(m.raw, max_bytes=max_bytes) for m in msgs]
+    results = [engine.evaluate(p) for p in parsed]
+    return Prepared(
+        list(msgs), parsed, results, np.array([1 if m.is_spam else 0 for m in msgs], dtype=np.int64),
+        np.array([r.score for r in results], dtype=np.float64), np.array([r.is_spam for r in results], dtype=bool), {},
+    )
+
+
+def holdout_split(msgs: Sequence[Any], fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, hold-out) positions: the last ``fraction`` of every group in file order, so the hold-out is the
+    latest part of the training period, as the test period is later than the training period."""
+    by_group: dict[str, list[int]] = {}
+    for i, m in enumerate(msgs):
+        by_group.setdefault(m.group, []).append(i)
+    fit: list[int] = []
+    hold: list[int] = []
+    for positions in by_group.values():
+        positions.sort(key=lambda i: msgs[i].index)
+        k = int(math.ceil(len(positions) * fraction))
+        fit.extend(positions[: len(positions) - k])
+        hold.extend(positions[len(positions) - k :])
+    return np.array(sorted(fit), dtype=np.int64), np.array(sorted(hold), dtype=np.int64)
+
+
+def _stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n positions keeping the class ratio, at least one of each class."""
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    if n >= len(labels):
+        return rng.permutation(len(labels))
+    k_pos = min(max(1, round(n * len(pos) / len(labels))), len(pos), n - 1)
+    return np.sort(np.concatenate([rng.choice(pos, k_pos, replace=False), rng.choice(neg, n - k_pos, replace=False)]))
+
+
+def _spread(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for key in ("auc", "one_minus_auc_pct", "recall_at_fpr_0_1pct", "recall_at_fpr_1pct", "fpr", "fnr"):
+        vals = np.array([r[key] for r in rows if r.get(key) is not None], dtype=np.float64)
+        if vals.size:
+            out[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if vals.size > 1 else 0.0,
+                        "min": float(vals.min()), "max": float(vals.max())}
+    return out
+
+
+class _Progress:
+    def __init__(self, sink: Callable[[str], None] | None) -> None:
+        self.sink = sink or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        self.sink(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}")
+
+
+# ============================================================================================ P1
+def run_p1(
+    corpus: Sequence[Any],
+    *,
+    engine: RuleEngine,
+    workdir: Path,
+    seeds: int = 3,
+    ablation: bool = True,
+    sa_rules_dir: Path | None = SA_RULES_DIR,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Temporal protocol; every fitted parameter comes from the training period (see the module docstring)."""
+    say = progress if isinstance(progress, _Progress) else _Progress(progress)
+    train, test = split_p1(corpus)
+    say(f"P1: parsing and rules on {len(train)} train / {len(test)} test messages")
+    tr, te = prepare(train, engine), prepare(test, engine)
+    cfg = FeatureConfig()
+    x_tr, x_te = tr.batch(cfg), te.batch(cfg)
+    fit_i, hold_i = holdout_split(train)
+    y_tr, y_te, y_hold = tr.labels, te.labels, tr.labels[hold_i]
+    x_fit, x_hold = x_tr.take(fit_i), x_tr.take(hold_i)
+    timing: dict[str, float] = {}
+    results: dict[str, Any] = {"rules": metrics(te.rule_scores, y_te, te.rule_spam)}
+    results["rules"]["threshold"] = float(engine.threshold)
+
+    say("P1: linear model (hold-out fit, then the whole training period)")
+    lin_h = fit_linear(x_fit, y_tr[fit_i], cfg)
+    p_hold_lin = framework_logit(lin_h, x_hold)
+    t = time.perf_counter()
+    lin = fit_linear(x_tr, y_tr, cfg)
+    timing["train_linear_s"] = time.perf_counter() - t
+    p_te_lin, parity_lin = onnx_logit(lin, x_te, workdir)
+    thr_lin = threshold_for_fpr(p_hold_lin, y_hold, FPR_BUDGET)
+    results["linear"] = {**metrics(p_te_lin, y_te, p_te_lin >= thr_lin), "threshold": thr_lin}
+
+    say(f"P1: neural model, hold-out fit + {seeds} seed(s) on the whole training period")
+    nn_h = fit_neural(x_fit, y_tr[fit_i], cfg, seed=0)
+    p_hold_nn = framework_logit(nn_h, x_hold)
+    seed_rows: list[dict[str, Any]] = []
+    p_te_nn = np.zeros(0)
+    parity_nn = 0.0
+    thr_nn = threshold_for_fpr(p_hold_nn, y_hold, FPR_BUDGET)
+    for s in range(max(1, seeds)):
+        t = time.perf_counter()
+        nn = fit_neural(x_tr, y_tr, cfg, seed=s)
+        timing.setdefault("train_neural_s", time.perf_counter() - t)
+        p, par = onnx_logit(nn, x_te, workdir)
+        parity_nn = max(parity_nn, par)
+        row = {**metrics(p, y_te, p >= thr_nn), "seed": s}
+        seed_rows.append(row)
+        say(f"  seed {s}: 1-AUC {row['one_minus_auc_pct']:.3f}%  recall@0.1% {row['recall_at_fpr_0_1pct']:.3f}")
+        if s == 0:
+            p_te_nn = p
+    results["neural"] = {**{k: v for k, v in seed_rows[0].items() if k != "seed"}, "threshold": thr_nn}
+
+    say("P1: served blend fitted on the training-period hold-out")
+    cal = fit_calibration(p_hold_nn, tr.rule_scores[hold_i], y_hold, fpr_budget=FPR_BUDGET)
+    p_served = cal.combined(p_te_nn, te.rule_scores)
+    results["served"] = {**metrics(p_served, y_te, p_served >= cal.threshold), "threshold": cal.threshold}
+    cal_lin = fit_calibration(p_hold_lin, tr.rule_scores[hold_i], y_hold, fpr_budget=FPR_BUDGET)
+    p_served_lin = cal_lin.combined(p_te_lin, te.rule_scores)
+    either = (p_te_nn >= thr_nn) | te.rule_spam
+    variants = {
+        "combined(neural, rules)": results["served"],
+        "combined(linear, rules)": {**metrics(p_served_lin, y_te, p_served_lin >= cal_lin.threshold),
+                                    "threshold": cal_lin.threshold},
+        "either(neural, rules)": metrics(np.maximum(sigmoid(p_te_nn), cal.rules_probability(te.rule_scores)), y_te, either),
+        "model only (neural)": results["neural"],
+    }
+    hold_metrics = {
+        "neural": metrics(p_hold_nn, y_hold, p_hold_nn >= thr_nn),
+        "combined": metrics(cal.combined(p_hold_nn, tr.rule_scores[hold_i]), y_hold,
+                            cal.combined(p_hold_nn, tr.rule_scores[hold_i]) >= cal.threshold),
+    }
+    out: dict[str, Any] = {
+        "protocol": "P1",
+        "results": results,
+        "neural_seeds": {"per_seed": seed_rows, "spread": _spread(seed_rows)},
+        "served_design": {
+            "policy": "combined", "calibration": cal.to_dict(), "calibration_linear": cal_lin.to_dict(),
+            "fitted_on": {"holdout": "last 20% (file order) of each P1 training group", "n_ham": int((y_hold == 0).sum()),
+                          "n_spam": int(y_hold.sum())},
+            "holdout_metrics": hold_metrics, "variants_on_test": variants,
+        },
+        "onnx_parity_max_abs": {"linear": parity_lin, "neural": parity_nn},
+        "split": {"train": len(train), "test": len(test), "train_spam": int(y_tr.sum()), "test_spam": int(y_te.sum())},
+        "rules_active": int(engine.active_count),
+        "timing_s": timing,
+    }
+    if ablation:
+        say("P1: artefact ablation (features with the corpus's collection artefacts)")
+        out["ablation"] = _ablation(tr, te, cfg, results)
+    if sa_rules_dir is not None and Path(sa_rules_dir).is_dir():
+        say(f"P1: SpamAssassin rules imported from {sa_rules_dir}")
+        out["spamassassin_import"] = _sa_import(Path(sa_rules_dir), te, results["rules"])
+    out["_scores"] = {"rules": te.rule_scores, "linear": p_te_lin, "neural": p_te_nn, "served": p_served, "labels": y_te}
+    return out
+
+
+def _ablation(tr: Prepared, te: Prepared, cfg: FeatureConfig, base: Mapping[str, Any]) -> dict[str, Any]:
+    """Same models with the collection artefacts switched on: if the models leaned on artefacts, the
+    artefact-free features (the default) would lose clearly to these; equal figures mean they do not."""
+    art = dataclasses.replace(cfg, include_artefacts=True)
+    xa_tr, xa_te = tr.batch(art), te.batch(art)
+    lin = fit_linear(xa_tr, tr.labels, art)
+    nn = fit_neural(xa_tr, tr.labels, art, seed=0)
+    p_lin, p_nn = framework_logit(lin, xa_te), framework_logit(nn, xa_te)
+    pick = ("auc", "one_minus_auc_pct", "recall_at_fpr_0_1pct", "recall_at_fpr_1pct")
+    rows = {
+        "linear": {"without_artefacts": {k: base["linear"][k] for k in pick},
+                   "with_artefacts": {k: v for k, v in metrics(p_lin, te.labels, p_lin >= 0.0).items() if k in pick}},
+        "neural": {"without_artefacts": {k: base["neural"][k] for k in pick},
+                   "with_artefacts": {k: v for k, v in metrics(p_nn, te.labels, p_nn >= 0.0).items() if k in pick}},
+    }
+    return {"note": "default features exclude the artefacts (FeatureConfig.include_artefacts=False)", **rows}
+
+
+def _sa_import(sa_dir: Path, te: Prepared, own: Mapping[str, Any]) -> dict[str, Any]:
+    from models.rules import import_spamassassin
+
+    t = time.perf_counter()
+    rules, skipped = import_spamassassin(sorted(sa_dir.glob("*.cf")))
+    eng = RuleEngine(rules, threshold=5.0)
+    scores = np.array([eng.evaluate(p).score for p in te.parsed])
+    reasons: dict[str, int] = {}
+    for _, why in skipped:
+        key = why.split(":")[0][:60]
+        reasons[key] = reasons.get(key, 0) + 1
+    return {
+        "imported": len(rules), "skipped": len(skipped), "skipped_by_reason": dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:10]),
+        "metrics": metrics(scores, te.labels, scores >= 5.0), "own_rules_metrics": dict(own),
+        "seconds": time.perf_counter() - t,
+    }
+
+
+# ============================================================================================ P2
+def neural_schedule(n: int, every: int, first: int = 50) -> list[int]:
+    """Stream positions at which the neural model retrains: 50, 100, 200, ... doubling, then every ``every``."""
+    points: list[int] = []
+    k = first
+    while k < n:
+        points.append(k)
+        k = min(2 * k, k + every)
+    return points
+
+
+def run_p2(
+    corpus: Sequence[Any],
+    *,
+    engine: RuleEngine,
+    neural_retrain_every: int = 1000,
+    recalibrate_every: int = 250,
+    recent: int = 2000,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Online protocol: score each message, then learn its label (see the module docstring)."""
+    say = progress if isinstance(progress, _Progress) else _Progress(progress)
+    stream = stream_p2(corpus)
+    say(f"P2: parsing and rules on {len(stream)} messages in Date order")
+    pr = prepare(stream, engine)
+    cfg = FeatureConfig()
+    x = pr.batch(cfg)
+    y = pr.labels
+    n = len(stream)
+    starts = np.searchsorted(x.seg, np.arange(n + 1))
+
+    say("P2: linear model, partial_fit one message at a time")
+    from models.linear import LinearConfig, LinearModel
+
+    t = time.perf_counter()
+    lin = LinearModel(cfg, LinearConfig())
+    z_lin = np.zeros(n)
+    for i in range(n):
+        lo, hi = starts[i], starts[i + 1]
+        row = FeatureBatch(x.ids[lo:hi], x.vals[lo:hi], np.zeros(hi - lo, dtype=np.int64), 1)
+        z_lin[i] = float(lin.decision_function(row)[0])
+        lin.partial_fit(row, y[i : i + 1])
+    linear_s = time.perf_counter() - t
+
+    say(f"P2: neural model, retrained at {neural_schedule(n, neural_retrain_every)}")
+    z_nn = np.zeros(n)  # logit 0 = probability 0.5 until the first training
+    trained_at: list[int] = []
+    points = [*neural_schedule(n, neural_retrain_every), n]
+    t = time.perf_counter()
+    for k, nxt in zip(points, points[1:]):
+        if len(set(y[:k].tolist())) < 2:
+            continue
+        nn = fit_neural(x.take(np.arange(k)), y[:k], cfg, seed=0)
+        z_nn[k:nxt] = framework_logit(nn, x.take(np.arange(k, nxt)))
+        trained_at.append(k)
+        say(f"  neural trained on {k} labels")
+    neural_s = time.perf_counter() - t
+    first_nn = trained_at[0] if trained_at else n
+
+    say("P2: served blend, champion chosen and blend refitted on past scores only")
+    served = np.zeros(n)
+    served_spam = np.zeros(n, dtype=bool)
+    thr_lin_arr, thr_nn_arr = np.full(n, 0.0), np.full(n, 0.0)
+    champions: list[dict[str, Any]] = []
+    marks = sorted(set(range(0, n, recalibrate_every)) | set(trained_at))
+    for j, (k, nxt) in enumerate(zip(marks, [*marks[1:], n])):
+        lo = max(0, k - recent)
+        past_y = y[lo:k]
+        both = len(set(past_y.tolist())) == 2 and min(int(past_y.sum()), int((past_y == 0).sum())) >= 5
+        kind, z_now = "linear", z_lin
+        if both and k > first_nn:
+            nlo = max(lo, first_nn)
+            if len(set(y[nlo:k].tolist())) == 2 and k - nlo >= 100:
+                if roc_auc(z_nn[nlo:k], y[nlo:k]) > roc_auc(z_lin[nlo:k], y[nlo:k]):
+                    kind, z_now = "neural", z_nn
+        if both:
+            cal = fit_calibration(z_now[lo:k], pr.rule_scores[lo:k], past_y, fpr_budget=FPR_BUDGET)
+            thr_lin_arr[k:nxt] = threshold_for_fpr(z_lin[lo:k], past_y, FPR_BUDGET)
+            thr_nn_arr[k:nxt] = threshold_for_fpr(z_nn[lo:k], past_y, FPR_BUDGET)
+        else:
+            cal = Calibration()
+        served[k:nxt] = cal.combined(z_now[k:nxt], pr.rule_scores[k:nxt])
+        served_spam[k:nxt] = served[k:nxt] >= cal.threshold
+        if not champions or champions[-1]["kind"] != kind:
+            champions.append({"from": k, "kind": kind})
+
+    results = {
+        "rules": metrics(pr.rule_scores, y, pr.rule_spam),
+        "linear": metrics(z_lin, y, z_lin >= thr_lin_arr),
+        "neural": metrics(z_nn, y, z_nn >= thr_nn_arr),
+        "served": metrics(served, y, served_spam),
+    }
+    results["neural_after_first_training"] = metrics(z_nn[first_nn:], y[first_nn:], (z_nn >= thr_nn_arr)[first_nn:])
+    wins = {
+        "rules": windows(pr.rule_scores, y, pr.rule_spam),
+        "linear": windows(z_lin, y, z_lin >= thr_lin_arr),
+        "neural": windows(z_nn, y, z_nn >= thr_nn_arr),
+        "served": windows(served, y, served_spam),
+    }
+    return {
+        "protocol": "P2",
+        "results": results,
+        "windows": wins,
+        "learning": {
+            "linear": "partial_fit on each message right after it is scored (the worker's incremental policy)",
+            "neural": f"retrained from scratch on all labels so far at {trained_at}; logit 0 (p=0.5) before {first_nn}",
+            "served": f"combined blend re-fitted every {recalibrate_every} messages on the last {recent} scored "
+                      "messages' out-of-sample scores; champion = the model with the higher past AUC",
+            "champions": champions,
+        },
+        "timing_s": {"linear_online_s": linear_s, "neural_retraining_s": neural_s},
+        "_scores": {"rules": pr.rule_scores, "linear": z_lin, "neural": z_nn, "served": served, "labels": y},
+    }
+
+
+def framework_logit(model: Any, batch: FeatureBatch) -> np.ndarray:
+    """Unsaturated logit per row from the training framework (ranking survives where float32 p rounds to 1)."""
+    if hasattr(model, "decision_function"):
+        return np.asarray(model.decision_function(batch), dtype=np.float64).reshape(-1)
+    if hasattr(model, "predict_logit"):
+        return np.asarray(model.predict_logit(batch), dtype=np.float64).reshape(-1)
+    p = np.clip(framework_proba(model, batch), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+# ============================================================================================ curves
+def run_curves(
+    corpus: Sequence[Any],
+    *,
+    engine: RuleEngine,
+    draws: int = 3,
+    sizes: Sequence[int] = CURVE_SIZES,
+    progress: Callable[[str], None] | None = None,
+    prepared: tuple[Prepared, Prepared] | None = None,
+) -> dict[str, Any]:
+    """The two improvement curves on the P1 test period, at FPR <= 1%: rules vs rule count (line fit) and
+    learned models vs training-set size (log fit)."""
+    say = progress if isinstance(progress, _Progress) else _Progress(progress)
+    train, test = split_p1(corpus)
+    tr, te = prepared or (prepare(train, engine), prepare(test, engine))
+    y_te = te.labels
+    order = engine.order_added()
+    total = len(order)
+    counts = sorted(set(np.linspace(0, total, num=min(total, 32) + 1).round().astype(int).tolist()))
+    say(f"curves: rules, {len(counts)} rule counts of {total}")
+    rule_pts = []
+    for c in counts:
+        eng = engine.first(c)
+        s = np.array([eng.evaluate(p).score for p in te.parsed])
+        rule_pts.append({"n_rules": int(c), "recall": recall_at_fpr(s, y_te, CURVE_FPR), "auc": _nan_none(roc_auc(s, y_te))})
+    rule_fit = fit_line([p["n_rules"] for p in rule_pts], [p["recall"] for p in rule_pts])
+
+    cfg = FeatureConfig()
+    x_tr, x_te = tr.batch(cfg), te.batch(cfg)
+    n_all = tr.labels.size
+    grid = [s for s in sizes if s < n_all] + [n_all]
+    model_pts: dict[str, list[dict[str, Any]]] = {"linear": [], "neural": []}
+    for n in grid:
+        say(f"curves: models on {n} training messages x {draws} draws")
+        for d in range(draws):
+            rng = np.random.default_rng(1000 * d + n)
+            idx = _stratified_sample(tr.labels, n, rng)
+            xb, yb = x_tr.take(idx), tr.labels[idx]
+            for kind, fit in (("linear", fit_linear), ("neural", fit_neural)):
+                m = fit(xb, yb, cfg, seed=d)
+                z = framework_logit(m, x_te)
+                model_pts[kind].append({"n": int(n), "draw": d, "recall": recall_at_fpr(z, y_te, CURVE_FPR),
+                                        "auc": _nan_none(roc_auc(z, y_te))})
+    model_fits = {k: fit_log([p["n"] for p in v], [p["recall"] for p in v]) for k, v in model_pts.items()}
+    return {
+        "fpr_budget": CURVE_FPR,
+        "metric": "spam recall at FPR <= 1% on the P1 test period",
+        "rules": {"points": rule_pts, "fit": rule_fit.to_dict()},
+        "models": {k: {"points": v, "fit": model_fits[k].to_dict()} for k, v in model_pts.items()},
+    }
+
+
+# ============================================================================================ entry points
+def run_eval(
+    protocol: str,
+    *,
+    downloads_dir: Path,
+    corpus_dir: Path | None,
+    out_dir: Path,
+    json_path: Path | None,
+    curves: bool,
+    seeds: int,
+    neural_retrain_every: int = 1000,
+    progress: Callable[[str], None] | None = None,
+    corpus: Sequence[Any] | None = None,
+    ablation: bool = True,
+    sa_rules_dir: Path | None = SA_RULES_DIR,
+) -> dict[str, Any]:
+    """``flywheel eval``: run a protocol (and optionally the curves), write the PNG(s) and JSON, return the dict."""
+    if protocol not in ("P1", "P2"):
+        raise ValueError(f"protocol must be P1 or P2, got {protocol!r}")
+    say = _Progress(progress)
+    msgs = list(corpus) if corpus is not None else load_corpus(Path(downloads_dir), corpus_dir)
+    engine = RuleEngine.default()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="flywheel-eval-") as tmp:
+        if protocol == "P1":
+            result = run_p1(msgs, engine=engine, workdir=Path(tmp), seeds=seeds, ablation=ablation,
+                            sa_rules_dir=sa_rules_dir, progress=say)
+        else:
+            result = run_p2(msgs, engine=engine, neural_retrain_every=neural_retrain_every, progress=say)
+    if curves:
+        result["curves"] = run_curves(msgs, engine=engine, progress=say)
+    scores = result.pop("_scores")
+    result["figures"] = _plots(result, scores, out_dir)
+    result["corpus"] = {"messages": len(msgs), "spam": sum(1 for m in msgs if m.is_spam)}
+    say(f"figures: {', '.join(result['figures'])}")
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n")
+        say(f"JSON written to {json_path}")
+    return result
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return [_jsonable(v) for v in o.tolist()]
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+def _pct(x: Any, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{100.0 * float(x):.{digits}f}%"
+
+
+def _metric_rows(results: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> list[str]:
+    head = f"{'':26} {'AUC':>7} {'1-AUC %':>8} {'FPR':>7} {'FNR':>7} {'R@0.1%':>7} {'R@1%':>7} {'spam/ham':>10}"
+    lines = [head, "-" * len(head)]
+    for name in names:
+        m = results.get(name)
+        if not m:
+            continue
+        auc = "n/a" if m.get("auc") is None else f"{m['auc']:.4f}"
+        oma = "n/a" if m.get("one_minus_auc_pct") is None else f"{m['one_minus_auc_pct']:.3f}"
+        lines.append(
+            f"{name[:26]:26} {auc:>7} {oma:>8} {_pct(m.get('fpr')):>7} {_pct(m.get('fnr')):>7} "
+            f"{_pct(m.get('recall_at_fpr_0_1pct'), 1):>7} {_pct(m.get('recall_at_fpr_1pct'), 1):>7} "
+            f"{str(m.get('n_spam')) + '/' + str(m.get('n_ham')):>10}"
+        )
+    return lines
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    """The terminal report of ``run_eval``'s result."""
+    proto = result.get("protocol", "?")
+    lines = [f"Protocol {proto}  (FPR/FNR at the operating threshold; R@x = best spam recall at FPR <= x)", ""]
+    lines += _metric_rows(result["results"], [*SIDES, "neural_after_first_training"])
+    lines.append("targets: P1 served 1-AUC <= 0.28% and R@0.1% >= 80%; P2 served 1-AUC <= 0.12%")
+    spread = result.get("neural_seeds", {}).get("spread")
+    if spread:
+        n = len(result["neural_seeds"]["per_seed"])
+        parts = [f"{k} {v['mean']:.4f} +- {v['std']:.4f} (min {v['min']:.4f}, max {v['max']:.4f})"
+                 for k, v in spread.items() if k in ("one_minus_auc_pct", "recall_at_fpr_0_1pct", "recall_at_fpr_1pct")]
+        lines += ["", f"neural over {n} seeds: " + "; ".join(parts)]
+    design = result.get("served_design")
+    if design:
+        c = design["calibration"]
+        lines += ["", "served = sigmoid(w_m * logit_model + w_r * rule_score + b), fitted on the training hold-out "
+                  f"({design['fitted_on']['n_spam']} spam / {design['fitted_on']['n_ham']} ham):",
+                  f"  w_m={c['w_model']:.3f} w_r={c['w_rules']:.3f} b={c['bias']:.3f} threshold={c['threshold']:.4f}",
+                  "  variants on the test period:"]
+        lines += ["  " + ln for ln in _metric_rows(design["variants_on_test"], list(design["variants_on_test"]))]
+    abl = result.get("ablation")
+    if abl:
+        lines += ["", "artefact ablation (1-AUC % / R@0.1% / R@1%):"]
+        for kind in ("linear", "neural"):
+            a, b = abl[kind]["without_artefacts"], abl[kind]["with_artefacts"]
+            lines.append(f"  {kind:7} without artefacts {a['one_minus_auc_pct']:.3f} / {_pct(a['recall_at_fpr_0_1pct'], 1)} / "
+                         f"{_pct(a['recall_at_fpr_1pct'], 1)}   with artefacts {b['one_minus_auc_pct']:.3f} / "
+                         f"{_pct(b['recall_at_fpr_0_1pct'], 1)} / {_pct(b['recall_at_fpr_1pct'], 1)}")
+    sa = result.get("spamassassin_import")
+    if sa:
+        lines += ["", f"SpamAssassin rule import: {sa['imported']} imported, {sa['skipped']} skipped; rules alone on P1:"]
+        lines += ["  " + ln for ln in _metric_rows({"SpamAssassin import": sa["metrics"], "Flywheel rules": sa["own_rules_metrics"]},
+                                                   ["SpamAssassin import", "Flywheel rules"])]
+    wins = result.get("windows")
+    if wins:
+        lines += ["", "per window of 500: error rate / window AUC / cumulative AUC"]
+        lines.append(f"{'window':>14} " + " ".join(f"{s:>24}" for s in SIDES))
+        for i in range(len(wins["rules"])):
+            w0 = wins["rules"][i]
+            cells = []
+            for side in SIDES:
+                w = wins[side][i]
+                wa = "  n/a " if w["auc"] is None else f"{w['auc']:.4f}"
+                ca = "  n/a " if w["cumulative_auc"] is None else f"{w['cumulative_auc']:.4f}"
+                cells.append(f"{100 * w['error_rate']:5.1f}% {wa} {ca}".rjust(24))
+            lines.append(f"{w0['start']:>5}-{w0['end']:<5}{w0['n_spam']:>3}s " + " ".join(cells))
+        learn = result.get("learning", {})
+        for k in ("linear", "neural", "served"):
+            if k in learn:
+                lines.append(f"  {k}: {learn[k]}")
+    cur = result.get("curves")
+    if cur:
+        lines += ["", f"curves ({cur['metric']}):"]
+        rf = cur["rules"]["fit"]
+        lines.append(f"  rules vs number of rules: {rf['formula']}  R^2={rf['r2']:.3f}  "
+                     + ", ".join(f"{p['n_rules']}:{100 * p['recall']:.1f}%" for p in cur["rules"]["points"][:: max(1, len(cur['rules']['points']) // 8)]))
+        for kind, d in cur["models"].items():
+            f = d["fit"]
+            by_n: dict[int, list[float]] = {}
+            for p in d["points"]:
+                by_n.setdefault(p["n"], []).append(p["recall"])
+            lines.append(f"  {kind} vs training messages: {f['formula']}  R^2={f['r2']:.3f}  "
+                         + ", ".join(f"{n}:{100 * float(np.mean(v)):.1f}%" for n, v in sorted(by_n.items())))
+    if result.get("figures"):
+        lines += ["", "figures: " + ", ".join(result["figures"])]
+    return "\n".join(lines)
+
+
+def _plots(result: Mapping[str, Any], scores: Mapping[str, np.ndarray], out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files: list[str] = []
+    y = np.asarray(scores["labels"])
+    proto = result["protocol"]
+    fig, axes = plt.subplots(1, 2 if proto == "P2" else 1, figsize=(13 if proto == "P2" else 7, 5), squeeze=False)
+    ax = axes[0][0]
+    for side in SIDES:
+        fpr, tpr, _ = roc_points(scores[side], y)
+        m = result["results"][side]
+        ax.step(np.maximum(fpr, 1e-4), tpr, where="post",
+                label=f"{side} (1-AUC {m['one_minus_auc_pct']:.3f}%)" if m.get("one_minus_auc_pct") is not None else side)
+    ax.axvline(0.001, color="grey", ls=":", lw=1)
+    ax.axvline(0.01, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_xlabel("false-positive rate (ham called spam)")
+    ax.set_ylabel("spam recall")
+    ax.set_title(f"{proto}: ROC (log FPR)")
+    ax.legend(loc="lower right", fontsize=8)
+    if proto == "P2":
+        ax2 = axes[0][1]
+        for side in SIDES:
+            w = result["windows"][side]
+            ax2.plot([x["window"] for x in w], [100 * x["error_rate"] for x in w], marker="o", label=side)
+        ax2.set_xlabel(f"window of {WINDOW} messages (Date order)")
+        ax2.set_ylabel("error rate in window (%)")
+        ax2.set_title("P2: online learning curve")
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / f"{proto.lower()}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files.append(str(path))
+    cur = result.get("curves")
+    if cur:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5))
+        pts = cur["rules"]["points"]
+        xs = np.array([p["n_rules"] for p in pts])
+        a1.plot(xs, [100 * p["recall"] for p in pts], "o", label="rules")
+        f = cur["rules"]["fit"]
+        a1.plot(xs, 100 * (f["a"] + f["b"] * xs), "-", label=f"line fit, R^2={f['r2']:.3f}")
+        a1.set_xlabel("number of rules (in the order written)")
+        a1.set_ylabel("spam recall at FPR <= 1% (%)")
+        a1.set_title("rules: spam caught vs rule count (P1 test)")
+        a1.legend(fontsize=8)
+        for kind, d in cur["models"].items():
+            ns = np.array([p["n"] for p in d["points"]])
+            line = a2.plot(ns, [100 * p["recall"] for p in d["points"]], "o", alpha=0.6, label=kind)[0]
+            grid = np.geomspace(ns.min(), ns.max(), 100)
+            f = d["fit"]
+            a2.plot(grid, 100 * (f["a"] + f["b"] * np.log(grid)), "-", color=line.get_color(),
+                    label=f"{kind} log fit, R^2={f['r2']:.3f}")
+        a2.set_xscale("log")
+        a2.set_xlabel("training messages")
+        a2.set_ylabel("spam recall at FPR <= 1% (%)")
+        a2.set_title("learned models: spam caught vs training data (P1 test)")
+        a2.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(str(path))
+    return files

@@ -1,0 +1,1040 @@
+"""The rule baseline: SpamAssassin-like weighted rules compiled into hyperscan databases.
+
+A rule set is declarative (YAML): a threshold and rules, each with a kind (header, body,
+rawbody, uri, full or meta), a pattern, a weight, a description and the date it was
+added (the order rules were written is an axis of the improvement curve).
+
+All non-meta patterns of one target text (the body, the raw body, the URI list, the raw
+message, one header) are compiled into ONE hyperscan database, so a message costs one scan
+per target however many rules there are. Patterns hyperscan cannot compile (back
+references, look-arounds, ...) fall back to Python ``re``; ``RuleEngine.fallback_count``
+says how many did. Meta rules are boolean/arithmetic expressions over other rules, parsed
+into a small AST (never ``eval``).
+
+A ``RuleEngine`` is immutable once built: it is safe to share across threads (each thread
+gets its own hyperscan scratch), and every change returns a new engine so callers can swap
+the reference atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hyperscan
+import structlog
+import yaml
+
+from models.message import ParsedMessage
+
+log = structlog.get_logger(__name__)
+
+__all__ = [
+    "DEFAULT_RULES_PATH",
+    "KINDS",
+    "Rule",
+    "RuleEngine",
+    "RuleError",
+    "RuleHit",
+    "RuleResult",
+    "import_spamassassin",
+]
+
+KINDS = ("header", "body", "rawbody", "uri", "full", "meta")
+DEFAULT_RULES_PATH = Path(__file__).with_name("rules") / "default.yaml"
+DEFECTS_HEADER = "x-flywheel-defects"  # pseudo-header: the parser's defect flags, space separated
+ATTACHMENTS_HEADER = "x-flywheel-attachments"  # pseudo-header: "filename; type" per attachment
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+class RuleError(ValueError):
+    """A rule (or rule file) is invalid; the message says which rule and why."""
+
+
+# ---------------------------------------------------------------------------------------
+# Data types
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Rule:
+    """One rule. ``pattern`` is ``/regex/flags`` (Perl style) or a bare regex; header rules
+    name their header in ``header`` or use the SpamAssassin forms in ``pattern``
+    (``Subject =~ /re/i``, ``Subject !~ /re/``, ``exists:X-Mailer``, ``ALL =~ /re/m``);
+    a meta rule's pattern is an expression over other rule names (``A && (B || !C)``,
+    ``(A + B + C) >= 2``)."""
+
+    name: str
+    kind: str
+    pattern: str
+    weight: float = 1.0
+    description: str = ""
+    added: str = "2002-01-01"
+    enabled: bool = True
+    header: str | None = None
+    source: str = "flywheel"
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.header:
+            d["header"] = self.header
+        d.update(
+            pattern=self.pattern,
+            weight=float(self.weight),
+            description=self.description,
+            added=str(self.added),
+            enabled=bool(self.enabled),
+        )
+        if self.source != "flywheel":
+            d["source"] = self.source
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Rule:
+        if not isinstance(d, dict):
+            raise RuleError(f"a rule must be a mapping, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise RuleError(f"rule {d.get('name', '?')}: unknown field(s) {sorted(unknown)}")
+        for key in ("name", "kind", "pattern"):
+            if key not in d:
+                raise RuleError(f"rule {d.get('name', '?')}: missing field {key!r}")
+        try:
+            weight = float(d.get("weight", 1.0))
+        except (TypeError, ValueError) as exc:
+            raise RuleError(f"rule {d['name']}: weight must be a number") from exc
+        return cls(
+            name=str(d["name"]),
+            kind=str(d["kind"]),
+            pattern=str(d["pattern"]),
+            weight=weight,
+            description=str(d.get("description") or ""),
+            added=str(d.get("added") or "2002-01-01"),
+            enabled=bool(d.get("enabled", True)),
+            header=str(d["header"]) if d.get("header") else None,
+            source=str(d.get("source") or "flywheel"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RuleHit:
+    name: str
+    weight: float
+    description: str
+
+
+@dataclass(slots=True)
+class RuleResult:
+    score: float
+    threshold: float
+    is_spam: bool
+    hits: list[RuleHit] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [h.name for h in self.hits]
+
+
+# ---------------------------------------------------------------------------------------
+# Patterns
+# ---------------------------------------------------------------------------------------
+
+_DELIMITED_RE = re.compile(r"^\s*m?([/{!#|,@%])(.*)([/}!#|,@%])([a-zA-Z]*)\s*$", re.DOTALL)
+_CLOSERS = {"{": "}"}
+_HEADER_EXPR_RE = re.compile(r"^\s*([A-Za-z0-9_:.\-]+(?::[a-z]+)?)\s*(=~|!~)\s*(.+?)\s*(\[if-unset:\s*(.*)\])?\s*$", re.DOTALL)
+_EXISTS_RE = re.compile(r"^\s*exists:\s*([A-Za-z0-9_.\-]+)\s*$")
+
+
+def split_delimited(pattern: str) -> tuple[str, str]:
+    """``/re/flags`` or ``m{re}flags`` -> (re, flags); a bare regex -> (regex, "")."""
+    m = _DELIMITED_RE.match(pattern)
+    if m is not None:
+        open_, body, close, flags = m.groups()
+        if _CLOSERS.get(open_, open_) == close and (open_ == "/" or pattern.lstrip().startswith("m")):
+            return body, flags
+    return pattern, ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """A non-meta rule reduced to what matching needs."""
+
+    index: int
+    target: str  # "body" | "rawbody" | "uri" | "full" | "h:<name>" | "exists:<name>"
+    regex: str
+    flags: str
+    negate: bool
+    unset: str | None = None
+
+
+def _rule_spec(index: int, rule: Rule) -> _Spec:
+    kind = rule.kind
+    if kind == "header":
+        pat = rule.pattern
+        if rule.header:
+            hdr = rule.header.strip()
+            if hdr.lower().startswith("exists:"):
+                return _Spec(index, "exists:" + hdr[7:].strip().lower(), "", "", False)
+            if pat.strip().lower() == "exists:" or pat.strip().lower() == "exists":
+                return _Spec(index, "exists:" + hdr.lower(), "", "", False)
+            negate = False
+            if pat.lstrip().startswith("!~"):
+                negate, pat = True, pat.lstrip()[2:]
+            elif pat.lstrip().startswith("=~"):
+                pat = pat.lstrip()[2:]
+            regex, flags = split_delimited(pat.strip())
+            return _Spec(index, "h:" + _header_key(hdr), regex, flags, negate)
+        m = _EXISTS_RE.match(pat)
+        if m is not None:
+            return _Spec(index, "exists:" + m.group(1).lower(), "", "", False)
+        m = _HEADER_EXPR_RE.match(pat)
+        if m is None:
+            raise RuleError(f"rule {rule.name}: header rule needs a header (use 'header:' or 'Name =~ /re/')")
+        hdr, op, rest, _, unset = m.groups()
+        regex, flags = split_delimited(rest)
+        target = "h:" + _header_key(hdr) + ("\x00" + unset if unset is not None else "")
+        return _Spec(index, target, regex, flags, op == "!~", unset)
+    if kind in ("body", "rawbody", "uri", "full"):
+        regex, flags = split_delimited(rule.pattern)
+        return _Spec(index, kind, regex, flags, False)
+    raise RuleError(f"rule {rule.name}: unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+
+
+def _header_key(hdr: str) -> str:
+    """Normalise a header selector: ``ALL``, ``ToCc``, ``MESSAGEID`` keep their case;
+    ordinary names are lower-cased; ``:addr``/``:name``/``:raw`` modifiers are kept."""
+    name, _, mod = hdr.partition(":")
+    if name in ("ALL", "ToCc", "MESSAGEID", "EnvelopeFrom"):
+        base = name
+    else:
+        base = name.lower()
+    return base + (":" + mod.lower() if mod else "")
+
+
+_PY_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+_HS_FLAGS = {"i": hyperscan.HS_FLAG_CASELESS, "m": hyperscan.HS_FLAG_MULTILINE, "s": hyperscan.HS_FLAG_DOTALL}
+
+
+def _py_compile(spec: _Spec, name: str) -> re.Pattern[str]:
+    fl = 0
+    for ch in spec.flags:
+        if ch in _PY_FLAGS:
+            fl |= _PY_FLAGS[ch]
+        elif ch not in "gose":  # Perl flags with no meaning for a match test
+            raise RuleError(f"rule {name}: unsupported regex flag {ch!r}")
+    if spec.target == "uri":
+        fl |= re.MULTILINE  # the URI list is one URL per line; ^ and $ anchor each
+    try:
+        return re.compile(spec.regex, fl)
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
+        raise RuleError(f"rule {name}: bad regex {spec.regex!r}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Meta expressions: tokenize -> Pratt parse -> closures
+# ---------------------------------------------------------------------------------------
+
+_TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d+)?)|([A-Za-z_][A-Za-z0-9_]*)|(&&|\|\||>=|<=|==|!=|[-+*/()!<>]))")
+_BINARY = {
+    "||": (1, lambda a, b: 1 if (a or b) else 0),
+    "&&": (2, lambda a, b: 1 if (a and b) else 0),
+    "==": (3, lambda a, b: 1 if a == b else 0),
+    "!=": (3, lambda a, b: 1 if a != b else 0),
+    "<": (4, lambda a, b: 1 if a < b else 0),
+    ">": (4, lambda a, b: 1 if a > b else 0),
+    "<=": (4, lambda a, b: 1 if a <= b else 0),
+    ">=": (4, lambda a, b: 1 if a >= b else 0),
+    "+": (5, lambda a, b: a + b),
+    "-": (5, lambda a, b: a - b),
+    "*": (6, lambda a, b: a * b),
+    "/": (6, lambda a, b: a / b if b else 0),
+}
+
+Evaluator = Callable[[Sequence[float]], float]
+
+
+def _tokenize(expr: str) -> list[tuple[str, str]]:
+    pos, out = 0, []
+    expr = expr.rstrip()
+    while pos < len(expr):
+        m = _TOKEN_RE.match(expr, pos)
+        if m is None or m.end() == pos:
+            raise RuleError(f"unexpected character {expr[pos:pos + 10]!r}")
+        num, ident, op = m.groups()
+        if num is not None:
+            out.append(("num", num))
+        elif ident is not None:
+            out.append(("id", ident))
+        else:
+            out.append(("op", op))
+        pos = m.end()
+    return out
+
+
+class _MetaParser:
+    def __init__(self, expr: str, resolve: Callable[[str], int]) -> None:
+        self.toks = _tokenize(expr)
+        self.i = 0
+        self.resolve = resolve
+        self.refs: set[str] = set()
+
+    def parse(self) -> Evaluator:
+        if not self.toks:
+            raise RuleError("empty expression")
+        fn = self._expr(0)
+        if self.i != len(self.toks):
+            raise RuleError(f"unexpected {self.toks[self.i][1]!r}")
+        return fn
+
+    def _expr(self, min_prec: int) -> Evaluator:
+        left = self._unary()
+        while self.i < len(self.toks):
+            kind, val = self.toks[self.i]
+            if kind != "op" or val not in _BINARY:
+                break
+            prec, op = _BINARY[val]
+            if prec < min_prec:
+                break
+            self.i += 1
+            right = self._expr(prec + 1)
+            left = (lambda op, l, r: lambda h: op(l(h), r(h)))(op, left, right)
+        return left
+
+    def _unary(self) -> Evaluator:
+        if self.i >= len(self.toks):
+            raise RuleError("expression ends early")
+        kind, val = self.toks[self.i]
+        self.i += 1
+        if kind == "num":
+            num = float(val)
+            return lambda h: num
+        if kind == "id":
+            idx = self.resolve(val)
+            self.refs.add(val)
+            return lambda h: h[idx]
+        if val == "!":
+            inner = self._unary()
+            return lambda h: 0 if inner(h) else 1
+        if val == "-":
+            inner = self._unary()
+            return lambda h: -inner(h)
+        if val == "(":
+            inner = self._expr(0)
+            if self.i >= len(self.toks) or self.toks[self.i] != ("op", ")"):
+                raise RuleError("missing ')'")
+            self.i += 1
+            return inner
+        raise RuleError(f"unexpected {val!r}")
+
+
+def meta_references(expr: str) -> set[str]:
+    """Rule names an expression refers to (for dependency checks and import)."""
+    return {v for k, v in _tokenize(expr) if k == "id"}
+
+
+# ---------------------------------------------------------------------------------------
+# Engine
+# ---------------------------------------------------------------------------------------
+
+
+class _Group:
+    """Every pattern of one target text: one hyperscan database plus ``re`` fallbacks."""
+
+    __slots__ = ("target", "db", "hs_ids", "fallback", "utf8", "_local")
+
+    def __init__(self, target: str, specs: list[_Spec], rules: Sequence[Rule]) -> None:
+        self.target = target
+        self.utf8 = target != "full"
+        self.fallback: list[tuple[int, re.Pattern[str]]] = []
+        self.db: hyperscan.Database | None = None
+        self._local = threading.local()
+        exprs: list[bytes] = []
+        ids: list[int] = []
+        flags: list[int] = []
+        for spec in specs:
+            pyre = _py_compile(spec, rules[spec.index].name)  # validates every pattern
+            hs = _hs_pattern(spec, self.utf8)
+            if hs is None:
+                self.fallback.append((spec.index, pyre))
+                continue
+            exprs.append(hs[0])
+            flags.append(hs[1])
+            ids.append(spec.index)
+        while exprs:
+            try:
+                db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+                db.compile(expressions=exprs, ids=ids, flags=flags)
+                self.db = db
+                break
+            except hyperscan.error:
+                bad = _first_bad(exprs, flags)
+                idx = ids.pop(bad)
+                exprs.pop(bad)
+                flags.pop(bad)
+                spec = next(s for s in specs if s.index == idx)
+                self.fallback.append((idx, _py_compile(spec, rules[idx].name)))
+        self.hs_ids = ids
+
+    def scratch(self) -> hyperscan.Scratch:
+        s = getattr(self._local, "scratch", None)
+        if s is None:
+            s = hyperscan.Scratch(self.db)
+            self._local.scratch = s
+        return s
+
+    def match(self, data: bytes, text: str | None, hits: bytearray) -> None:
+        if self.db is not None:
+
+            def on_match(pid: int, start: int, end: int, flags: int, ctx: object) -> None:
+                hits[pid] = 1
+
+            self.db.scan(data, match_event_handler=on_match, scratch=self.scratch())
+        if self.fallback:
+            if text is None:
+                text = data.decode("latin-1") if not self.utf8 else data.decode("utf-8", "replace")
+            for idx, rx in self.fallback:
+                if rx.search(text) is not None:
+                    hits[idx] = 1
+
+
+_HS_UNSUPPORTED_RE = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=|\(\?>|\\[AzZGbB]?[kK]<|\(\?\(|\(\?[a-zA-Z]*x|\\[pP]\{")
+
+
+def _hs_pattern(spec: _Spec, utf8: bool) -> tuple[bytes, int] | None:
+    """hyperscan expression and flags for a spec, or None when it must use ``re``."""
+    if "x" in spec.flags or _HS_UNSUPPORTED_RE.search(spec.regex) is not None:
+        return None
+    fl = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY
+    for ch in spec.flags:
+        fl |= _HS_FLAGS.get(ch, 0)
+    if spec.target == "uri":
+        fl |= hyperscan.HS_FLAG_MULTILINE
+    if utf8:
+        fl |= hyperscan.HS_FLAG_UTF8
+        try:
+            return spec.regex.encode("utf-8"), fl
+        except UnicodeEncodeError:
+            return None
+    try:
+        return spec.regex.encode("latin-1"), fl
+    except UnicodeEncodeError:
+        return None
+
+
+def _first_bad(exprs: list[bytes], flags: list[int]) -> int:
+    for i, (e, f) in enumerate(zip(exprs, flags, strict=True)):
+        try:
+            hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK).compile(expressions=[e], ids=[0], flags=[f])
+        except hyperscan.error:
+            return i
+    return len(exprs) - 1  # the set fails only together (too large): drop the last
+
+
+_ADDR_CACHE_HEADERS = ("from", "to", "cc", "reply-to", "sender", "return-path")
+
+
+def _header_text(msg: ParsedMessage, key: str) -> str:
+    name, _, mod = key.partition(":")
+    if name == "ALL":
+        text = "\n".join(f"{k}: {v}" for k, v in msg.headers)
+    elif name == "ToCc":
+        text = "\n".join(v for k, v in msg.headers if k in ("to", "cc"))
+    elif name == "MESSAGEID":
+        text = "\n".join(v for k, v in msg.headers if k in ("message-id", "resent-message-id", "x-message-id"))
+    elif name == "EnvelopeFrom":
+        text = msg.header("return-path")
+    elif name == DEFECTS_HEADER:
+        text = " ".join(msg.defects)
+    elif name == ATTACHMENTS_HEADER:
+        text = "\n".join(f"{fn}; {ct}" for fn, ct in msg.attachments)
+    else:
+        text = msg.header(name)
+    if mod == "addr":
+        return "\n".join(a for _, a in email.utils.getaddresses(text.split("\n")) if a)
+    if mod == "name":
+        return "\n".join(n for n, _ in email.utils.getaddresses(text.split("\n")) if n)
+    return text
+
+
+class RuleEngine:
+    """A compiled, immutable rule set (see module docstring)."""
+
+    def __init__(self, rules: Iterable[Rule], threshold: float = 5.0) -> None:
+        self._rules: tuple[Rule, ...] = tuple(dataclasses.replace(r) for r in rules)
+        try:
+            self._threshold = float(threshold)
+        except (TypeError, ValueError) as exc:
+            raise RuleError("threshold must be a number") from exc
+        self._index: dict[str, int] = {}
+        for i, r in enumerate(self._rules):
+            if not isinstance(r.name, str) or _NAME_RE.match(r.name) is None:
+                raise RuleError(f"bad rule name {r.name!r} (letters, digits, underscore)")
+            if r.name in self._index:
+                raise RuleError(f"duplicate rule name {r.name}")
+            if r.kind not in KINDS:
+                raise RuleError(f"rule {r.name}: unknown kind {r.kind!r} (expected one of {', '.join(KINDS)})")
+            if not isinstance(r.weight, (int, float)) or r.weight != r.weight:
+                raise RuleError(f"rule {r.name}: weight must be a number")
+            self._index[r.name] = i
+        self._compile()
+
+    # -- construction -------------------------------------------------------------
+
+    def _compile(self) -> None:
+        specs: dict[str, list[_Spec]] = {}
+        exists: list[tuple[int, str]] = []
+        negated: list[int] = []
+        metas: list[tuple[int, Evaluator, set[str]]] = []
+        for i, r in enumerate(self._rules):
+            if r.kind == "meta":
+                parser = _MetaParser(r.pattern, self._resolver(r.name))
+                try:
+                    fn = parser.parse()
+                except RuleError as exc:
+                    raise RuleError(f"rule {r.name}: bad meta expression: {exc}") from None
+                metas.append((i, fn, parser.refs))
+                continue
+            spec = _rule_spec(i, r)
+            if not r.enabled:
+                _py_compile(spec, r.name) if spec.regex else None  # still validated
+                continue
+            if spec.target.startswith("exists:"):
+                exists.append((i, spec.target[7:]))
+                continue
+            if not spec.regex and spec.target.startswith("h:") is False:
+                raise RuleError(f"rule {r.name}: empty pattern")
+            if spec.negate:
+                negated.append(i)
+            specs.setdefault(spec.target, []).append(spec)
+        self._groups = [_Group(t, s, self._rules) for t, s in specs.items()]
+        self._exists = exists
+        self._negated = negated
+        self._metas = self._order_metas(metas)
+        self._active = sum(1 for r in self._rules if r.enabled)
+        self._weights = [r.weight if r.enabled else 0.0 for r in self._rules]
+
+    def _resolver(self, owner: str) -> Callable[[str], int]:
+        def resolve(name: str) -> int:
+            idx = self._index.get(name)
+            if idx is None:
+                raise RuleError(f"refers to unknown rule {name!r}")
+            if name == owner:
+                raise RuleError("refers to itself")
+            return idx
+
+        return resolve
+
+    def _order_metas(self, metas: list[tuple[int, Evaluator, set[str]]]) -> list[tuple[int, Evaluator]]:
+        by_idx = {i: (fn, refs) for i, fn, refs in metas}
+        order: list[tuple[int, Evaluator]] = []
+        state: dict[int, int] = {}
+
+        def visit(i: int, path: list[str]) -> None:
+            st = state.get(i, 0)
+            if st == 2:
+                return
+            if st == 1:
+                raise RuleError(f"rule {self._rules[i].name}: meta rules form a cycle: {' -> '.join(path)}")
+            state[i] = 1
+            fn, refs = by_idx[i]
+            for ref in sorted(refs):
+                j = self._index[ref]
+                if j in by_idx:
+                    visit(j, [*path, ref])
+            state[i] = 2
+            if self._rules[i].enabled:
+                order.append((i, fn))
+
+        for i in by_idx:
+            visit(i, [self._rules[i].name])
+        return order
+
+    @classmethod
+    def default(cls) -> RuleEngine:
+        """Flywheel's own rule set (models/rules/default.yaml)."""
+        return cls.load(DEFAULT_RULES_PATH)
+
+    @classmethod
+    def load(cls, path: Path | str) -> RuleEngine:
+        """Load a YAML rule file (``threshold`` + ``rules``)."""
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise RuleError(f"cannot read rule file {path}: {exc}") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> RuleEngine:
+        if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
+            raise RuleError("a rule file is a mapping with a 'rules' list")
+        rules = [Rule.from_dict(d) for d in data["rules"]]
+        return cls(rules, threshold=data.get("threshold", 5.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"threshold": self._threshold, "rules": [r.to_dict() for r in self._rules]}
+
+    def save(self, path: Path | str) -> None:
+        """Write the rule set as YAML (atomically: temp file + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(
+            yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=120), encoding="utf-8"
+        )
+        tmp.replace(path)
+
+    # -- read-only views ---------------------------------------------------------------
+
+    @property
+    def rules(self) -> list[Rule]:
+        """Copies of the rules, in file order (mutating them does not touch the engine)."""
+        return [dataclasses.replace(r) for r in self._rules]
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @property
+    def active_count(self) -> int:
+        return self._active
+
+    @property
+    def fallback_count(self) -> int:
+        """Active patterns matched with Python ``re`` because hyperscan could not compile them."""
+        return sum(len(g.fallback) for g in self._groups)
+
+    @property
+    def hyperscan_count(self) -> int:
+        return sum(len(g.hs_ids) for g in self._groups)
+
+    def get(self, name: str) -> Rule | None:
+        idx = self._index.get(name)
+        return dataclasses.replace(self._rules[idx]) if idx is not None else None
+
+    def __len__(self) -> int:
+        return len(self._rules)
+
+    # -- changes (each returns a new engine) ------------------------------------------
+
+    def with_rule(self, rule: Rule) -> RuleEngine:
+        """Add ``rule``, or replace the rule of the same name."""
+        rules = list(self._rules)
+        idx = self._index.get(rule.name)
+        if idx is None:
+            rules.append(rule)
+        else:
+            rules[idx] = rule
+        return RuleEngine(rules, self._threshold)
+
+    def without_rule(self, name: str) -> RuleEngine:
+        if name not in self._index:
+            raise RuleError(f"no rule named {name!r}")
+        return RuleEngine([r for r in self._rules if r.name != name], self._threshold)
+
+    def with_enabled(self, name: str, enabled: bool) -> RuleEngine:
+        idx = self._index.get(name)
+        if idx is None:
+            raise RuleError(f"no rule named {name!r}")
+        rules = list(self._rules)
+        rules[idx] = dataclasses.replace(rules[idx], enabled=bool(enabled))
+        return RuleEngine(rules, self._threshold)
+
+    def with_threshold(self, threshold: float) -> RuleEngine:
+        return RuleEngine(self._rules, threshold)
+
+    def order_added(self) -> list[str]:
+        """Rule names in the order they were written (``added`` date, then file order)."""
+        order = sorted(range(len(self._rules)), key=lambda i: (str(self._rules[i].added), i))
+        return [self._rules[i].name for i in order]
+
+    def first(self, n: int) -> RuleEngine:
+        """Only the first ``n`` rules in the order added stay enabled (for the rules curve).
+
+        The later rules stay in the set, disabled, so meta references remain valid
+        (a disabled rule counts as not hit)."""
+        keep = set(self.order_added()[: max(0, int(n))])
+        rules = [r if r.name in keep else dataclasses.replace(r, enabled=False) for r in self._rules]
+        return RuleEngine(rules, self._threshold)
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def evaluate(self, msg: ParsedMessage) -> RuleResult:
+        """Score one parsed message: the sum of the weights of the rules that hit."""
+        rules = self._rules
+        hits = bytearray(len(rules))
+        for g in self._groups:
+            t = g.target
+            if t == "full":
+                g.match(msg.raw, None, hits)
+                continue
+            if t == "body":
+                text = (msg.subject + "\n" + msg.body_text) if msg.subject else msg.body_text
+            elif t == "rawbody":
+                text = msg.raw_body
+            elif t == "uri":
+                text = "\n".join(msg.urls)
+            else:
+                key, sep, unset = t[2:].partition("\x00")
+                text = _header_text(msg, key)
+                if not text and sep:
+                    text = unset  # SpamAssassin's [if-unset: STR]
+            g.match(text.encode("utf-8", "replace"), text, hits)
+        for i in self._negated:
+            hits[i] ^= 1
+        if self._exists:
+            present = {k for k, _ in msg.headers}
+            for i, name in self._exists:
+                if (
+                    name in present
+                    or (name == DEFECTS_HEADER and msg.defects)
+                    or (name == ATTACHMENTS_HEADER and msg.attachments)
+                ):
+                    hits[i] = 1
+        if self._metas:
+            for i, fn in self._metas:
+                hits[i] = 1 if fn(hits) else 0
+        score = 0.0
+        out: list[RuleHit] = []
+        weights = self._weights
+        for i in range(len(hits)):
+            if hits[i] and rules[i].enabled:
+                r = rules[i]
+                score += weights[i]
+                if not r.name.startswith("__"):
+                    out.append(RuleHit(r.name, weights[i], r.description))
+        score = round(score, 6)
+        return RuleResult(score=score, threshold=self._threshold, is_spam=score >= self._threshold, hits=out)
+
+
+# ---------------------------------------------------------------------------------------
+# SpamAssassin import
+# ---------------------------------------------------------------------------------------
+
+
+def import_spamassassin(paths: Iterable[Path]) -> tuple[list[Rule], list[tuple[str, str]]]:
+    """Import SpamAssassin ``.cf`` rule files; return (rules, skipped (name, reason)).
+
+    Emulated: header (incl. ``exists:``, ``:addr``/``:name``, ``ALL``, ``ToCc``,
+    ``[if-unset: ...]``), body, rawbody, uri, full and meta rules, ``score`` (score set 0:
+    no Bayes, no network tests), ``describe``, ``tflags`` (``net`` rules skipped), the
+    ReplaceTags plugin (``replace_tag``/``pre``/``inter``/``post``/``replace_rules``), and
+    ``ifplugin``/``if`` blocks evaluated as SpamAssassin would with only ReplaceTags
+    loaded. Skipped, with the reason: ``eval:`` rules (plugin code), rules inside blocks of
+    plugins we do not emulate, network tests, pseudo-headers only SpamAssassin computes,
+    regexes Python cannot compile, metas depending on any skipped rule. Files are read in
+    the order given (sort them by name as SpamAssassin does); later lines override.
+    """
+    return _SAImporter().run(paths)
+
+
+_SA_EMULATED_PLUGINS = {"Mail::SpamAssassin::Plugin::ReplaceTags"}
+_SA_VERSION = 4.0
+_SA_PSEUDO_HEADERS = re.compile(r"^(?:X-Spam-Relays-|ALL-TRUSTED|ALL-UNTRUSTED|ALL-INTERNAL|ALL-EXTERNAL|X-Spam-|Received-SPF|X-Spam-DCC)", re.I)
+_SA_RULE_KINDS = {"header", "body", "rawbody", "uri", "full", "meta"}
+_SA_UNSUPPORTED_KINDS = {
+    "mimeheader": "mimeheader needs the MIMEHeader plugin",
+    "uri_detail": "uri_detail needs the URIDetail plugin",
+    "askdns": "askdns is a network test",
+    "urirhssub": "URI blocklist lookups are network tests",
+    "urirhsbl": "URI blocklist lookups are network tests",
+    "uridnsbl": "URI blocklist lookups are network tests",
+    "uridnssub": "URI blocklist lookups are network tests",
+    "check_rbl": "DNS blocklist lookups are network tests",
+}
+_POSIX_CLASSES = {
+    "alpha": "a-zA-Z", "digit": "0-9", "alnum": "a-zA-Z0-9", "upper": "A-Z", "lower": "a-z",
+    "space": r"\s", "punct": r"!-/:-@\[-`{-~", "print": r"\x20-\x7e", "xdigit": "0-9A-Fa-f",
+    "word": r"\w", "cntrl": r"\x00-\x1f\x7f", "blank": r" \t", "graph": r"\x21-\x7e",
+}
+_POSIX_RE = re.compile(r"\[:(\^?)(" + "|".join(_POSIX_CLASSES) + r"):\]")
+_PERL_UNSUPPORTED = [
+    (re.compile(r"\\[KRXCGNV]|\\[pP]\{|\\Q|\\E"), "Perl escape Python lacks"),
+    (re.compile(r"\(\?\||\(\?\{|\(\?\?\{|\(\?R\)|\(\?\d|\(\?&|\(\?\+"), "Perl construct Python lacks (branch reset, code, recursion)"),
+    (re.compile(r"\\[gk]\{?\d|\\g\{"), "relative back reference"),
+]
+
+
+def perl_to_python_regex(regex: str) -> str:
+    """Rewrite the Perl regex features that Python spells differently; raise RuleError
+    for those it has no equivalent of."""
+    for rx, reason in _PERL_UNSUPPORTED:
+        if rx.search(regex):
+            raise RuleError(reason)
+    out = _POSIX_RE.sub(lambda m: ("^" if m.group(1) else "") + _POSIX_CLASSES[m.group(2)], regex)
+    out = re.sub(r"\\x\{([0-9A-Fa-f]{1,6})\}", lambda m: "\\U%08x" % int(m.group(1), 16), out)
+    out = out.replace(r"\z", r"\Z").replace(r"\h", r"[ \t]")
+    out = re.sub(r"\(\?<(?=[A-Za-z_])", "(?P<", out)
+    out = re.sub(r"(?<!\\)\\Z(?!\))", r"(?=\\n?\\Z)", out) if r"\Z" in regex else out
+    # a Perl mid-pattern (?i) applies to the rest of the pattern; Python 3.11 refuses it
+    m = re.search(r"(?<!\\)\(\?([imsx]+)\)", out)
+    if m is not None and m.start() > 0:
+        raise RuleError("inline flag group not at the start of the pattern")
+    return out
+
+
+class _SAImporter:
+    def __init__(self) -> None:
+        self.defs: dict[str, tuple[str, str, str]] = {}  # name -> (kind, body, file)
+        self.order: list[str] = []
+        self.scores: dict[str, float] = {}
+        self.describe: dict[str, str] = {}
+        self.tflags: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self.tags: dict[str, str] = {}
+        self.pre: dict[str, str] = {}
+        self.inter: dict[str, str] = {}
+        self.post: dict[str, str] = {}
+        self.replace_rules: set[str] = set()
+        self.tag_start, self.tag_end = "<", ">"
+
+    # -- reading -----------------------------------------------------------------------
+
+    def run(self, paths: Iterable[Path]) -> tuple[list[Rule], list[tuple[str, str]]]:
+        for path in paths:
+            try:
+                data = Path(path).read_bytes()
+                try:
+                    text = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = data.decode("latin-1")
+            except OSError as exc:
+                self.skipped[f"file:{path}"] = f"cannot read: {exc}"
+                continue
+            self._read(text, Path(path).name)
+        return self._build()
+
+    def _read(self, text: str, fname: str) -> None:
+        stack: list[tuple[bool, str]] = []  # (active, why inactive)
+
+        def active() -> tuple[bool, str]:
+            for ok, why in stack:
+                if not ok:
+                    return False, why
+            return True, ""
+
+        for raw_line in text.splitlines():
+            line = re.sub(r"(?<!\\)#.*$", "", raw_line).replace("\\#", "#").strip()
+            if not line:
+                continue
+            parts = line.split(None, 1)
+            key = parts[0].lower()
+            rest = parts[1] if len(parts) > 1 else ""
+            if key == "ifplugin":
+                plugin = rest.strip()
+                ok = plugin in _SA_EMULATED_PLUGINS
+                stack.append((ok, f"needs SpamAssassin plugin {plugin.rsplit('::', 1)[-1]}"))
+                continue
+            if key == "if":
+                ok = self._eval_if(rest)
+                stack.append((ok, f"inside 'if {rest.strip()}' which is false here"))
+                continue
+            if key == "else":
+                if stack:
+                    ok, why = stack.pop()
+                    stack.append((not ok, "inside the else branch of a true 'if'"))
+                continue
+            if key == "endif":
+                if stack:
+                    stack.pop()
+                continue
+            on, why = active()
+            if key in _SA_RULE_KINDS or key in _SA_UNSUPPORTED_KINDS:
+                name_rest = rest.split(None, 1)
+                if not name_rest:
+                    continue
+                name = name_rest[0]
+                body = name_rest[1] if len(name_rest) > 1 else ""
+                if not on:
+                    if name not in self.defs:
+                        self.skipped.setdefault(name, why)
+                    continue
+                if key in _SA_UNSUPPORTED_KINDS:
+                    self.skipped[name] = _SA_UNSUPPORTED_KINDS[key]
+                    self.defs.pop(name, None)
+                    continue
+                if name not in self.defs:
+                    self.order.append(name)
+                self.defs[name] = (key, body, fname)
+                self.skipped.pop(name, None)
+                continue
+            if not on:
+                continue
+            if key == "score":
+                bits = rest.split()
+                if len(bits) >= 2:
+                    try:
+                        self.scores[bits[0]] = float(bits[1])  # score set 0 (no Bayes, no net)
+                    except ValueError:
+                        pass
+            elif key == "describe":
+                bits = rest.split(None, 1)
+                if len(bits) == 2:
+                    self.describe[bits[0]] = bits[1]
+            elif key == "tflags":
+                bits = rest.split(None, 1)
+                if len(bits) == 2:
+                    self.tflags[bits[0]] = bits[1]
+            elif key == "replace_tag":
+                bits = rest.split(None, 1)
+                if len(bits) == 2:
+                    self.tags[bits[0]] = bits[1]
+            elif key in ("replace_pre", "replace_inter", "replace_post"):
+                bits = rest.split(None, 1)
+                if len(bits) == 2:
+                    {"replace_pre": self.pre, "replace_inter": self.inter, "replace_post": self.post}[key][bits[0]] = bits[1]
+            elif key == "replace_rules":
+                self.replace_rules.update(rest.split())
+            elif key == "replace_start":
+                self.tag_start = rest.strip() or "<"
+            elif key == "replace_end":
+                self.tag_end = rest.strip() or ">"
+
+    @staticmethod
+    def _eval_if(expr: str) -> bool:
+        e = expr.strip()
+        neg = False
+        while e.startswith("(") and e.endswith(")") and e.count("(") == e.count(")"):
+            e = e[1:-1].strip()
+        if e.startswith("!"):
+            neg, e = True, e[1:].strip()
+            while e.startswith("(") and e.endswith(")"):
+                e = e[1:-1].strip()
+        if e.startswith("plugin(") or e.startswith("plugin ("):
+            val = e[e.index("(") + 1 : e.rindex(")")].strip() in _SA_EMULATED_PLUGINS
+        elif e.startswith("version"):
+            m = re.match(r"version\s*(>=|<=|>|<|==)\s*([\d.]+)", e)
+            if m is None:
+                val = True
+            else:
+                op, num = m.group(1), float(m.group(2))
+                val = {">=": _SA_VERSION >= num, "<=": _SA_VERSION <= num, ">": _SA_VERSION > num,
+                       "<": _SA_VERSION < num, "==": _SA_VERSION == num}[op]
+        else:
+            val = True  # can(feature_...), perl_version: a modern SpamAssassin has them
+        return val != neg
+
+    # -- building ----------------------------------------------------------------------
+
+    def _apply_tags(self, name: str, pattern: str) -> str:
+        if name not in self.replace_rules or not self.tags:
+            return pattern
+        st, en = re.escape(self.tag_start), re.escape(self.tag_end)
+        pre = inter = post = ""
+        for kind, table in (("pre", self.pre), ("inter", self.inter), ("post", self.post)):
+            m = re.search(st + kind + r"\s+(\w+)" + en, pattern)
+            if m is not None:
+                val = table.get(m.group(1), "")
+                pattern = pattern.replace(m.group(0), "")
+                if kind == "pre":
+                    pre = val
+                elif kind == "inter":
+                    inter = val
+                else:
+                    post = val
+        tag_re = re.compile(st + r"(\w+)" + en)
+        if inter:
+            pattern = re.sub(en + r"(?=" + st + r"\w+" + en + ")", lambda m: self.tag_end + "\x00", pattern)
+        pattern = tag_re.sub(lambda m: pre + self.tags[m.group(1)] + post if m.group(1) in self.tags else m.group(0), pattern)
+        return pattern.replace("\x00", inter)
+
+    def _convert(self, name: str, kind: str, body: str) -> Rule:
+        flags = self.tflags.get(name, "")
+        if re.search(r"\bnet\b", flags):
+            raise RuleError("network test (tflags net)")
+        if re.search(r"\blearn\b", flags):
+            raise RuleError("Bayes learning test (tflags learn)")
+        body = body.strip()
+        if kind != "meta" and re.search(r"^\s*(?:[\w\-:]+\s+)?(?:eval|rbleval|check_\w+):", body):
+            raise RuleError("eval rule needs SpamAssassin plugin code")
+        if kind == "meta" and "eval:" in body:
+            raise RuleError("eval rule needs SpamAssassin plugin code")
+        score = self.scores.get(name)
+        if score is None:
+            score = 0.0 if name.startswith("__") else (0.01 if name.startswith("T_") else 1.0)
+        common = {
+            "weight": score,
+            "description": self.describe.get(name, ""),
+            "added": "2002-01-01",
+            "source": "spamassassin",
+        }
+        if kind == "meta":
+            meta_references(body)  # syntax check (tokens)
+            return Rule(name=name, kind="meta", pattern=body, **common)
+        if kind == "header":
+            m = _EXISTS_RE.match(body)
+            if m is not None:
+                return Rule(name=name, kind="header", pattern=f"exists:{m.group(1)}", **common)
+            m = _HEADER_EXPR_RE.match(body)
+            if m is None:
+                raise RuleError("unrecognised header rule")
+            hdr, op, rest, unset_part, _ = m.groups()
+            if _SA_PSEUDO_HEADERS.match(hdr):
+                raise RuleError(f"needs pseudo-header {hdr.split(':')[0]} that only SpamAssassin computes")
+            regex, fl = split_delimited(self._apply_tags(name, rest))
+            regex = perl_to_python_regex(regex)
+            pattern = f"{hdr} {op} /{regex}/{fl}" + (f" {unset_part}" if unset_part else "")
+            rule = Rule(name=name, kind="header", pattern=pattern, **common)
+        else:
+            regex, fl = split_delimited(self._apply_tags(name, body))
+            if regex == body and not body.startswith("/"):
+                raise RuleError("pattern is not a /regex/")
+            rule = Rule(name=name, kind=kind, pattern=f"/{perl_to_python_regex(regex)}/{fl}", **common)
+        spec = _rule_spec(0, rule)
+        _py_compile(spec, name)
+        return rule
+
+    def _build(self) -> tuple[list[Rule], list[tuple[str, str]]]:
+        rules: dict[str, Rule] = {}
+        skipped = dict(self.skipped)
+        for name in self.order:
+            if name not in self.defs:
+                continue
+            kind, body, _ = self.defs[name]
+            try:
+                rules[name] = self._convert(name, kind, body)
+            except RuleError as exc:
+                reason = str(exc).split(": ", 1)[-1] if str(exc).startswith(f"rule {name}:") else str(exc)
+                if reason.startswith("bad regex"):
+                    reason = "regex Python cannot compile: " + reason.split(": ", 2)[-1]
+                skipped[name] = reason
+        # metas that refer to anything not imported are dropped (their meaning would change)
+        changed = True
+        while changed:
+            changed = False
+            for name, rule in list(rules.items()):
+                if rule.kind != "meta":
+                    continue
+                try:
+                    refs = meta_references(rule.pattern)
+                except RuleError as exc:
+                    skipped[name] = f"bad meta expression: {exc}"
+                    del rules[name]
+                    changed = True
+                    continue
+                missing = sorted(r for r in refs if r not in rules)
+                if missing:
+                    why = "skipped" if missing[0] in skipped else "undefined"
+                    skipped[name] = f"meta depends on {why} rule {missing[0]}"
+                    del rules[name]
+                    changed = True
+        out = list(rules.values())
+        # validate the whole set once (meta syntax, cycles); drop offenders one by one
+        while True:
+            try:
+                RuleEngine(out)
+                break
+            except RuleError as exc:
+                m = re.match(r"rule (\w+): (.*)", str(exc))
+                if m is None:
+                    raise
+                skipped[m.group(1)] = m.group(2)
+                out = [r for r in out if r.name != m.group(1)]
+        for name in rules:
+            skipped.pop(name, None) if any(r.name == name for r in out) else None
+        return out, sorted(skipped.items())

@@ -1,0 +1,173 @@
+"""App factory, lifespan and ``serve()`` (the ``flywheel serve`` entry point). Wiring only.
+
+Process model: uvicorn with ``settings.workers`` processes sharing the HTTP socket. Each worker loads the
+champion, follows model/rule events on its own, and runs its own spamd listener on the shared spamd port
+(SO_REUSEPORT, the kernel spreads connections): spamd then scales with the workers and serves exactly the
+model and rules the same process serves over HTTP, with no second copy of the hot-reload machinery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.api import metrics
+from services.api.deps import ORJSONResponse
+from services.api.middleware import GuardMiddleware
+from services.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+_BODY_SCHEMAS = ("ClassifyJSON", "BatchJSON", "FeedbackIn", "PromoteIn", "RuleIn")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The FastAPI application (uvicorn calls this as a factory in every worker)."""
+    from starlette.concurrency import run_in_threadpool
+
+    from services.api.routes import router
+    from services.api.state import ServingState
+    from services.spamd import start_spamd
+
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = ServingState(settings)
+        await run_in_threadpool(state.start)
+        app.state.serving = state
+        spamd = await start_spamd(state, settings.api_host, settings.spamd_port, timeout_s=settings.client_timeout_s)
+        log.info("api worker ready", pid=os.getpid(), model=state.current().version,
+                 spamd_port=settings.spamd_port)
+        try:
+            yield
+        finally:
+            spamd.close()
+            await spamd.wait_closed()
+            await run_in_threadpool(state.stop)
+
+    app = FastAPI(
+        title="Flywheel",
+        version="1.0",
+        summary="Spam filter: a rule baseline and a learned model side by side, improved by users' flags.",
+        lifespan=lifespan,
+        default_response_class=ORJSONResponse,
+    )
+    app.state.settings = settings
+    app.include_router(router)
+    app.add_middleware(GuardMiddleware, max_body=settings.max_message_bytes, timeout_s=settings.client_timeout_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> Response:
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return ORJSONResponse({"detail": errors}, status_code=422)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        from services.api import schemas as s
+
+        for name in _BODY_SCHEMAS:
+            model = getattr(s, name)
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(js.pop("$defs", {}))
+            components[name] = js
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def create_worker_app() -> FastAPI:
+    """Entry point of each uvicorn worker process: configure logging, then build the app from the env."""
+    from services.logging import configure
+
+    settings = Settings()
+    configure(settings.log_level, settings.log_json)
+    return create_app(settings)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``FLYWHEEL_*`` variables that reproduce ``settings`` in a child process (uvicorn workers, tests)."""
+    env: dict[str, str] = {}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, dict | list):
+            text = json.dumps(value)
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        else:
+            text = str(value)
+        env[f"FLYWHEEL_{name.upper()}"] = text
+    return env
+
+
+def prepare_metrics_dir(settings: Settings) -> None:
+    """A clean multiprocess directory for prometheus-client, set before any worker imports it."""
+    if settings.workers <= 1:
+        os.environ.pop(metrics.MULTIPROC_ENV, None)
+        return
+    d = settings.state_dir / "api" / f"prometheus-{settings.api_port}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True, exist_ok=True)
+    os.environ[metrics.MULTIPROC_ENV] = str(d)
+
+
+def serve(settings: Settings) -> None:
+    """Run the API (and spamd) until interrupted: ``flywheel serve``."""
+    import uvicorn
+
+    from services.api.state import ensure_champion
+    from streams.topics import topic_specs
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    version = ensure_champion(settings)  # a fresh install classifies from the first message
+    log.info("serving", champion=version, host=settings.api_host, port=settings.api_port,
+             spamd_port=settings.spamd_port, workers=settings.workers)
+    _ensure_topics(settings, topic_specs(settings))
+    os.environ.update(settings_env(settings))
+    prepare_metrics_dir(settings)
+    uvicorn.run(
+        "services.api.app:create_worker_app",
+        factory=True,
+        host=settings.api_host,
+        port=settings.api_port,
+        workers=max(1, settings.workers),
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=10,
+        limit_concurrency=2048,
+        backlog=2048,
+        h11_max_incomplete_event_size=64 * 1024,
+        server_header=False,
+    )
+
+
+def _ensure_topics(settings: Settings, specs: list[tuple[str, int]]) -> None:
+    """Create the topics when the broker is up (best effort: the API also starts while Kafka is down)."""
+    from streams.broker import ensure_topics
+
+    try:
+        ensure_topics(settings, specs, timeout_s=10.0)
+    except Exception as exc:  # noqa: BLE001 - Kafka down at start is allowed; /readyz reports it
+        log.warning("topics not created (Kafka unreachable?)", error=str(exc))

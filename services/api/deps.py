@@ -1,0 +1,127 @@
+"""Request plumbing shared by the routes: settings/state access, API-key auth, bounded body reading.
+
+Keys are compared with ``hmac.compare_digest`` against every configured key (no early exit that would
+leak which prefix matched) and are never logged; the identity tied to the key is the feedback reporter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import TYPE_CHECKING, Annotated, Any
+
+import orjson
+from fastapi import Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+if TYPE_CHECKING:
+    from services.api.state import ServingState
+    from services.settings import Settings
+
+
+class ORJSONResponse(JSONResponse):
+    """JSON via orjson (several times faster than the stdlib encoder on /classify answers)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def get_state(request: Request) -> ServingState:
+    return request.app.state.serving  # type: ignore[no-any-return]
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+_api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from settings.api_keys.")
+_bearer = HTTPBearer(auto_error=False, description="An API key from settings.api_keys, as a bearer token.")
+
+
+def identity_for(presented: str | None, keys: dict[str, str]) -> str | None:
+    """The identity of a presented key, comparing against every key in constant time."""
+    if not presented:
+        return None
+    given = presented.encode("utf-8", "surrogatepass")
+    found: str | None = None
+    for key, ident in keys.items():
+        if hmac.compare_digest(given, key.encode("utf-8")):
+            found = ident
+    return found
+
+
+def _identity(request: Request, api_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
+    presented = api_key or (bearer.credentials if bearer is not None else None)
+    return identity_for(presented, request.app.state.settings.api_keys)
+
+
+def require_identity(
+    request: Request,
+    api_key: Annotated[str | None, Depends(_api_key)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    ident = _identity(request, api_key, bearer)
+    if ident is None:
+        raise HTTPException(401, "a valid API key is required (X-API-Key or Authorization: Bearer)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return ident
+
+
+def require_admin(request: Request, ident: Annotated[str, Depends(require_identity)]) -> str:
+    if ident not in request.app.state.settings.admin_identities:
+        raise HTTPException(403, f"identity {ident!r} may not administer")
+    return ident
+
+
+def classify_access(
+    request: Request,
+    api_key: Annotated[str | None, Depends(_api_key)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Open by default; with ``classify_requires_key`` the same check as feedback."""
+    if request.app.state.settings.classify_requires_key and _identity(request, api_key, bearer) is None:
+        raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` and 408 if the client is too slow.
+
+    Content-Length is checked before reading anything; the running count catches chunked bodies and liars.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            n = int(declared)
+        except ValueError:
+            raise HTTPException(400, "Content-Length is not a number") from None
+        if n > limit:
+            raise HTTPException(413, f"body of {n} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def _read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            await _read()
+    except TimeoutError:
+        raise HTTPException(408, f"body not received within {timeout_s:g}s") from None
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    if not body:
+        raise HTTPException(400, "empty body; expected JSON")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPException(400, f"bad JSON: {exc}") from None

@@ -1,0 +1,495 @@
+"""HTTP routes: classification, feedback, model and rule administration, health and metrics.
+
+/classify runs inline on the event loop: parse + rules + one ONNX row is a few hundred microseconds of
+CPU-bound work under the GIL, so a thread hop would only add latency. Anything that blocks on I/O (Kafka
+acknowledgements, registry loads, hyperscan compiles) goes to the thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import uuid
+from typing import Annotated, Any
+
+import orjson
+import structlog
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, Response
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from services.api import metrics
+from services.api.convert import NotAMessage, assemble, check_message, message_id_for, verdict_dict
+from services.api.deps import (
+    ORJSONResponse,
+    get_state,
+    parse_json,
+    read_body,
+    require_admin,
+    require_identity,
+)
+from services.api.schemas import (
+    BatchJSON,
+    BatchResponse,
+    ChampionOut,
+    ClassifyJSON,
+    ClassifyResponse,
+    ErrorOut,
+    FeedbackAccepted,
+    FeedbackIn,
+    Health,
+    ModelsOut,
+    PromoteIn,
+    Ready,
+    RetractionAccepted,
+    RuleChangeOut,
+    RuleIn,
+    RulesOut,
+)
+from services.api.state import FileStore, ServingState
+
+log = structlog.get_logger(__name__)
+router = APIRouter()
+
+Identity = Annotated[str, Depends(require_identity)]
+Admin = Annotated[str, Depends(require_admin)]
+State = Annotated[ServingState, Depends(get_state)]
+
+_ERR = {"model": ErrorOut}
+_RETRY_AFTER_S = "5"
+_MAX_IDEMPOTENCY_KEY = 200
+
+
+def _body(ref: str, *, raw_message: bool = False) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}
+    if raw_message:
+        content["message/rfc822"] = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _validate(model: type[BaseModel], obj: Any) -> Any:
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        raise HTTPException(422, exc.errors(include_url=False, include_context=False, include_input=False)) from None
+
+
+def record_verdict(v: Any) -> None:
+    """Verdict, score and rule-hit metrics of one answer (shared with spamd)."""
+    metrics.verdicts("served", v.is_spam).inc()
+    metrics.verdicts("rules", v.rules.is_spam).inc()
+    metrics.verdicts("model", v.model.is_spam).inc()
+    metrics.probability("served").observe(v.probability)
+    metrics.probability("model").observe(v.model.probability)
+    metrics.probability("rules").observe(v.rules_probability)
+    for h in v.rules.hits:
+        metrics.rule_hits(h.name).inc()
+
+
+def _require_classify_key(request: Request) -> None:
+    settings = request.app.state.settings
+    if not settings.classify_requires_key:
+        return
+    from services.api.deps import identity_for
+
+    auth = request.headers.get("authorization", "")
+    presented = request.headers.get("x-api-key") or (auth[7:].strip() if auth[:7].lower() == "bearer " else None)
+    if identity_for(presented, settings.api_keys) is None:
+        raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def _one_message(request: Request) -> bytes:
+    settings = request.app.state.settings
+    limit = settings.max_message_bytes
+    body = await read_body(request, limit, settings.client_timeout_s)
+    mt = _media_type(request)
+    if mt in ("application/json", "text/json") or mt.endswith("+json"):
+        req = _validate(ClassifyJSON, parse_json(body))
+        try:
+            raw = assemble(req)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        if len(raw) > limit:
+            raise HTTPException(413, f"message of {len(raw)} bytes exceeds the limit of {limit} bytes")
+    elif mt in ("", "message/rfc822", "text/plain", "application/octet-stream"):
+        raw = body
+    else:
+        raise HTTPException(415, f"unsupported Content-Type {mt!r}: send message/rfc822 or application/json")
+    try:
+        check_message(raw)
+    except NotAMessage as exc:
+        raise HTTPException(400, str(exc)) from None
+    return raw
+
+
+# --------------------------------------------------------------------------------------------- classify
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    summary="Classify one message (raw RFC 822, or JSON)",
+    openapi_extra=_body("ClassifyJSON", raw_message=True),
+    responses={400: _ERR, 401: _ERR, 408: _ERR, 413: _ERR, 415: _ERR, 422: _ERR},
+    tags=["classify"],
+)
+async def classify(request: Request) -> Response:
+    _require_classify_key(request)
+    raw = await _one_message(request)
+    state: ServingState = request.app.state.serving
+    served = state.current()
+    v = served.classifier.classify(raw)
+    mid = message_id_for(raw)
+    state.messages.put(mid, raw)
+    record_verdict(v)
+    return ORJSONResponse(verdict_dict(v, mid, served.classifier.policy))
+
+
+@router.post(
+    "/classify/batch",
+    response_model=BatchResponse,
+    summary="Classify many messages in one call (one batched model inference)",
+    openapi_extra=_body("BatchJSON"),
+    responses={400: _ERR, 401: _ERR, 408: _ERR, 413: _ERR, 415: _ERR, 422: _ERR},
+    tags=["classify"],
+)
+async def classify_batch(request: Request) -> Response:
+    _require_classify_key(request)
+    settings = request.app.state.settings
+    body = await read_body(request, settings.max_message_bytes, settings.client_timeout_s)
+    mt = _media_type(request)
+    if mt not in ("application/json", "text/json", "") and not mt.endswith("+json"):
+        raise HTTPException(415, f"unsupported Content-Type {mt!r}: send application/json")
+    req: BatchJSON = _validate(BatchJSON, parse_json(body))
+    raws: list[bytes] = []
+    for i, item in enumerate(req.messages):
+        try:
+            raw = assemble(item)
+            check_message(raw)
+        except NotAMessage as exc:
+            raise HTTPException(400, f"messages[{i}]: {exc}") from None
+        except ValueError as exc:
+            raise HTTPException(422, f"messages[{i}]: {exc}") from None
+        raws.append(raw)
+    state: ServingState = request.app.state.serving
+    served = state.current()
+    verdicts = await run_in_threadpool(served.classifier.classify_batch, raws)
+    out = []
+    policy = served.classifier.policy
+    for raw, v in zip(raws, verdicts, strict=True):
+        mid = message_id_for(raw)
+        state.messages.put(mid, raw)
+        record_verdict(v)
+        out.append(verdict_dict(v, mid, policy))
+    return ORJSONResponse({"results": out})
+
+
+# --------------------------------------------------------------------------------------------- feedback
+def _refuse(reason: str, status: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
+    metrics.FEEDBACK.labels("refused", reason).inc()
+    return HTTPException(status, detail, headers=headers)
+
+
+@router.post(
+    "/feedback",
+    status_code=202,
+    response_model=FeedbackAccepted,
+    summary="Flag a message as spam or ham (acknowledged by Kafka before the answer)",
+    openapi_extra=_body("FeedbackIn"),
+    responses={400: _ERR, 401: _ERR, 404: _ERR, 409: _ERR, 413: _ERR, 422: _ERR, 503: _ERR},
+    tags=["feedback"],
+)
+async def feedback(request: Request, ident: Identity, state: State) -> Response:
+    settings = state.settings
+    body = await read_body(request, settings.max_message_bytes, settings.client_timeout_s)
+    try:
+        fb: FeedbackIn = _validate(FeedbackIn, parse_json(body))
+    except HTTPException as exc:
+        metrics.FEEDBACK.labels("refused", "invalid").inc()
+        raise exc
+    if fb.message_id is not None:
+        raw = state.messages.get(fb.message_id)
+        if raw is None:
+            raise _refuse("unknown_message", 404, f"unknown message id {fb.message_id} (not among recent messages); "
+                          "send the message itself in 'raw'")
+        mid = fb.message_id
+    else:
+        raw = (fb.raw or "").encode("utf-8", "surrogateescape")
+        try:
+            check_message(raw)
+        except NotAMessage as exc:
+            raise _refuse("invalid", 400, str(exc)) from None
+        mid = message_id_for(raw)
+
+    key = request.headers.get("idempotency-key")
+    store_key: str | None = None
+    fingerprint = hashlib.sha256(f"{fb.label}\x1f{mid}".encode()).hexdigest()
+    if key is not None:
+        if not key or len(key) > _MAX_IDEMPOTENCY_KEY:
+            raise _refuse("invalid", 400, f"Idempotency-Key must be 1..{_MAX_IDEMPOTENCY_KEY} characters")
+        store_key = FileStore.key("feedback", ident, key)
+        replay = await _idempotent_replay(state, store_key, fingerprint)
+        if replay is not None:
+            return replay
+
+    try:
+        from streams.events import FeedbackEvent
+        from streams.topics import BrokerUnavailable
+
+        event = FeedbackEvent.create(message_id=mid, label=fb.label, reporter=ident, raw=raw, idempotency_key=key)
+        try:
+            partition, offset = await run_in_threadpool(state.producer.send, state.topics.feedback, mid, event)
+        except BrokerUnavailable as exc:
+            log.warning("feedback refused: Kafka unavailable", error=str(exc))
+            raise _refuse("kafka_unavailable", 503, "Kafka is unavailable; the flag was NOT recorded, retry later",
+                          {"Retry-After": _RETRY_AFTER_S}) from None
+        answer = {
+            "event_id": event.event_id, "message_id": mid, "label": fb.label, "reporter": ident,
+            "partition": partition, "offset": offset, "replayed": False,
+        }
+        if store_key is not None:
+            state.idempotency.put(store_key, orjson.dumps({"fingerprint": fingerprint, "answer": answer}))
+    finally:
+        if store_key is not None:
+            state.idempotency.release(store_key)
+    state.remember_feedback(event.event_id, mid, ident)
+    metrics.FEEDBACK.labels("accepted", "").inc()
+    log.info("feedback accepted", event_id=event.event_id, message_id=mid, label=fb.label, reporter=ident)
+    return ORJSONResponse(answer, status_code=202)
+
+
+async def _idempotent_replay(state: ServingState, store_key: str, fingerprint: str) -> Response | None:
+    """The earlier answer for this key, or None after claiming the key for this request."""
+    deadline = time.monotonic() + state.producer.timeout_s + 3.0
+    while True:
+        stored = state.idempotency.get(store_key)
+        if stored is not None:
+            rec = orjson.loads(stored)
+            if rec.get("fingerprint") != fingerprint:
+                raise _refuse("idempotency_conflict", 409,
+                              "Idempotency-Key was already used with a different message or label")
+            return ORJSONResponse({**rec["answer"], "replayed": True}, status_code=202)
+        if state.idempotency.claim(store_key):
+            # Re-check: the holder may have stored its answer between our read and our claim.
+            stored = state.idempotency.get(store_key)
+            if stored is None:
+                return None
+            state.idempotency.release(store_key)
+            continue
+        if time.monotonic() > deadline:
+            raise _refuse("idempotency_conflict", 409, "a request with this Idempotency-Key is still in progress")
+        await asyncio.sleep(0.05)
+
+
+@router.delete(
+    "/feedback/{event_id}",
+    status_code=202,
+    response_model=RetractionAccepted,
+    summary="Retract an earlier flag (produces a retraction event)",
+    responses={401: _ERR, 403: _ERR, 404: _ERR, 503: _ERR},
+    tags=["feedback"],
+)
+async def retract(
+    event_id: Annotated[str, Path(max_length=64)], ident: Identity, state: State
+) -> Response:
+    try:
+        event_id = str(uuid.UUID(event_id))
+    except ValueError:
+        raise HTTPException(404, f"unknown feedback event {event_id!r}") from None
+    rec = state.feedback_record(event_id)
+    if rec is None:
+        raise HTTPException(404, f"unknown feedback event {event_id}")
+    if rec["reporter"] != ident and ident not in state.settings.admin_identities:
+        raise HTTPException(403, "only the reporter (or an administrator) may retract a flag")
+    from streams.events import RetractionEvent
+    from streams.topics import BrokerUnavailable
+
+    event = RetractionEvent(retracts=event_id, message_id=rec["message_id"], reporter=rec["reporter"])
+    try:
+        await run_in_threadpool(state.producer.send, state.topics.retractions, rec["message_id"], event)
+    except BrokerUnavailable:
+        raise HTTPException(503, "Kafka is unavailable; the retraction was NOT recorded, retry later",
+                            headers={"Retry-After": _RETRY_AFTER_S}) from None
+    state.forget_last_feedback(rec["reporter"], rec["message_id"])
+    metrics.FEEDBACK.labels("retracted", "").inc()
+    return ORJSONResponse(
+        {"event_id": event.event_id, "retracts": event_id, "message_id": rec["message_id"], "reporter": rec["reporter"]},
+        status_code=202,
+    )
+
+
+# --------------------------------------------------------------------------------------------- models
+async def _publish(state: ServingState, topic: str, key: str, event: Any) -> str | None:
+    """Announce an admin change; the registry / rules file already holds it, so Kafka down only delays
+    other replicas until their next poll (logged, not an error for the caller)."""
+    from streams.topics import BrokerUnavailable
+
+    try:
+        await run_in_threadpool(state.producer.send, topic, key, event)
+    except BrokerUnavailable as exc:
+        log.warning("change not announced on Kafka; replicas pick it up by polling", topic=topic, error=str(exc))
+        return None
+    return str(event.event_id)
+
+
+@router.get("/models", response_model=ModelsOut, responses={401: _ERR}, tags=["models"])
+async def list_models(_: Identity, state: State) -> Response:
+    infos = await run_in_threadpool(state.registry.list)
+    champion = state.registry.champion()
+    serving = state.current().version
+    versions = [
+        {**i.to_dict(), "champion": i.version == champion, "served_here": i.version == serving} for i in infos
+    ]
+    for v in versions:
+        v.pop("calibration", None)
+    return ORJSONResponse({"champion": champion, "serving": serving, "versions": versions})
+
+
+_VERSION = Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@router.post(
+    "/models/{version}/promote",
+    response_model=ChampionOut,
+    openapi_extra={"requestBody": {"required": False, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/PromoteIn"}}}}},
+    responses={401: _ERR, 403: _ERR, 404: _ERR, 409: _ERR, 422: _ERR},
+    tags=["models"],
+)
+async def promote(request: Request, version: Annotated[str, _VERSION], ident: Admin, state: State) -> Response:
+    from models.registry import ModelRejected, RegistryError
+    from streams.events import ModelEvent
+
+    body = await read_body(request, 64 * 1024, state.settings.client_timeout_s)
+    reason = _validate(PromoteIn, parse_json(body)).reason if body.strip() else "promoted through the API"
+    try:
+        info = state.registry.get(version)
+    except RegistryError:
+        raise HTTPException(404, f"unknown model version {version}") from None
+    try:  # refuse before the pointer moves: a corrupt artifact must never become champion
+        await run_in_threadpool(state.registry.load, version, max_bytes=state.settings.analyse_bytes)
+    except ModelRejected as exc:
+        raise HTTPException(409, f"model {version} refused: {exc.reason}") from None
+    previous = state.registry.champion()
+    try:
+        await run_in_threadpool(state.registry.promote, version, f"{reason} (by {ident})")
+    except RegistryError as exc:
+        raise HTTPException(404, str(exc)) from None
+    event = ModelEvent(kind="promoted", version=version, previous=previous, model_kind=info.kind,
+                       reason=reason, metrics=info.metrics)
+    event_id = await _publish(state, state.topics.model_events, version, event)
+    state.request_check()
+    return ORJSONResponse({"champion": version, "previous": previous, "event_id": event_id})
+
+
+@router.post(
+    "/models/rollback",
+    response_model=ChampionOut,
+    openapi_extra={"requestBody": {"required": False, "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/PromoteIn"}}}}},
+    responses={401: _ERR, 403: _ERR, 409: _ERR, 422: _ERR},
+    tags=["models"],
+)
+async def rollback(request: Request, ident: Admin, state: State) -> Response:
+    from models.registry import RegistryError
+    from streams.events import ModelEvent
+
+    body = await read_body(request, 64 * 1024, state.settings.client_timeout_s)
+    reason = _validate(PromoteIn, parse_json(body)).reason if body.strip() else "rolled back through the API"
+    previous = state.registry.champion()
+    try:
+        target = await run_in_threadpool(state.registry.rollback, f"{reason} (by {ident})")
+    except RegistryError as exc:
+        raise HTTPException(409, str(exc)) from None
+    event = ModelEvent(kind="rolled_back", version=target, previous=previous, reason=reason)
+    event_id = await _publish(state, state.topics.model_events, target, event)
+    state.request_check()
+    return ORJSONResponse({"champion": target, "previous": previous, "event_id": event_id})
+
+
+# --------------------------------------------------------------------------------------------- rules
+@router.get("/rules", response_model=RulesOut, responses={401: _ERR}, tags=["rules"])
+async def list_rules(_: Identity, state: State) -> Response:
+    engine = state.current().engine
+    rules = [
+        {"name": r.name, "kind": r.kind, "pattern": r.pattern, "weight": r.weight, "description": r.description,
+         "enabled": r.enabled, "added": r.added, "header": r.header}
+        for r in engine.rules
+    ]
+    return ORJSONResponse({"threshold": engine.threshold, "active": engine.active_count, "rules": rules})
+
+
+async def _change_rule(state: ServingState, ident: str, action: str, rule_ref: Any, change: Any) -> Response:
+    from models.rules import RuleError
+    from streams.events import RuleChangeEvent
+
+    try:
+        engine = await run_in_threadpool(state.change_rules, change)
+    except RuleError as exc:
+        msg = str(exc)
+        raise HTTPException(404 if msg.startswith("no rule named") else 422, msg) from None
+    metrics.RULE_CHANGES.labels(action).inc()
+    name = rule_ref if isinstance(rule_ref, str) else rule_ref["name"]
+    event = RuleChangeEvent(action=action, rule=rule_ref, by=ident)
+    event_id = await _publish(state, state.topics.rule_changes, name, event)
+    log.info("rule changed", action=action, rule=name, by=ident, active=engine.active_count)
+    return ORJSONResponse({"action": action, "rule": name, "active": engine.active_count, "event_id": event_id})
+
+
+@router.post(
+    "/rules",
+    response_model=RuleChangeOut,
+    openapi_extra=_body("RuleIn"),
+    responses={401: _ERR, 403: _ERR, 413: _ERR, 422: _ERR},
+    tags=["rules"],
+)
+async def add_rule(request: Request, ident: Admin, state: State) -> Response:
+    from datetime import UTC, datetime
+
+    from models.rules import Rule
+
+    body = await read_body(request, 64 * 1024, state.settings.client_timeout_s)
+    rin: RuleIn = _validate(RuleIn, parse_json(body))
+    rule = Rule(name=rin.name, kind=rin.kind, pattern=rin.pattern, weight=rin.weight, description=rin.description,
+                added=datetime.now(UTC).date().isoformat(), enabled=rin.enabled, header=rin.header, source="api")
+    return await _change_rule(state, ident, "add", rule.to_dict(), lambda e: e.with_rule(rule))
+
+
+_RULE_NAME = Path(min_length=1, max_length=100)
+
+
+@router.post("/rules/{name}/disable", response_model=RuleChangeOut, responses={401: _ERR, 403: _ERR, 404: _ERR},
+             tags=["rules"])
+async def disable_rule(name: Annotated[str, _RULE_NAME], ident: Admin, state: State) -> Response:
+    return await _change_rule(state, ident, "disable", name, lambda e: e.with_enabled(name, False))
+
+
+@router.post("/rules/{name}/enable", response_model=RuleChangeOut, responses={401: _ERR, 403: _ERR, 404: _ERR},
+             tags=["rules"])
+async def enable_rule(name: Annotated[str, _RULE_NAME], ident: Admin, state: State) -> Response:
+    return await _change_rule(state, ident, "enable", name, lambda e: e.with_enabled(name, True))
+
+
+# --------------------------------------------------------------------------------------------- health
+@router.get("/healthz", response_model=Health, tags=["ops"])
+async def healthz() -> Response:
+    return ORJSONResponse({"status": "ok"})
+
+
+@router.get("/readyz", response_model=Ready, responses={503: {"model": Ready}}, tags=["ops"])
+async def readyz(state: State) -> Response:
+    served = state.served
+    kafka = await run_in_threadpool(state.kafka_reachable)
+    ready = served is not None and kafka
+    body = {"ready": ready, "model": served.version if served else None, "kafka": kafka}
+    return ORJSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", tags=["ops"], response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def metrics_page() -> Response:
+    data, ctype = await run_in_threadpool(metrics.render)
+    return Response(data, media_type=ctype)

@@ -1,0 +1,201 @@
+"""Request and response models of the HTTP API (they are the OpenAPI schema clients are generated from).
+
+Hot-path responses are built as plain dicts and serialised with orjson; these models document them and
+validate the (small, infrequent) admin and feedback bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Label = Literal["spam", "ham"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------- classify
+class ClassifyJSON(_Strict):
+    """Either ``raw`` (the whole RFC 822 message) or structured fields assembled into one."""
+
+    raw: str | None = Field(None, description="The whole message (RFC 822 / MIME), as text.")
+    subject: str | None = Field(None, max_length=10_000)
+    from_: str | None = Field(None, alias="from", max_length=10_000)
+    to: str | list[str] | None = Field(None, description="Recipient address(es).")
+    headers: dict[str, str] | None = Field(None, description="Further header fields, name -> value.")
+    text: str | None = Field(None, description="Plain-text body.")
+    html: str | None = Field(None, description="HTML body.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _something(self) -> ClassifyJSON:
+        structured = (self.subject, self.from_, self.to, self.headers, self.text, self.html)
+        if self.raw is None and all(v is None for v in structured):
+            raise ValueError("give 'raw' or at least one of subject, from, to, headers, text, html")
+        if self.raw is not None and any(v is not None for v in structured):
+            raise ValueError("give either 'raw' or structured fields, not both")
+        return self
+
+
+class BatchJSON(_Strict):
+    messages: list[ClassifyJSON] = Field(min_length=1, max_length=1000)
+
+
+class RuleHitOut(BaseModel):
+    name: str
+    weight: float
+    description: str
+
+
+class RulesSide(BaseModel):
+    score: float
+    threshold: float
+    is_spam: bool
+    verdict: Label
+    probability: float = Field(ge=0.0, le=1.0, description="Calibrated probability of the rule score.")
+    hits: list[RuleHitOut]
+
+
+class ModelSide(BaseModel):
+    probability: float = Field(ge=0.0, le=1.0)
+    is_spam: bool
+    verdict: Label
+    threshold: float
+    version: str
+    kind: str
+    provider: str = Field(description="ONNX Runtime execution provider in use.")
+
+
+class ClassifyResponse(BaseModel):
+    message_id: str = Field(description="Stable id (SHA-256 of the bytes, 32 hex chars) for POST /feedback.")
+    verdict: Label
+    is_spam: bool
+    probability: float = Field(ge=0.0, le=1.0, description="Served spam probability.")
+    threshold: float = Field(description="Probability threshold of the deciding side.")
+    decided_by: str = Field(description="Which side decided under the policy (rules, model, combined, either).")
+    policy: str
+    rules: RulesSide
+    model: ModelSide
+
+
+class BatchResponse(BaseModel):
+    results: list[ClassifyResponse]
+
+
+# --------------------------------------------------------------------------------------------- feedback
+class FeedbackIn(_Strict):
+    """A flag: by ``message_id`` of a recent /classify, or with the message itself in ``raw``."""
+
+    label: Label
+    message_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[0-9a-f]+$")
+    raw: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> FeedbackIn:
+        if (self.message_id is None) == (self.raw is None):
+            raise ValueError("give exactly one of message_id and raw")
+        return self
+
+
+class FeedbackAccepted(BaseModel):
+    event_id: str
+    message_id: str
+    label: Label
+    reporter: str
+    partition: int
+    offset: int
+    replayed: bool = Field(False, description="True when an Idempotency-Key repeated an earlier request.")
+
+
+class RetractIn(_Strict):
+    event_id: str = Field(min_length=1, max_length=64)
+
+
+class RetractionAccepted(BaseModel):
+    event_id: str
+    retracts: str
+    message_id: str
+    reporter: str
+
+
+# --------------------------------------------------------------------------------------------- models / rules
+class ModelVersionOut(BaseModel):
+    version: str
+    kind: str
+    created_at: str
+    champion: bool
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+    parent: str | None
+    hyperparameters: dict[str, Any]
+    code_version: str
+    served_here: bool = Field(description="This process serves this version right now.")
+
+
+class ModelsOut(BaseModel):
+    champion: str | None
+    serving: str
+    versions: list[ModelVersionOut]
+
+
+class PromoteIn(_Strict):
+    reason: str = Field("promoted through the API", max_length=1000)
+
+
+class ChampionOut(BaseModel):
+    champion: str
+    previous: str | None
+    event_id: str | None = Field(description="The model event announcing it (None if Kafka was unreachable).")
+
+
+class RuleIn(_Strict):
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    kind: Literal["header", "body", "rawbody", "uri", "full", "meta"]
+    pattern: str = Field(min_length=1, max_length=5000)
+    weight: float = Field(ge=-100.0, le=100.0)
+    description: str = Field("", max_length=1000)
+    header: str | None = Field(None, max_length=200, description="The header a 'header' rule tests.")
+    enabled: bool = True
+
+
+class RuleOut(BaseModel):
+    name: str
+    kind: str
+    pattern: str
+    weight: float
+    description: str
+    enabled: bool
+    added: str | None = None
+    header: str | None = None
+
+
+class RulesOut(BaseModel):
+    threshold: float
+    active: int
+    rules: list[RuleOut]
+
+
+class RuleChangeOut(BaseModel):
+    action: str
+    rule: str
+    active: int
+    event_id: str | None
+
+
+# --------------------------------------------------------------------------------------------- health
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    model: str | None
+    kafka: bool
+
+
+class ErrorOut(BaseModel):
+    detail: Any

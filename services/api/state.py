@@ -1,0 +1,483 @@
+"""The serving state of one API process: the current Classifier, its hot reload, and the small caches.
+
+Swapping is one attribute assignment (``self.classifier = new``), atomic under the GIL: a request reads the
+reference once at its start and finishes on that object even if a reload lands meanwhile. Every load, rule
+compile and self-check happens on the reloader thread, never on the request path; a version that fails to
+load is refused (metric + log), remembered so it is not retried every poll, and the champion keeps serving.
+
+Several uvicorn workers share nothing in memory, so what a request in one worker must find from another
+(a message id classified elsewhere, an idempotency key, the event a retraction refers to) also lives in
+small file stores under ``<state_dir>/api/`` when more than one worker serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+
+from services.api import metrics
+
+if TYPE_CHECKING:
+    from models.classifier import Classifier
+    from models.registry import LoadedModel, Registry
+    from models.rules import RuleEngine
+    from services.settings import Settings
+    from streams.topics import EventProducer
+
+log = structlog.get_logger(__name__)
+
+MAX_CACHED_RAW_BYTES = 512 * 1024
+"""Only this much of a message is kept for feedback (what a feedback event carries)."""
+
+
+# --------------------------------------------------------------------------------------------- file store
+class FileStore:
+    """A bounded directory of small records keyed by hex digests, shared by worker processes.
+
+    Writes are temp-file + ``os.replace`` so a reader sees a whole record or none; ``claim`` is an
+    ``O_EXCL`` create so exactly one process wins a race (used to make idempotent retries produce once).
+    """
+
+    def __init__(self, root: Path, max_entries: int) -> None:
+        self.root = root
+        self.max_entries = max(16, max_entries)
+        self._writes = 0
+        self._lock = threading.Lock()
+        root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(*parts: str) -> str:
+        return hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def put(self, key: str, value: bytes) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(value)
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        self._count_write()
+
+    def put_if_absent(self, key: str, value: bytes) -> None:
+        if not self._path(key).exists():
+            self.put(key, value)
+
+    def claim(self, key: str) -> bool:
+        """Create ``key.claim`` exclusively; True for the one caller that created it."""
+        try:
+            fd = os.open(self._path(key + ".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            # A claim left by a crashed process must not block the key forever.
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - self._path(key + ".claim").stat().st_mtime > 60:
+                    os.unlink(self._path(key + ".claim"))
+            return False
+        os.close(fd)
+        return True
+
+    def release(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(key + ".claim"))
+
+    def _count_write(self) -> None:
+        with self._lock:
+            self._writes += 1
+            due = self._writes % max(64, self.max_entries // 10) == 0
+        if due:
+            self.prune()
+
+    def prune(self) -> None:
+        """Drop the oldest records beyond ``max_entries`` (by modification time)."""
+        try:
+            entries = [e for e in os.scandir(self.root) if e.is_file() and not e.name.startswith(".")]
+        except FileNotFoundError:
+            return
+        excess = len(entries) - self.max_entries
+        if excess <= 0:
+            return
+        entries.sort(key=lambda e: e.stat().st_mtime)
+        for e in entries[:excess]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
+
+
+# --------------------------------------------------------------------------------------------- message cache
+class MessageCache:
+    """Recent classified messages by id (bounded LRU by count and bytes), for feedback by message id.
+
+    With several workers every entry is also spooled to a shared ``FileStore`` so another worker finds it.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int, spool: FileStore | None) -> None:
+        self._max_entries = max(1, max_entries)
+        self._max_bytes = max_bytes
+        self._bytes = 0
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+        self._spool = spool
+
+    def put(self, message_id: str, raw: bytes) -> None:
+        raw = raw[:MAX_CACHED_RAW_BYTES]
+        with self._lock:
+            old = self._items.pop(message_id, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._items[message_id] = raw
+            self._bytes += len(raw)
+            while self._items and (len(self._items) > self._max_entries or self._bytes > self._max_bytes):
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+            fresh = old is None
+        if fresh and self._spool is not None:
+            try:
+                self._spool.put_if_absent(message_id, raw)
+            except OSError as exc:  # a full disk must not fail /classify; feedback by raw still works
+                log.warning("message spool write failed", error=str(exc))
+
+    def get(self, message_id: str) -> bytes | None:
+        with self._lock:
+            raw = self._items.get(message_id)
+            if raw is not None:
+                self._items.move_to_end(message_id)
+                return raw
+        if self._spool is not None and _is_hex(message_id):
+            return self._spool.get(message_id)
+        return None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _is_hex(s: str) -> bool:
+    return 0 < len(s) <= 64 and all(c in "0123456789abcdef" for c in s)
+
+
+# --------------------------------------------------------------------------------------------- serving state
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One consistent snapshot: the classifier and what it was built from (swapped as a unit)."""
+
+    classifier: Classifier
+    engine: RuleEngine
+    model: LoadedModel
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+
+class ServingState:
+    """Everything one API process serves from; created in the app lifespan, shared by HTTP and spamd."""
+
+    def __init__(self, settings: Settings) -> None:
+        from models.registry import Registry
+        from streams.topics import EventProducer, Topics
+
+        self.settings = settings
+        self.registry: Registry = Registry(settings.registry)
+        self.topics = Topics.from_settings(settings)
+        self.producer: EventProducer = EventProducer(settings, client_id=f"flywheel-api-{os.getpid()}")
+        api_dir = settings.state_dir / "api"
+        shared = settings.workers > 1
+        self.messages = MessageCache(
+            settings.message_cache_size,
+            max_bytes=256 * 1024 * 1024,
+            spool=FileStore(api_dir / "messages", settings.message_cache_size) if shared else None,
+        )
+        # Idempotency keys and feedback records are always on disk: low rate, and they must survive a worker
+        # restart between a client's attempt and its retry.
+        self.idempotency = FileStore(api_dir / "idempotency", 10_000)
+        self.feedback_records = FileStore(api_dir / "feedback", 100_000)
+        self.served: Served | None = None
+        self.rejected: dict[str, str] = {}
+        self._rules_stamp: tuple[int, int] | None = None
+        self._reload_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._kafka_ok: tuple[float, bool] = (0.0, False)
+
+    # ------------------------------------------------------------------ start / stop
+    def start(self) -> None:
+        """Load rules and the champion (blocking, before serving), then start the reload threads."""
+        ensure_champion(self.settings, self.registry)
+        engine = self._load_rules_from_disk(initial=True)
+        version = self.registry.champion()
+        if version is None:
+            raise RuntimeError("the registry has no champion and no seed could be trained")
+        from models.registry import ModelRejected
+
+        try:
+            model = self.registry.load(version, max_bytes=self.settings.analyse_bytes)
+        except ModelRejected as exc:
+            metrics.MODEL_RELOADS.labels("rejected").inc()
+            raise RuntimeError(f"champion {version} cannot be served: {exc.reason}") from exc
+        self._install(engine, model)
+        metrics.MODEL_RELOADS.labels("ok").inc()
+        for target, name in ((self._reload_loop, "flywheel-reloader"), (self._events_loop, "flywheel-events")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=3.0)
+        self.producer.close(timeout_s=1.0)
+
+    # ------------------------------------------------------------------ building / swapping
+    def _build(self, engine: RuleEngine, model: LoadedModel) -> Classifier:
+        from models.classifier import Classifier
+
+        return Classifier(engine, model, policy=self.settings.policy, max_bytes=self.settings.analyse_bytes)
+
+    def _install(self, engine: RuleEngine, model: LoadedModel) -> None:
+        classifier = self._build(engine, model)
+        self.served = Served(classifier=classifier, engine=engine, model=model)  # the atomic swap
+        metrics.set_model_info(model.version, model.kind, model.provider)
+        metrics.RULES_ACTIVE.set(engine.active_count)
+
+    def current(self) -> Served:
+        served = self.served
+        if served is None:
+            raise RuntimeError("no model loaded")
+        return served
+
+    # ------------------------------------------------------------------ rules
+    def _rules_file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.settings.rules_file.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def _load_rules_from_disk(self, initial: bool = False) -> RuleEngine:
+        from models.rules import RuleEngine
+
+        path = self.settings.rules_file
+        with rules_lock(path):
+            stamp = self._rules_file_stamp()
+            if stamp is None:
+                engine = RuleEngine.default()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                engine.save(path)
+                stamp = self._rules_file_stamp()
+            else:
+                engine = RuleEngine.load(path)
+        self._rules_stamp = stamp
+        return engine
+
+    def change_rules(self, change: Callable[[RuleEngine], RuleEngine]) -> RuleEngine:
+        """Apply ``change`` to the rule set on disk under the cross-process lock, persist it and serve it."""
+        from models.rules import RuleEngine
+
+        path = self.settings.rules_file
+        with self._reload_lock, rules_lock(path):
+            base = RuleEngine.load(path) if path.exists() else self.current().engine
+            engine = change(base)
+            engine.save(path)
+            self._rules_stamp = self._rules_file_stamp()
+            self._install(engine, self.current().model)
+        return engine
+
+    # ------------------------------------------------------------------ reload
+    def request_check(self) -> None:
+        """Wake the reloader now (a model or rule event arrived, or this process promoted)."""
+        self._wake.set()
+
+    def check_once(self) -> None:
+        """Compare the champion pointer and the rules file with what is served; reload what changed."""
+        from models.registry import ModelRejected
+        from models.rules import RuleError
+
+        with self._reload_lock:
+            served = self.current()
+            engine = served.engine
+            stamp = self._rules_file_stamp()
+            if stamp is not None and stamp != self._rules_stamp:
+                try:
+                    engine = self._load_rules_from_disk()
+                    log.info("rules reloaded", active=engine.active_count)
+                except (RuleError, OSError, ValueError) as exc:
+                    self._rules_stamp = stamp  # refuse this file version; keep serving the current rules
+                    log.error("rules file refused", error=str(exc))
+            model = served.model
+            version = self.registry.champion()
+            if version and version != served.version and version not in self.rejected:
+                try:
+                    model = self.registry.load(version, max_bytes=self.settings.analyse_bytes)
+                except ModelRejected as exc:
+                    self.rejected[version] = exc.reason
+                    metrics.MODEL_RELOADS.labels("rejected").inc()
+                    log.error("model refused; keeping the current champion", version=version,
+                              serving=served.version, reason=exc.reason)
+                else:
+                    metrics.MODEL_RELOADS.labels("ok").inc()
+                    log.info("model reloaded", version=version, previous=served.version)
+            if engine is not served.engine or model is not served.model:
+                self._install(engine, model)
+
+    def _reload_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=max(0.05, self.settings.model_poll_s))
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.check_once()
+            except Exception:  # noqa: BLE001 - the reloader must survive anything and keep the champion
+                log.exception("reload check failed")
+
+    def _events_loop(self) -> None:
+        """Follow the model-events and rule-changes topics from their end (no consumer group)."""
+        from kafka import KafkaConsumer, TopicPartition
+        from kafka.errors import KafkaError
+
+        from streams.events import EventInvalid, ModelEvent, RuleChangeEvent, decode
+
+        wanted = (self.topics.model_events, self.topics.rule_changes)
+        backoff = 0.5
+        while not self._stop.is_set():
+            consumer = None
+            try:
+                consumer = KafkaConsumer(
+                    bootstrap_servers=self.settings.bootstrap_servers.split(","),
+                    group_id=None,
+                    enable_auto_commit=False,
+                    client_id=f"flywheel-api-reload-{os.getpid()}",
+                    request_timeout_ms=5000,
+                    reconnect_backoff_max_ms=2000,
+                )
+                parts = []
+                for topic in wanted:
+                    for p in consumer.partitions_for_topic(topic) or ():
+                        parts.append(TopicPartition(topic, p))
+                if not parts:
+                    raise KafkaError("event topics do not exist yet")
+                consumer.assign(parts)
+                consumer.seek_to_end(*parts)
+                for tp in parts:  # resolve the end offsets now, so events published from here on are seen
+                    consumer.position(tp)
+                log.info("following model and rule events", partitions=len(parts))
+                backoff = 0.5
+                while not self._stop.is_set():
+                    batches = consumer.poll(timeout_ms=500)
+                    for records in batches.values():
+                        for rec in records:
+                            try:
+                                ev = decode(rec.value)
+                            except EventInvalid:
+                                continue
+                            if isinstance(ev, ModelEvent | RuleChangeEvent):
+                                log.info("event received", type=ev.type, event_id=ev.event_id)
+                                self.request_check()
+            except Exception as exc:  # noqa: BLE001 - Kafka down: the pointer poll still reloads; retry later
+                log.debug("event follower retrying", error=str(exc))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        consumer.close()
+
+    # ------------------------------------------------------------------ Kafka readiness
+    def kafka_reachable(self, ttl_s: float = 3.0) -> bool:
+        """A TCP connect to a bootstrap server, cached ``ttl_s`` so /readyz stays cheap under probing."""
+        at, ok = self._kafka_ok
+        now = time.monotonic()
+        if now - at < ttl_s:
+            return ok
+        ok = False
+        for server in self.settings.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            try:
+                with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=0.5):
+                    ok = True
+                    break
+            except (OSError, ValueError):
+                continue
+        self._kafka_ok = (now, ok)
+        return ok
+
+    # ------------------------------------------------------------------ feedback records
+    def remember_feedback(self, event_id: str, message_id: str, reporter: str) -> None:
+        rec = orjson.dumps({"event_id": event_id, "message_id": message_id, "reporter": reporter})
+        self.feedback_records.put(FileStore.key("event", event_id), rec)
+        self.feedback_records.put(FileStore.key("last", reporter, message_id), rec)
+
+    def feedback_record(self, event_id: str) -> dict[str, Any] | None:
+        data = self.feedback_records.get(FileStore.key("event", event_id))
+        return orjson.loads(data) if data else None
+
+    def last_feedback(self, reporter: str, message_id: str) -> dict[str, Any] | None:
+        data = self.feedback_records.get(FileStore.key("last", reporter, message_id))
+        return orjson.loads(data) if data else None
+
+    def forget_last_feedback(self, reporter: str, message_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.feedback_records.root / FileStore.key("last", reporter, message_id))
+
+
+@contextlib.contextmanager
+def rules_lock(path: Path) -> Iterator[None]:
+    """Cross-process lock around read-modify-write of the rules file (replicas sharing a state dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def ensure_champion(settings: Settings, registry: Registry | None = None) -> str:
+    """The champion's version; on a fresh install train and promote the seed model first (once, locked)."""
+    from models.registry import Registry
+
+    reg = registry or Registry(settings.registry)
+    version = reg.champion()
+    if version:
+        return version
+    settings.registry.mkdir(parents=True, exist_ok=True)
+    with open(settings.registry / ".seed.lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            version = reg.champion()
+            if version:
+                return version
+            from models.corpus import load_corpus
+            from models.seed import train_seed
+
+            log.info("no champion: training the seed model (first start only)")
+            version = train_seed(load_corpus(settings.downloads, settings.corpus_dir), settings.registry)
+            log.info("seed model promoted", version=version)
+            return version
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -1,0 +1,276 @@
+"""Detached server processes managed through a pidfile: the broker and Prometheus use the same few steps.
+
+A server started here runs in its own session (Ctrl-C in the terminal that started it does not reach it; the
+stack stops it in order), writes stdout and stderr to a log file, and is found again later through its
+pidfile. A pidfile alone is not trusted: a stale one (process gone, or the pid reused by another program) is
+detected by checking that the process is alive and that its command line still contains a marker the caller
+chose (e.g. the config path), so ``stop`` never signals a stranger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+class DaemonError(RuntimeError):
+    """A server could not be started or stopped; the message is meant for the operator."""
+
+    user_facing = True
+
+
+@dataclass(frozen=True, slots=True)
+class Daemon:
+    """Where one managed server keeps its pidfile and log, and how to recognise its process."""
+
+    name: str
+    pidfile: Path
+    logfile: Path
+    marker: str
+    """A string in the server's command line (a config path) that tells our process from a reused pid."""
+
+    def pid(self) -> int | None:
+        """The live pid of this server, or None (a stale pidfile is removed)."""
+        pid = read_pid(self.pidfile)
+        if pid is None:
+            return None
+        alive = is_alive(pid)
+        if alive and self.marker in cmdline(pid):
+            return pid
+        log.debug("stale pidfile", server=self.name, pid=pid, alive=alive, cmdline=cmdline(pid)[:200])
+        with contextlib.suppress(FileNotFoundError):
+            self.pidfile.unlink()
+        return None
+
+    def running(self) -> bool:
+        return self.pid() is not None
+
+    def start(
+        self, argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None
+    ) -> int:
+        """Start ``argv`` detached (new session, stdin closed, output appended to the log); returns its pid."""
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.logfile, "ab", buffering=0) as out:
+            out.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {self.name}\n".encode())
+            try:
+                proc = subprocess.Popen(  # noqa: S603 - argv is built by the caller from settings
+                    list(argv),
+                    cwd=cwd,
+                    env=dict(env) if env is not None else None,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except FileNotFoundError as exc:
+                raise DaemonError(f"{self.name}: cannot run {argv[0]!r}: not found") from exc
+            except PermissionError as exc:
+                raise DaemonError(f"{self.name}: cannot run {argv[0]!r}: permission denied") from exc
+        _adopt(proc)
+        write_pid(self.pidfile, proc.pid)
+        log.info("started", server=self.name, pid=proc.pid, log=str(self.logfile))
+        return proc.pid
+
+    def stop(self, timeout_s: float = 20.0, kill_timeout_s: float = 5.0) -> bool:
+        """SIGTERM, wait up to ``timeout_s``, then SIGKILL; returns True when a process was stopped."""
+        pid = self.pid()
+        if pid is None:
+            return False
+        stopped_cleanly = terminate(pid, timeout_s=timeout_s, kill_timeout_s=kill_timeout_s)
+        with contextlib.suppress(FileNotFoundError):
+            self.pidfile.unlink()
+        log.info("stopped", server=self.name, pid=pid, clean=stopped_cleanly)
+        return True
+
+    def log_tail(self, lines: int = 40) -> str:
+        return tail(self.logfile, lines)
+
+
+# Children we started are reaped by a background-free poll in is_alive(); keep the Popen objects so that
+# waitpid works for them (otherwise they linger as zombies and look alive until this process exits).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def _adopt(proc: subprocess.Popen[bytes]) -> None:
+    _CHILDREN[proc.pid] = proc
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def write_pid(pidfile: Path, pid: int) -> None:
+    """Atomically write ``pid`` (a reader never sees a half-written file)."""
+    tmp = pidfile.with_suffix(pidfile.suffix + ".tmp")
+    tmp.write_text(f"{pid}\n")
+    os.replace(tmp, pidfile)
+
+
+def is_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie child of ours is reaped and counts as gone)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        # Reap it if it exited (our own zombie would otherwise look alive). poll() alone is not trusted: when
+        # SIGCHLD is ignored in this process, or another part reaped the child, it reports a live child dead.
+        child.poll()
+        if child.returncode is not None:
+            _CHILDREN.pop(pid, None)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie that is not our child (its parent has not reaped it yet) is as good as dead.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return ""
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of ``pid`` (from /proc), or None when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def terminate(pid: int, *, timeout_s: float = 20.0, kill_timeout_s: float = 5.0) -> bool:
+    """SIGTERM ``pid`` (and its process group), SIGKILL after the deadline; True if it exited on SIGTERM."""
+    _signal(pid, signal.SIGTERM)
+    if wait_for(lambda: not is_alive(pid), timeout_s, interval_s=0.1):
+        return True
+    log.warning("did not exit on SIGTERM; killing", pid=pid, waited_s=timeout_s)
+    _signal(pid, signal.SIGKILL)
+    if not wait_for(lambda: not is_alive(pid), kill_timeout_s, interval_s=0.05):
+        raise DaemonError(f"process {pid} survived SIGKILL")
+    return False
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        # Our servers lead their own session; signal the whole group so helpers they spawned go too.
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+            return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def wait_for(
+    condition: Callable[[], bool],
+    timeout_s: float,
+    *,
+    interval_s: float = 0.2,
+    abort: Callable[[], bool] | None = None,
+) -> bool:
+    """Poll ``condition`` until it holds (True) or the deadline passes or ``abort`` holds (False)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if condition():
+            return True
+        if abort is not None and abort():
+            return False
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on ``host:port`` and we could bind it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def port_open(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def require_ports_free(name: str, ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
+    """Raise a clear error naming the setting to change when a port is taken."""
+    for setting, port in ports.items():
+        if not port_free(port, host):
+            raise DaemonError(
+                f"{name}: port {port} on {host} is already in use by another program; stop it or choose "
+                f"another port (FLYWHEEL_{setting.upper()})"
+            )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now (for tests and ad-hoc servers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a text file ('' when missing); reads only the end of big logs."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 64 * 1024))
+            data = f.read()
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+__all__ = [
+    "Daemon",
+    "DaemonError",
+    "cmdline",
+    "free_port",
+    "is_alive",
+    "port_free",
+    "port_open",
+    "read_pid",
+    "require_ports_free",
+    "rss_bytes",
+    "tail",
+    "terminate",
+    "wait_for",
+    "write_pid",
+]

@@ -1,0 +1,312 @@
+"""The spamd protocol (SpamAssassin's SPAMC/SPAMD 1.x) on its own TCP port.
+
+Mail servers that already talk to SpamAssassin (spamc, spamass-milter, Exim, Haraka) use Flywheel
+unchanged: ``PING``, ``CHECK``, ``SYMBOLS``, ``REPORT``, ``REPORT_IFSPAM``, ``PROCESS``, ``HEADERS``,
+``SKIP`` and ``TELL`` (``Message-class: spam|ham`` with ``Set: local`` -> a feedback event, ``Remove: local``
+-> a retraction of the reporter's last flag on that message). The reporter is the ``User:`` header spamc
+sends (or "spamc").
+
+One request per connection, like spamd. Every read has a deadline; a malformed request gets the protocol's
+error reply (``SPAMD/1.0 76 Bad header line: ...``) and the connection is closed, the server goes on.
+The listener runs inside each API worker (see services/api/app.py) and serves that worker's current model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from services.api import metrics
+from services.api.convert import message_id_for, spamd_score
+
+if TYPE_CHECKING:
+    from services.api.state import ServingState
+
+log = structlog.get_logger(__name__)
+
+EX_OK = 0
+EX_DATAERR = 65
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_PROTOCOL = 76
+EX_TIMEOUT = 79
+
+_REQUEST_LINE = re.compile(rb"^([A-Z_]{1,20}) SPAMC/(\d+)\.(\d+)$")
+_HEADER_LINE = re.compile(rb"^([A-Za-z][A-Za-z0-9-]{0,63}) *: *(.*)$")
+_COMMANDS = frozenset({"PING", "CHECK", "SYMBOLS", "REPORT", "REPORT_IFSPAM", "PROCESS", "HEADERS", "SKIP", "TELL"})
+_MAX_LINE = 8192
+_MAX_HEADERS = 64
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+async def start_spamd(state: ServingState, host: str, port: int, *, timeout_s: float = 10.0) -> asyncio.Server:
+    """Listen on ``host:port`` (SO_REUSEPORT: every API worker listens, the kernel spreads connections)."""
+    server = SpamdServer(state, timeout_s=timeout_s)
+    return await asyncio.start_server(
+        server.handle, host, port, reuse_port=True, limit=_MAX_LINE * 2, backlog=1024
+    )
+
+
+class SpamdServer:
+    def __init__(self, state: ServingState, *, timeout_s: float) -> None:
+        self.state = state
+        self.timeout_s = timeout_s
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        command = "?"
+        try:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    command, headers, body = await self._read_request(reader)
+            except TimeoutError:
+                raise ProtocolError(EX_TIMEOUT, "Timeout reading request") from None
+            if command == "SKIP":
+                metrics.SPAMD_REQUESTS.labels(command, "ok").inc()
+                return
+            reply = await self._dispatch(command, headers, body)
+            writer.write(reply)
+            await asyncio.wait_for(writer.drain(), self.timeout_s)
+            metrics.SPAMD_REQUESTS.labels(command, "ok").inc()
+        except ProtocolError as exc:
+            metrics.SPAMD_REQUESTS.labels(command if command in _COMMANDS else "invalid", "error").inc()
+            log.info("spamd request refused", code=exc.code, reason=exc.message)
+            try:
+                writer.write(f"SPAMD/1.0 {exc.code} {exc.message}\r\n".encode("utf-8", "replace"))
+                await asyncio.wait_for(writer.drain(), 2.0)
+            except (OSError, TimeoutError):
+                pass
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            metrics.SPAMD_REQUESTS.labels(command if command in _COMMANDS else "invalid", "disconnected").inc()
+        finally:
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 2.0)
+            except (OSError, TimeoutError, ConnectionError):
+                pass
+
+    # ------------------------------------------------------------------ reading
+    async def _readline(self, reader: asyncio.StreamReader) -> bytes:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise ProtocolError(EX_PROTOCOL, "Line too long") from None
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                raise ProtocolError(EX_PROTOCOL, "Missing request line") from None
+            line = exc.partial
+        if len(line) > _MAX_LINE:
+            raise ProtocolError(EX_PROTOCOL, "Line too long")
+        return line.rstrip(b"\r\n")
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
+        first = await self._readline(reader)
+        m = _REQUEST_LINE.match(first)
+        if m is None:
+            raise ProtocolError(EX_PROTOCOL, "Bad request line: " + _show(first))
+        command = m.group(1).decode("ascii")
+        if command not in _COMMANDS:
+            raise ProtocolError(EX_PROTOCOL, f"Unknown command: {command}")
+        if command == "PING":
+            return command, {}, b""
+        headers: dict[str, str] = {}
+        while True:
+            try:
+                line = await self._readline(reader)
+            except ProtocolError:
+                if command == "SKIP":
+                    return command, headers, b""
+                raise
+            if not line:
+                break
+            hm = _HEADER_LINE.match(line)
+            if hm is None:
+                raise ProtocolError(EX_PROTOCOL, "Bad header line: " + _show(line))
+            if len(headers) >= _MAX_HEADERS:
+                raise ProtocolError(EX_PROTOCOL, "Too many header lines")
+            headers[hm.group(1).decode("ascii").lower()] = hm.group(2).decode("utf-8", "replace").strip()
+        if command == "SKIP":
+            return command, headers, b""
+        limit = self.state.settings.max_message_bytes
+        length_text = headers.get("content-length")
+        if length_text is not None:
+            if not length_text.isdigit():
+                raise ProtocolError(EX_PROTOCOL, "Bad Content-length: " + length_text[:40])
+            length = int(length_text)
+            if length > limit:
+                raise ProtocolError(EX_DATAERR, f"Message too big: {length} > {limit} bytes")
+            try:
+                body = await reader.readexactly(length)
+            except asyncio.IncompleteReadError:
+                raise ProtocolError(EX_PROTOCOL, "Content-length larger than the data sent") from None
+        else:  # SPAMC/1.0 style: the message runs to the end of the stream
+            body = await reader.read(limit + 1)
+            while len(body) <= limit:
+                more = await reader.read(limit + 1 - len(body))
+                if not more:
+                    break
+                body += more
+            if len(body) > limit:
+                raise ProtocolError(EX_DATAERR, f"Message too big: more than {limit} bytes")
+        if headers.get("compress", "").lower() == "zlib":
+            try:
+                d = zlib.decompressobj()
+                body = d.decompress(body, limit + 1)
+            except zlib.error:
+                raise ProtocolError(EX_DATAERR, "Bad zlib data") from None
+            if len(body) > limit:
+                raise ProtocolError(EX_DATAERR, f"Message too big: more than {limit} bytes")
+        return command, headers, body
+
+    # ------------------------------------------------------------------ answering
+    async def _dispatch(self, command: str, headers: dict[str, str], body: bytes) -> bytes:
+        if command == "PING":
+            return b"SPAMD/1.5 0 PONG\r\n"
+        if command == "TELL":
+            return await self._tell(headers, body)
+        if not body.strip():
+            raise ProtocolError(EX_DATAERR, "Empty message")
+        served = self.state.current()
+        v = served.classifier.classify(body)
+        from services.api.routes import record_verdict
+
+        record_verdict(v)
+        self.state.messages.put(message_id_for(body), body)
+        score, threshold = spamd_score(v)
+        spam_line = f"Spam: {'True' if v.is_spam else 'False'} ; {score:.1f} / {threshold:.1f}\r\n"
+        if command == "CHECK":
+            return _reply(spam_line, b"")
+        if command == "SYMBOLS":
+            return _reply(spam_line, ",".join(h.name for h in v.rules.hits).encode() + b"\r\n")
+        if command == "REPORT":
+            return _reply(spam_line, _report(v, score, threshold).encode())
+        if command == "REPORT_IFSPAM":
+            return _reply(spam_line, _report(v, score, threshold).encode() if v.is_spam else b"")
+        processed_headers = _spam_headers(v, score, threshold)
+        if command == "HEADERS":
+            return _reply(spam_line, _rewrite(body, processed_headers, headers_only=True))
+        return _reply(spam_line, _rewrite(body, processed_headers, headers_only=False))  # PROCESS
+
+    async def _tell(self, headers: dict[str, str], body: bytes) -> bytes:
+        from streams.events import FeedbackEvent, RetractionEvent
+        from streams.topics import BrokerUnavailable
+
+        klass = headers.get("message-class", "").lower()
+        sets = {s.strip().lower() for s in headers.get("set", "").split(",") if s.strip()}
+        removes = {s.strip().lower() for s in headers.get("remove", "").split(",") if s.strip()}
+        if not sets and not removes:
+            raise ProtocolError(EX_PROTOCOL, "TELL needs a Set or Remove header")
+        if sets and klass not in ("spam", "ham"):
+            raise ProtocolError(EX_PROTOCOL, "Bad Message-class: " + klass[:40])
+        if not body.strip():
+            raise ProtocolError(EX_DATAERR, "Empty message")
+        reporter = (headers.get("user") or "spamc")[:256]
+        mid = message_id_for(body)
+        loop = asyncio.get_running_loop()
+        state = self.state
+        out_headers: list[str] = []
+        try:
+            if removes:
+                last = state.last_feedback(reporter, mid)
+                if last is not None:
+                    ev = RetractionEvent(retracts=last["event_id"], message_id=mid, reporter=reporter)
+                    await loop.run_in_executor(None, state.producer.send, state.topics.retractions, mid, ev)
+                    state.forget_last_feedback(reporter, mid)
+                    metrics.FEEDBACK.labels("retracted", "").inc()
+                    out_headers.append("DidRemove: " + ",".join(sorted(removes)))
+            if sets:
+                fb = FeedbackEvent.create(message_id=mid, label=klass, reporter=reporter, raw=body)  # type: ignore[arg-type]
+                await loop.run_in_executor(None, state.producer.send, state.topics.feedback, mid, fb)
+                state.remember_feedback(fb.event_id, mid, reporter)
+                metrics.FEEDBACK.labels("accepted", "").inc()
+                log.info("spamd feedback accepted", event_id=fb.event_id, message_id=mid, label=klass,
+                         reporter=reporter)
+                out_headers.append("DidSet: " + ",".join(sorted(sets)))
+        except BrokerUnavailable:
+            metrics.FEEDBACK.labels("refused", "kafka_unavailable").inc()
+            raise ProtocolError(EX_TEMPFAIL, "Kafka unavailable, feedback not recorded") from None
+        return ("SPAMD/1.1 0 EX_OK\r\n" + "".join(h + "\r\n" for h in out_headers) + "\r\n").encode()
+
+
+def _show(line: bytes) -> str:
+    return line[:80].decode("ascii", "replace")
+
+
+def _reply(spam_line: str, body: bytes) -> bytes:
+    head = f"SPAMD/1.1 0 EX_OK\r\n{spam_line}"
+    if body or not spam_line:
+        head += f"Content-length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def _spam_headers(v: Any, score: float, threshold: float) -> list[str]:
+    tests = ",".join(h.name for h in v.rules.hits) or "none"
+    m = v.model
+    out = []
+    if v.is_spam:
+        out.append("X-Spam-Flag: YES")
+    out += [
+        f"X-Spam-Status: {'Yes' if v.is_spam else 'No'}, score={score:.1f} required={threshold:.1f} "
+        f"tests={tests} probability={v.probability:.4f} decided_by={v.decided_by}",
+        f"X-Spam-Level: {'*' * max(0, min(50, int(score)))}",
+        f"X-Spam-Checker-Version: Flywheel model={m.version} ({m.kind}, {m.provider})",
+    ]
+    return out
+
+
+def _rewrite(raw: bytes, new_headers: list[str], *, headers_only: bool) -> bytes:
+    """The message with Flywheel's X-Spam-* headers first (any old X-Spam-* headers dropped)."""
+    nl = b"\r\n" if b"\r\n" in raw[:4096] else b"\n"
+    sep = nl + nl
+    cut = raw.find(sep)
+    if cut < 0:
+        head, rest = raw.rstrip(b"\r\n"), b""
+    else:
+        head, rest = raw[:cut], raw[cut + len(sep):]
+    lines = head.split(nl)
+    kept: list[bytes] = []
+    skipping = False
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and skipping:
+            continue
+        skipping = line.lower().startswith(b"x-spam-")
+        if not skipping:
+            kept.append(line)
+    prefix = [kept.pop(0)] if kept and kept[0].startswith(b"From ") else []
+    added = [h.encode("utf-8", "replace") for h in new_headers]
+    new_head = nl.join(prefix + added + kept) + sep
+    return new_head if headers_only else new_head + rest
+
+
+def _report(v: Any, score: float, threshold: float) -> str:
+    m = v.model
+    lines = [
+        "Spam detection software (Flywheel) has identified this incoming email as"
+        + (" possible spam." if v.is_spam else " not spam."),
+        "",
+        f"Content analysis details:   ({score:.1f} points, {threshold:.1f} required)",
+        "",
+        f" model: {m.version} ({m.kind}, {m.provider}) spam probability {m.probability:.4f};"
+        f" served probability {v.probability:.4f} decided by {v.decided_by} (policy {v.policy})",
+        f" rules: score {v.rules.score:.1f} / {v.rules.threshold:.1f}",
+        "",
+        " pts rule name              description",
+        "---- ---------------------- --------------------------------------------------",
+    ]
+    for h in v.rules.hits:
+        lines.append(f"{h.weight:4.1f} {h.name:<22} {h.description[:60]}")
+    return "\r\n".join(lines) + "\r\n"

@@ -1,0 +1,460 @@
+"""The local stack: a real Prometheus run from ``monitoring/``, and ``run_stack`` behind ``make run``.
+
+Prometheus is Debian's ``prometheus`` package run as a plain detached process (no system service): its config
+is rendered from the template ``monitoring/prometheus.yml`` with the ports of this stack into
+``<state_dir>/prometheus/``, its TSDB lives there too, and the rule files are read from ``monitoring/rules/``.
+
+``run_stack`` brings up the broker (when Flywheel manages it), the topics, Prometheus, then the API and the
+retraining worker as child processes, prints the addresses and waits. Ctrl-C (or SIGTERM) stops everything it
+started in reverse order; servers that were already running before it (``flywheel kafka start``) are left as
+they were. If a child dies, the stack stops and exits 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from services.daemon import Daemon, DaemonError, port_free, port_open, rss_bytes, terminate, wait_for
+
+if TYPE_CHECKING:
+    from services.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+MONITORING_DIR = Path(__file__).resolve().parent.parent / "monitoring"
+PROMETHEUS_READY_TIMEOUT_S = 30.0
+CHILD_READY_TIMEOUT_S = 120.0
+CHILD_STOP_TIMEOUT_S = 20.0
+
+
+class PrometheusError(RuntimeError):
+    """Prometheus is missing, cannot be installed, or did not come up; the message is meant for the operator."""
+
+    user_facing = True
+
+
+class StackError(RuntimeError):
+    """A part of the stack failed to start; the message is meant for the operator."""
+
+    user_facing = True
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- prometheus
+def prometheus_dir(settings: Settings) -> Path:
+    return settings.state_dir / "prometheus"
+
+
+def _prometheus_daemon(settings: Settings) -> Daemon:
+    d = prometheus_dir(settings)
+    return Daemon(name="prometheus", pidfile=d / "prometheus.pid", logfile=d / "prometheus.log",
+                  marker=str(d / "prometheus.yml"))
+
+
+_HOW_TO_GET = (
+    "Install it: Debian/Ubuntu `sudo apt-get install prometheus` (the service it installs need not run), or "
+    "download a release from https://prometheus.io/download/ and set FLYWHEEL_PROMETHEUS_BIN to the binary."
+)
+
+
+def _resolve_binary(name: str) -> str | None:
+    if os.sep in name:
+        return name if os.access(name, os.X_OK) and Path(name).is_file() else None
+    return shutil.which(name)
+
+
+def ensure_prometheus(settings: Settings) -> str:
+    """The Prometheus binary's path; installs Debian's package when missing and we are root.
+
+    Only the default name (``prometheus``) is installed automatically: an explicit FLYWHEEL_PROMETHEUS_BIN
+    that does not exist is the user's choice to fix, never replaced behind their back.
+    """
+    found = _resolve_binary(settings.prometheus_bin)
+    if found:
+        return found
+    if settings.prometheus_bin != "prometheus":
+        raise PrometheusError(f"Prometheus binary {settings.prometheus_bin!r} (FLYWHEEL_PROMETHEUS_BIN) was not found. {_HOW_TO_GET}")
+    if os.geteuid() != 0:
+        raise PrometheusError(f"Prometheus is not installed and installing it needs root. {_HOW_TO_GET}")
+    if shutil.which("apt-get") is None:
+        raise PrometheusError(f"Prometheus is not installed and this system has no apt-get. {_HOW_TO_GET}")
+    _progress("==> installing Prometheus (apt-get install prometheus)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"]
+    out = subprocess.run(install, capture_output=True, text=True, env=env, check=False)  # noqa: S603
+    if out.returncode != 0 or not shutil.which("prometheus"):
+        _progress("    install failed; refreshing the package lists (apt-get update) and retrying")
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, check=False)  # noqa: S603
+        out = subprocess.run(install, capture_output=True, text=True, env=env, check=False)  # noqa: S603
+    found = shutil.which("prometheus")
+    if not found:
+        detail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
+        raise PrometheusError(f"Prometheus is not installed and apt-get could not install it. {_HOW_TO_GET}\n{detail}")
+    return found
+
+
+def render_prometheus_config(settings: Settings, out_dir: Path | None = None) -> Path:
+    """Write ``prometheus.yml`` for this stack's ports (rules read from ``monitoring/rules``); returns its path."""
+    out_dir = out_dir or prometheus_dir(settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    template = string.Template((MONITORING_DIR / "prometheus.yml").read_text())
+    text = template.substitute(
+        api_port=settings.api_port,
+        worker_port=settings.worker_port,
+        prometheus_port=settings.prometheus_port,
+        rules_dir=str(MONITORING_DIR / "rules"),
+    )
+    path = out_dir / "prometheus.yml"
+    tmp = path.with_suffix(".yml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def prometheus_url(settings: Settings) -> str:
+    return f"http://127.0.0.1:{settings.prometheus_port}"
+
+
+def _http_ok(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - loopback URL we built
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def prometheus_ready(settings: Settings) -> bool:
+    return _http_ok(prometheus_url(settings) + "/-/ready")
+
+
+def prometheus_start(settings: Settings) -> None:
+    """Start Prometheus (a no-op when it runs) and wait for /-/ready; the config is re-rendered each start."""
+    daemon = _prometheus_daemon(settings)
+    if daemon.running():
+        if not wait_for(lambda: prometheus_ready(settings), PROMETHEUS_READY_TIMEOUT_S, abort=lambda: not daemon.running()):
+            raise PrometheusError(f"Prometheus (pid {daemon.pid()}) runs but is not ready; see {daemon.logfile}")
+        log.info("prometheus already running", pid=daemon.pid())
+        return
+    binary = ensure_prometheus(settings)
+    if not port_free(settings.prometheus_port):
+        raise PrometheusError(
+            f"port {settings.prometheus_port} on 127.0.0.1 is already in use by another program; stop it or "
+            "choose another port (FLYWHEEL_PROMETHEUS_PORT)"
+        )
+    config = render_prometheus_config(settings)
+    data = prometheus_dir(settings) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={data}",
+        "--storage.tsdb.retention.time=15d",
+        f"--web.listen-address=127.0.0.1:{settings.prometheus_port}",
+        "--web.enable-lifecycle",
+        f"--log.level={'debug' if settings.log_level.upper() == 'DEBUG' else 'info'}",
+    ]
+    _progress(f"==> starting Prometheus on {prometheus_url(settings)}")
+    started = time.monotonic()
+    try:
+        daemon.start(argv, cwd=prometheus_dir(settings))
+    except DaemonError as exc:
+        raise PrometheusError(str(exc)) from exc
+    if wait_for(lambda: prometheus_ready(settings), PROMETHEUS_READY_TIMEOUT_S, interval_s=0.1,
+                abort=lambda: not daemon.running()):
+        log.info("prometheus ready", seconds=round(time.monotonic() - started, 2), pid=daemon.pid())
+        return
+    tail = daemon.log_tail(20)
+    if daemon.running():
+        daemon.stop(timeout_s=10.0)
+        raise PrometheusError(f"Prometheus was not ready within {PROMETHEUS_READY_TIMEOUT_S:.0f}s and was stopped; "
+                              f"last lines of {daemon.logfile}:\n{tail}")
+    raise PrometheusError(f"Prometheus exited during start-up; last lines of {daemon.logfile}:\n{tail}")
+
+
+def prometheus_stop(settings: Settings) -> None:
+    """Stop Prometheus (SIGTERM, SIGKILL after 20 s); a no-op when it is not running."""
+    daemon = _prometheus_daemon(settings)
+    pid = daemon.pid()
+    if pid is None:
+        log.info("prometheus not running")
+        return
+    _progress(f"==> stopping Prometheus (pid {pid})")
+    try:
+        daemon.stop(timeout_s=20.0)
+    except DaemonError as exc:
+        raise PrometheusError(str(exc)) from exc
+
+
+def prometheus_status(settings: Settings) -> dict[str, Any]:
+    """Prometheus's state: pid, memory, ready?, and each scrape target's health."""
+    daemon = _prometheus_daemon(settings)
+    pid = daemon.pid()
+    rss = rss_bytes(pid) if pid else None
+    st: dict[str, Any] = {
+        "running": pid is not None,
+        "pid": pid,
+        "rss_mb": round(rss / 1e6, 1) if rss else None,
+        "url": prometheus_url(settings),
+        "ready": prometheus_ready(settings),
+        "config": str(prometheus_dir(settings) / "prometheus.yml"),
+        "log": str(daemon.logfile),
+    }
+    if st["ready"]:
+        with contextlib.suppress(OSError, ValueError, KeyError, urllib.error.URLError):
+            with urllib.request.urlopen(prometheus_url(settings) + "/api/v1/targets", timeout=2) as resp:  # noqa: S310
+                active = json.load(resp)["data"]["activeTargets"]
+            st["targets"] = {t["labels"].get("job", "?"): t.get("health") for t in active}
+    return st
+
+
+def prometheus_query(settings: Settings, query: str, timeout_s: float = 2.0) -> list[dict[str, Any]]:
+    """Run an instant PromQL query; returns the result vector (``[{"metric": {...}, "value": [t, "v"]}]``)."""
+    url = prometheus_url(settings) + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310
+        body = json.load(resp)
+    if body.get("status") != "success":
+        raise PrometheusError(f"query {query!r} failed: {body.get('error')}")
+    return list(body["data"]["result"])
+
+
+# ------------------------------------------------------------------------------------------------- the stack
+@dataclass(slots=True)
+class Child:
+    """One foreground process of the stack (the API, the worker)."""
+
+    name: str
+    argv: list[str]
+    port: int | None
+    """Ready once something accepts connections here (None: ready once started)."""
+    proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``FLYWHEEL_*`` variables that reproduce ``settings`` in a child process."""
+    env: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, (dict, list)):
+            text = json.dumps(value)
+        else:
+            text = str(value)
+        env[f"FLYWHEEL_{name.upper()}"] = text
+    return env
+
+
+def flywheel_argv(*args: str) -> list[str]:
+    """Command line of a ``flywheel`` subcommand run with this interpreter (works without the script on PATH)."""
+    script = Path(sys.executable).with_name("flywheel")
+    if script.is_file():
+        return [str(script), *args]
+    return [sys.executable, "-c", "import sys; from services.cli import main; sys.argv[0] = 'flywheel'; main()", *args]
+
+
+def default_children(settings: Settings) -> list[Child]:
+    return [
+        Child("api", flywheel_argv("serve"), settings.api_port),
+        Child("worker", flywheel_argv("worker"), settings.worker_port),
+    ]
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Children get SIGTERM if the stack process itself is killed, so none outlive it."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _start_child(child: Child, env: dict[str, str]) -> None:
+    _progress(f"==> starting {child.name}: {' '.join(child.argv[-1:]) if child.argv else ''}")
+    # Own process group: the terminal's Ctrl-C reaches only the stack, which stops children in order.
+    child.proc = subprocess.Popen(  # noqa: S603 - argv built here
+        child.argv, env={**env, **child.extra_env}, stdin=subprocess.DEVNULL,
+        start_new_session=True, preexec_fn=_die_with_parent,  # noqa: PLW1509
+    )
+
+
+def _stop_child(child: Child) -> None:
+    proc = child.proc
+    if proc is None or proc.poll() is not None:
+        return
+    _progress(f"==> stopping {child.name} (pid {proc.pid})")
+    try:
+        terminate(proc.pid, timeout_s=CHILD_STOP_TIMEOUT_S)
+    except DaemonError:
+        log.error("child survived SIGKILL", child=child.name, pid=proc.pid)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def run_stack(
+    settings: Settings,
+    *,
+    children: Sequence[Child] | None = None,
+    stop_event: threading.Event | None = None,
+    install_signal_handlers: bool = True,
+) -> int:
+    """Run the whole stack until Ctrl-C/SIGTERM (exit 0) or until a child dies (exit 1).
+
+    ``children`` replaces the API and worker (tests); ``stop_event`` stops the stack from another thread.
+    """
+    from streams import broker
+
+    stop = stop_event or threading.Event()
+    previous: dict[int, Any] = {}
+    if install_signal_handlers and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    teardown: list[tuple[str, Callable[[], None]]] = []
+    kids = list(children) if children is not None else default_children(settings)
+    exit_code = 0
+    try:
+        # --- servers (each stopped at the end only if this run started it)
+        if settings.manages_kafka:
+            was_running = broker.is_running(settings)
+            broker.start(settings)
+            if not was_running:
+                teardown.append(("kafka", lambda: broker.stop(settings)))
+        else:
+            broker.start(settings)  # only checks the external cluster answers
+        _ensure_project_topics(settings)
+        if stop.is_set():
+            return 0
+        was_running = _prometheus_daemon(settings).running()
+        prometheus_start(settings)
+        if not was_running:
+            teardown.append(("prometheus", lambda: prometheus_stop(settings)))
+        # --- the application processes
+        env = {**os.environ, **settings_env(settings)}
+        for child in kids:
+            if stop.is_set():
+                return 0
+            if child.port is not None and not port_free(child.port, settings.api_host if child.name == "api" else "127.0.0.1"):
+                raise StackError(f"{child.name}: port {child.port} is already in use; stop that program or change "
+                                 f"the port setting")
+            _start_child(child, env)
+            teardown.append((child.name, lambda c=child: _stop_child(c)))
+            _wait_child_ready(child, settings, stop)
+        if stop.is_set():
+            return 0
+        _print_addresses(settings, kids)
+        # --- wait for Ctrl-C or a child's death
+        while not stop.wait(0.5):
+            dead = [c for c in kids if c.proc is not None and c.proc.poll() is not None]
+            if dead:
+                for c in dead:
+                    _progress(f"!!  {c.name} exited with code {c.proc.returncode if c.proc else '?'}; stopping the stack")
+                exit_code = 1
+                break
+        else:
+            _progress("\n==> stopping the stack")
+    except (StackError, PrometheusError, broker.BrokerError, DaemonError) as exc:
+        _progress(f"error: {exc}")
+        exit_code = 1
+    finally:
+        for name, fn in reversed(teardown):
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+                log.error("stopping failed", part=name, error=str(exc))
+                exit_code = exit_code or 1
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if teardown:
+            _progress("==> stack stopped")
+    return exit_code
+
+
+def _ensure_project_topics(settings: Settings) -> None:
+    from streams import broker
+
+    try:
+        from streams.topics import topic_specs
+    except ImportError:  # the worker's modules may be absent in a partial checkout
+        log.warning("streams.topics not importable; no topics created")
+        return
+    broker.ensure_topics(settings, topic_specs(settings))
+
+
+def _wait_child_ready(child: Child, settings: Settings, stop: threading.Event) -> None:
+    proc = child.proc
+    assert proc is not None
+    if child.port is None:
+        return
+    host = settings.api_host if child.name == "api" else "127.0.0.1"
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+    ok = wait_for(lambda: port_open(child.port or 0, host), CHILD_READY_TIMEOUT_S, interval_s=0.2,
+                  abort=lambda: proc.poll() is not None or stop.is_set())
+    if ok or stop.is_set():
+        return
+    if proc.poll() is not None:
+        raise StackError(f"{child.name} exited with code {proc.returncode} during start-up (see its output above)")
+    raise StackError(f"{child.name} did not listen on port {child.port} within {CHILD_READY_TIMEOUT_S:.0f}s")
+
+
+def _print_addresses(settings: Settings, kids: Sequence[Child]) -> None:
+    host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "") else settings.api_host  # noqa: S104
+    lines = ["", "Flywheel is running:"]
+    names = {c.name for c in kids}
+    if "api" in names:
+        lines += [
+            f"  API            http://{host}:{settings.api_port}   (docs: /docs, metrics: /metrics)",
+            f"  spamd          {host}:{settings.spamd_port}        (spamc -p {settings.spamd_port})",
+        ]
+    if "worker" in names:
+        lines.append(f"  worker metrics http://127.0.0.1:{settings.worker_port}/metrics")
+    lines += [
+        f"  Prometheus     {prometheus_url(settings)}",
+        f"  Kafka          {settings.bootstrap_servers}" + ("" if settings.manages_kafka else "  (external)"),
+        f"  state          {settings.state_dir}",
+        "Press Ctrl-C to stop everything.",
+        "",
+    ]
+    _progress("\n".join(lines))
+
+
+__all__ = [
+    "Child",
+    "PrometheusError",
+    "StackError",
+    "default_children",
+    "ensure_prometheus",
+    "flywheel_argv",
+    "prometheus_query",
+    "prometheus_ready",
+    "prometheus_start",
+    "prometheus_status",
+    "prometheus_stop",
+    "prometheus_url",
+    "render_prometheus_config",
+    "run_stack",
+    "settings_env",
+]

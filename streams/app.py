@@ -1,0 +1,109 @@
+"""The faust-streaming application of the worker: one agent on the feedback topic, one timer.
+
+Records reach the handler as raw bytes (``raw`` serializers): decoding and validation are the handler's job so
+that an invalid record is dead-lettered with its reason instead of crashing the agent. The agent takes
+records in small batches (``take_events``) so the handler can apply each batch in one durable transaction;
+events are acknowledged only after the handler returns (at-least-once). Agent concurrency is 1 and faust's
+exactly-once mode is off: ordering per partition is what makes the handler's offset filter exact.
+
+Flags and retractions share the feedback topic (see streams.topics), so one agent sees them in order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import faust
+import structlog
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from services.settings import Settings
+    from services.worker import Record
+
+log = structlog.get_logger(__name__)
+
+
+class BatchHandler(Protocol):
+    """What the app drives: ``handle`` each batch of records (in partition order), ``tick`` on the timer."""
+
+    async def on_start(self, app: faust.App) -> None: ...
+
+    async def handle(self, records: Sequence[Record]) -> None: ...
+
+    async def tick(self) -> None: ...
+
+
+class CountingHandler:
+    """A handler that only counts (the app without the worker: smoke tests, lag checks)."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.ticks = 0
+
+    async def on_start(self, app: faust.App) -> None:
+        return None
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        self.records.extend(records)
+
+    async def tick(self) -> None:
+        self.ticks += 1
+
+
+def make_app(
+    settings: Settings,
+    handler: BatchHandler | None = None,
+    *,
+    batch_max: int = 500,
+    batch_within_s: float = 0.05,
+    tick_s: float | None = None,
+) -> faust.App:
+    """The worker's faust app (consumer group ``<prefix>-worker``), wired to ``handler``."""
+    from services.worker import Record
+
+    h: BatchHandler = handler if handler is not None else CountingHandler()
+    app = faust.App(
+        f"{settings.topic_prefix}-worker",
+        broker=[f"kafka://{b.strip()}" for b in settings.bootstrap_servers.split(",")],
+        store="memory://",
+        web_enabled=False,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        producer_acks=-1,
+        processing_guarantee="at_least_once",
+        autodiscover=False,
+        stream_wait_empty=False,
+    )
+    app.flywheel_handler = h  # type: ignore[attr-defined]
+    feedback = app.topic(
+        settings.topic("feedback"), key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
+
+    @app.agent(feedback, concurrency=1)
+    async def feedback_agent(stream: faust.StreamT[bytes]) -> None:
+        async for events in stream.take_events(batch_max, within=batch_within_s):
+            records = [
+                Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
+                for e in events
+            ]
+            await h.handle(records)
+
+    @app.task
+    async def start_handler() -> None:
+        await h.on_start(app)
+
+    @app.timer(interval=tick_s or max(0.2, min(1.0, settings.linear_publish_s / 2)))
+    async def tick() -> None:
+        await h.tick()
+
+    return app
+
+
+def run_app(app: faust.App, loglevel: str = "WARNING") -> None:
+    """Run a faust app in this process until SIGTERM/SIGINT (faust owns the event loop)."""
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, override_logging=False)
+    worker.execute_from_commandline()

@@ -1,0 +1,614 @@
+"""The local Apache Kafka broker: jars from Maven Central, one KRaft node on loopback, the project's topics.
+
+Why this shape: no Docker and no tarball mirror is needed. Maven resolves ``org.apache.kafka:kafka_2.13`` and
+its runtime dependencies once into ``<downloads>/kafka-<version>/libs`` (about 45 MB); the broker is then a
+plain ``java -cp libs/* kafka.Kafka server.properties`` started detached (its own session, a pidfile and a log
+under ``<state_dir>/kafka/``). One process is broker and controller at once; the controller quorum is the
+static voter ``1@127.0.0.1:<controller port>`` so changing a port later needs no re-format (a dynamic quorum
+would store the endpoint in the metadata log).
+
+The logging backend is ``log4j-slf4j-impl`` + ``log4j-core`` 2.24.3: Kafka 4.x pins slf4j-api 1.7.36, for
+which the slf4j2 binding is invisible and the broker would log nothing. ``-Dlog4j2.shutdownHookEnabled=false``
+keeps log4j alive until the broker's own shutdown hook has logged its last lines.
+
+When ``settings.kafka_bootstrap`` names an existing cluster, nothing is fetched, started or stopped: start and
+stop only check that it answers.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from services.daemon import Daemon, DaemonError, port_free, rss_bytes, wait_for
+
+if TYPE_CHECKING:
+    from services.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+LOG4J_VERSION = "2.24.3"
+DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
+"""Pinned: without a version Maven picks its own default (2.8 on Maven 3.8), so fetches differ by machine."""
+MIN_JAVA = 17
+STOP_TIMEOUT_S = 30.0
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be fetched, started, reached or stopped; the message is meant for the operator."""
+
+    user_facing = True
+
+
+def _progress(message: str) -> None:
+    """One progress line for the person at the terminal (library logs go through structlog)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- paths
+def kafka_dir(settings: Settings) -> Path:
+    """Where this broker keeps its config, data, pidfile and log (``<state_dir>/kafka``)."""
+    return settings.state_dir / "kafka"
+
+
+def jars_dir(settings: Settings) -> Path:
+    return settings.downloads / f"kafka-{settings.kafka_version}" / "libs"
+
+
+def _daemon(settings: Settings) -> Daemon:
+    d = kafka_dir(settings)
+    return Daemon(
+        name="kafka",
+        pidfile=d / "kafka.pid",
+        logfile=d / "kafka.log",
+        marker=str(d / "server.properties"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------- jars
+_POM = """<?xml version="1.0" encoding="UTF-8"?>
+<project xmlns="http://maven.apache.org/POM/4.0.0"
+         xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+         xsi:schemaLocation="http://maven.apache.org/POM/4.0.0 http://maven.apache.org/xsd/maven-4.0.0.xsd">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>flywheel.local</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>{kafka}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j-impl</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-core</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+_UNREACHABLE = re.compile(
+    r"Could not transfer|Unknown host|UnknownHost|Connection refused|Connect to .* failed|Network is unreachable"
+    r"|timed out|No route to host|Could not resolve|PKIX path|Temporary failure in name resolution"
+    r"|No plugin found for prefix|Plugin .* could not be resolved|Non-resolvable",
+    re.IGNORECASE,
+)
+
+
+def _kafka_jar_present(libs: Path, version: str) -> bool:
+    return (libs / f"kafka_2.13-{version}.jar").is_file() and (libs / f"log4j-core-{LOG4J_VERSION}.jar").is_file()
+
+
+def ensure_jars(
+    settings: Settings,
+    *,
+    maven_settings: Path | None = None,
+    local_repo: Path | None = None,
+) -> Path:
+    """Fetch Kafka and its runtime dependencies once; returns the directory of jars (the class path).
+
+    ``maven_settings`` / ``local_repo`` pass ``-s`` / ``-Dmaven.repo.local`` to Maven (a mirror, a proxy, an
+    isolated cache). A completed fetch leaves a ``.complete`` stamp: a half-finished one is redone.
+    """
+    libs = jars_dir(settings)
+    stamp = libs.parent / ".complete"
+    if stamp.is_file() and _kafka_jar_present(libs, settings.kafka_version):
+        return libs
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise BrokerError(
+            "Maven ('mvn') is not installed; it fetches the Kafka jars from Maven Central. "
+            "Install it (Debian/Ubuntu: apt-get install maven) or set FLYWHEEL_KAFKA_BOOTSTRAP to use an "
+            "existing Kafka."
+        )
+    build = libs.parent / "build"
+    build.mkdir(parents=True, exist_ok=True)
+    (build / "pom.xml").write_text(_POM.format(kafka=settings.kafka_version, log4j=LOG4J_VERSION))
+    tmp_libs = libs.parent / "libs.partial"
+    shutil.rmtree(tmp_libs, ignore_errors=True)
+    argv = [
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(build / "pom.xml"),
+        "-Dstyle.color=never",
+        f"{DEPENDENCY_PLUGIN}:copy-dependencies",
+        f"-DoutputDirectory={tmp_libs}",
+        "-DincludeScope=runtime",
+    ]
+    if maven_settings is not None:
+        argv[1:1] = ["-s", str(maven_settings)]
+    if local_repo is not None:
+        argv.append(f"-Dmaven.repo.local={local_repo}")
+    _progress(
+        f"==> fetching Apache Kafka {settings.kafka_version} from Maven Central into {libs.parent} "
+        "(once, about 45 MB)"
+    )
+    started = time.monotonic()
+    output = _run_with_progress(argv, tmp_libs)
+    if output.returncode != 0:
+        shutil.rmtree(tmp_libs, ignore_errors=True)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", output.stdout or "")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        detail = "\n".join(lines[-8:])
+        if _UNREACHABLE.search(text):
+            raise BrokerError(
+                "Maven could not reach Maven Central (https://repo.maven.apache.org) to fetch the Kafka jars. "
+                "Check the network or proxy (Maven's ~/.m2/settings.xml), or set FLYWHEEL_KAFKA_BOOTSTRAP to "
+                f"use an existing Kafka.\n{detail}"
+            )
+        raise BrokerError(f"Maven failed to fetch org.apache.kafka:kafka_2.13:{settings.kafka_version}:\n{detail}")
+    if not _kafka_jar_present(tmp_libs, settings.kafka_version):
+        raise BrokerError(f"Maven finished but {tmp_libs} lacks kafka_2.13-{settings.kafka_version}.jar")
+    shutil.rmtree(libs, ignore_errors=True)
+    os.replace(tmp_libs, libs)
+    stamp.write_text(f"kafka {settings.kafka_version} log4j {LOG4J_VERSION}\n")
+    size = sum(p.stat().st_size for p in libs.iterdir()) / 1e6
+    elapsed = time.monotonic() - started
+    _progress(f"    {len(list(libs.iterdir()))} jars, {size:.0f} MB in {elapsed:.1f}s")
+    log.info("kafka jars fetched", version=settings.kafka_version, mb=round(size, 1), seconds=round(elapsed, 1))
+    return libs
+
+
+def _run_with_progress(argv: list[str], watch: Path) -> subprocess.CompletedProcess[str]:
+    """Run Maven quietly, printing the growing size of the output directory every few seconds."""
+    done = threading.Event()
+
+    started = time.monotonic()
+
+    def report() -> None:
+        while not done.wait(3.0):
+            try:
+                mb = sum(p.stat().st_size for p in watch.iterdir()) / 1e6 if watch.is_dir() else 0.0
+            except FileNotFoundError:
+                mb = 0.0
+            elapsed = time.monotonic() - started
+            _progress(f"    ... {mb:.0f} MB copied ({elapsed:.0f}s)" if mb
+                      else f"    ... downloading and resolving ({elapsed:.0f}s)")
+
+    reporter = threading.Thread(target=report, name="mvn-progress", daemon=True)
+    reporter.start()
+    try:
+        return subprocess.run(  # noqa: S603 - fixed argv
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False, timeout=900
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BrokerError("Maven did not finish fetching the Kafka jars within 15 minutes") from exc
+    finally:
+        done.set()
+        reporter.join()
+
+
+# ------------------------------------------------------------------------------------------------- java
+def find_java() -> str:
+    """The java binary ($JAVA_HOME/bin/java first, then PATH), checked to be Java 17 or newer."""
+    home = os.environ.get("JAVA_HOME")
+    candidate = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not candidate or not os.access(candidate, os.X_OK):
+        where = f"$JAVA_HOME/bin/java ({home})" if home else "PATH"
+        raise BrokerError(
+            f"Java was not found on {where}; Kafka needs Java {MIN_JAVA}+. Install it (Debian/Ubuntu: "
+            "apt-get install openjdk-17-jre-headless) or set FLYWHEEL_KAFKA_BOOTSTRAP to use an existing Kafka."
+        )
+    try:
+        out = subprocess.run(  # noqa: S603
+            [candidate, "-version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BrokerError(f"Java at {candidate} does not run: {exc}") from exc
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if not m:
+        raise BrokerError(f"could not read the version of {candidate}: {(out.stderr or out.stdout).strip()[:200]}")
+    major = int(m.group(1)) if m.group(1) != "1" else int(m.group(2) or 0)
+    if major < MIN_JAVA:
+        raise BrokerError(f"Kafka {MIN_JAVA}+ needs Java {MIN_JAVA} or newer; {candidate} is Java {major}")
+    return candidate
+
+
+# ------------------------------------------------------------------------------------------------- config
+def _server_properties(settings: Settings) -> str:
+    d = kafka_dir(settings)
+    port, cport = settings.kafka_port, settings.kafka_controller_port
+    props = {
+        "process.roles": "broker,controller",
+        "node.id": "1",
+        "controller.quorum.voters": f"1@127.0.0.1:{cport}",
+        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "controller.listener.names": "CONTROLLER",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "log.dirs": str(d / "data"),
+        "num.partitions": "1",
+        "default.replication.factor": "1",
+        "min.insync.replicas": "1",
+        # Internal topics default to RF 3: on one node they could never be created.
+        "offsets.topic.replication.factor": "1",
+        "offsets.topic.num.partitions": "10",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        # One node: nobody else will join, so a new group need not wait 3 s for members.
+        "group.initial.rebalance.delay.ms": "0",
+        "log.retention.hours": "168",
+        "log.segment.bytes": str(256 * 1024 * 1024),
+        "num.network.threads": "2",
+        "num.io.threads": "4",
+    }
+    head = "# Written by Flywheel at every start from its settings; edits here are overwritten.\n"
+    return head + "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+_LOG4J2 = """# Written by Flywheel: the broker logs to stdout, which the launcher appends to kafka.log.
+status = warn
+name = flywheel-kafka
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d{ISO8601}] %p %m (%c{1})%n
+rootLogger.level = info
+rootLogger.appenderRef.out.ref = STDOUT
+logger.state.name = state.change.logger
+logger.state.level = warn
+logger.controller.name = org.apache.kafka.controller
+logger.controller.level = warn
+logger.raft.name = org.apache.kafka.raft
+logger.raft.level = warn
+logger.request.name = kafka.request.logger
+logger.request.level = warn
+logger.coordinator.name = org.apache.kafka.coordinator
+logger.coordinator.level = warn
+"""
+
+
+def _cluster_id(d: Path) -> str:
+    """The cluster id kept next to the data (Kafka's Uuid: 22 url-safe base64 chars, not starting with '-')."""
+    f = d / "cluster.id"
+    if f.is_file():
+        return f.read_text().strip()
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            break
+    f.write_text(cid + "\n")
+    return cid
+
+
+def _write_config(settings: Settings) -> Path:
+    d = kafka_dir(settings)
+    (d / "data").mkdir(parents=True, exist_ok=True)
+    props = d / "server.properties"
+    props.write_text(_server_properties(settings))
+    (d / "log4j2.properties").write_text(_LOG4J2)
+    return props
+
+
+def _java_argv(settings: Settings, java: str, libs: Path, main: str, *args: str) -> list[str]:
+    d = kafka_dir(settings)
+    return [
+        java,
+        f"-Xmx{settings.kafka_heap}",
+        f"-Xms{min(_mb(settings.kafka_heap), 256)}m",
+        "-XX:+UseG1GC",
+        "-XX:MaxGCPauseMillis=20",
+        "-Djava.awt.headless=true",
+        "-Dlog4j2.shutdownHookEnabled=false",
+        f"-Dlog4j2.configurationFile={d / 'log4j2.properties'}",
+        f"-Dkafka.logs.dir={d}",
+        "-cp",
+        f"{libs}/*",
+        main,
+        *args,
+    ]
+
+
+def _mb(heap: str) -> int:
+    m = re.fullmatch(r"(\d+)([kKmMgG]?)", heap.strip())
+    if not m:
+        raise BrokerError(f"FLYWHEEL_KAFKA_HEAP={heap!r} is not a Java heap size like 512m or 1g")
+    n, unit = int(m.group(1)), m.group(2).lower()
+    return {"k": n // 1024, "m": n, "g": n * 1024, "": n // (1024 * 1024)}[unit]
+
+
+def _format_storage(settings: Settings, java: str, libs: Path, props: Path) -> None:
+    """Format the metadata log once (a data dir with meta.properties is already formatted)."""
+    d = kafka_dir(settings)
+    if (d / "data" / "meta.properties").is_file():
+        return
+    cid = _cluster_id(d)
+    argv = _java_argv(settings, java, libs, "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props))
+    _progress(f"==> formatting Kafka storage in {d / 'data'} (cluster {cid})")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)  # noqa: S603
+    if out.returncode != 0:
+        detail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-10:])
+        raise BrokerError(f"formatting Kafka storage failed (exit {out.returncode}):\n{detail}")
+
+
+# ------------------------------------------------------------------------------------------------- probing
+def _admin(bootstrap: str, timeout_s: float) -> Any:
+    from kafka import KafkaAdminClient
+
+    ms = max(200, int(timeout_s * 1000))
+    return KafkaAdminClient(
+        bootstrap_servers=bootstrap.split(","),
+        client_id="flywheel-admin",
+        request_timeout_ms=ms,
+        bootstrap_timeout_ms=ms,
+        reconnect_backoff_ms=100,
+        reconnect_backoff_max_ms=500,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_client_logs() -> Iterator[None]:
+    """Mute kafka-python while probing: every refused connection of a broker still starting is logged as an
+    error, which buries the one line that matters (ready, or the broker's own log tail)."""
+    logger = logging.getLogger("kafka")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def answers_metadata(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """True when a broker at ``bootstrap`` answers a metadata request within ``timeout_s``."""
+    from kafka.errors import KafkaError
+
+    with _quiet_client_logs():
+        try:
+            admin = _admin(bootstrap, timeout_s)
+        except (KafkaError, OSError, ValueError):
+            return False
+        try:
+            return bool(admin.describe_cluster().get("brokers"))
+        except (KafkaError, OSError, ValueError):
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                admin.close()
+
+
+# ------------------------------------------------------------------------------------------------- lifecycle
+def start(settings: Settings) -> None:
+    """Start the local broker and wait until it answers metadata; a no-op when it already runs.
+
+    With ``kafka_bootstrap`` set, only checks that the existing cluster answers.
+    """
+    if not settings.manages_kafka:
+        if not answers_metadata(settings.bootstrap_servers, timeout_s=min(10.0, settings.kafka_start_timeout_s)):
+            raise BrokerError(
+                f"the Kafka at FLYWHEEL_KAFKA_BOOTSTRAP={settings.kafka_bootstrap} does not answer; "
+                "start it, or unset FLYWHEEL_KAFKA_BOOTSTRAP to let Flywheel run its own broker"
+            )
+        log.info("using existing kafka", bootstrap=settings.bootstrap_servers)
+        return
+    daemon = _daemon(settings)
+    if daemon.running():
+        _wait_ready(settings, daemon, started_at=None)
+        log.info("kafka already running", pid=daemon.pid(), bootstrap=settings.bootstrap_servers)
+        return
+    java = find_java()
+    libs = ensure_jars(settings)
+    for setting, port in (("kafka_port", settings.kafka_port), ("kafka_controller_port", settings.kafka_controller_port)):
+        if not port_free(port):
+            raise BrokerError(
+                f"port {port} on 127.0.0.1 is already in use by another program, so the broker cannot listen "
+                f"there; stop that program or choose another port (FLYWHEEL_{setting.upper()}), or point "
+                "FLYWHEEL_KAFKA_BOOTSTRAP at a Kafka you already run"
+            )
+    props = _write_config(settings)
+    _format_storage(settings, java, libs, props)
+    _progress(f"==> starting Kafka {settings.kafka_version} on 127.0.0.1:{settings.kafka_port}")
+    started_at = time.monotonic()
+    try:
+        daemon.start(_java_argv(settings, java, libs, "kafka.Kafka", str(props)), cwd=kafka_dir(settings))
+    except DaemonError as exc:
+        raise BrokerError(str(exc)) from exc
+    _wait_ready(settings, daemon, started_at=started_at)
+
+
+def _wait_ready(settings: Settings, daemon: Daemon, started_at: float | None) -> None:
+    deadline_s = settings.kafka_start_timeout_s
+    ok = wait_for(
+        lambda: answers_metadata(settings.bootstrap_servers, timeout_s=1.0),
+        deadline_s,
+        interval_s=0.25,
+        abort=lambda: not daemon.running(),
+    )
+    if ok:
+        if started_at is not None:
+            elapsed = time.monotonic() - started_at
+            pid = daemon.pid()
+            rss = rss_bytes(pid) if pid else None
+            _progress(f"    kafka ready in {elapsed:.1f}s (pid {pid})")
+            log.info("kafka ready", seconds=round(elapsed, 2), pid=pid, rss_mb=rss and round(rss / 1e6))
+        return
+    tail = daemon.log_tail(30)
+    if not daemon.running():
+        raise BrokerError(f"the broker exited during start-up; last lines of {daemon.logfile}:\n{tail}")
+    daemon.stop(timeout_s=10.0)
+    raise BrokerError(
+        f"the broker did not answer a metadata request within {deadline_s:.0f}s "
+        f"(FLYWHEEL_KAFKA_START_TIMEOUT_S) and was stopped; last lines of {daemon.logfile}:\n{tail}"
+    )
+
+
+def stop(settings: Settings) -> None:
+    """Stop the local broker (SIGTERM, then SIGKILL after 30 s); a no-op when it is not running."""
+    if not settings.manages_kafka:
+        reachable = answers_metadata(settings.bootstrap_servers, timeout_s=2.0)
+        log.info("external kafka is not managed by flywheel; nothing stopped",
+                 bootstrap=settings.bootstrap_servers, reachable=reachable)
+        return
+    daemon = _daemon(settings)
+    pid = daemon.pid()
+    if pid is None:
+        log.info("kafka not running")
+        return
+    _progress(f"==> stopping Kafka (pid {pid})")
+    started = time.monotonic()
+    try:
+        daemon.stop(timeout_s=STOP_TIMEOUT_S)
+    except DaemonError as exc:
+        raise BrokerError(str(exc)) from exc
+    log.info("kafka stopped", seconds=round(time.monotonic() - started, 2))
+
+
+def is_running(settings: Settings) -> bool:
+    """True when the broker Flywheel manages for these settings has a live process (says nothing of readiness)."""
+    return settings.manages_kafka and _daemon(settings).running()
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """The broker's state: managed?, pid, memory, reachable?, where its files are."""
+    st: dict[str, Any] = {
+        "managed": settings.manages_kafka,
+        "bootstrap": settings.bootstrap_servers,
+        "version": settings.kafka_version if settings.manages_kafka else None,
+    }
+    if settings.manages_kafka:
+        daemon = _daemon(settings)
+        pid = daemon.pid()
+        rss = rss_bytes(pid) if pid else None
+        st.update(
+            running=pid is not None,
+            pid=pid,
+            rss_mb=round(rss / 1e6, 1) if rss else None,
+            log=str(daemon.logfile),
+            data_dir=str(kafka_dir(settings) / "data"),
+            jars=str(jars_dir(settings)),
+        )
+    st["reachable"] = answers_metadata(settings.bootstrap_servers, timeout_s=2.0)
+    return st
+
+
+# ------------------------------------------------------------------------------------------------- topics
+def ensure_topics(settings: Settings, specs: Iterable[tuple[str, int]], timeout_s: float = 30.0) -> None:
+    """Create missing topics with their partition counts and grow ones with too few; idempotent.
+
+    Returns once every topic has a leader for each partition, so producers can send right away.
+    """
+    from kafka.errors import KafkaError
+
+    wanted = {name: max(1, int(n)) for name, n in specs}
+    if not wanted:
+        return
+    # One node: replication 1. Someone else's cluster: its own default (-1).
+    rf = 1 if settings.manages_kafka else -1
+    try:
+        admin = _admin(settings.bootstrap_servers, timeout_s)
+    except (KafkaError, OSError) as exc:
+        raise BrokerError(f"Kafka at {settings.bootstrap_servers} is not reachable to create topics: {exc}") from exc
+    try:
+        existing = {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics()}
+        missing = {n: p for n, p in wanted.items() if n not in existing}
+        if missing:
+            result = admin.create_topics(
+                {n: {"num_partitions": p, "replication_factor": rf} for n, p in missing.items()},
+                timeout_ms=int(timeout_s * 1000),
+                raise_errors=False,
+                wait_for_metadata=True,
+            )
+            for t in result.get("topics", []):
+                code = t.get("error_code", 0)
+                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent creator won)
+                    raise BrokerError(f"creating topic {t.get('name')} failed: {t.get('error_message') or code}")
+            log.info("topics created", topics=missing)
+        grow = {n: p for n, p in wanted.items() if n in existing and existing[n] < p}
+        if grow:
+            admin.create_partitions(grow, timeout_ms=int(timeout_s * 1000))
+            log.info("topics grown", topics=grow)
+        for n, p in wanted.items():
+            if n in existing and existing[n] > p:
+                log.warning("topic has more partitions than configured", topic=n, has=existing[n], wanted=p)
+        _wait_topics_ready(admin, wanted, timeout_s)
+    except KafkaError as exc:
+        raise BrokerError(f"managing topics on {settings.bootstrap_servers} failed: {exc}") from exc
+    finally:
+        with contextlib.suppress(Exception):
+            admin.close()
+
+
+def _wait_topics_ready(admin: Any, wanted: dict[str, int], timeout_s: float) -> None:
+    def ready() -> bool:
+        topics = {t["name"]: t for t in admin.describe_topics(list(wanted))}
+        for name, n in wanted.items():
+            t = topics.get(name)
+            if t is None or t.get("error_code", 0) != 0:
+                return False
+            parts = t.get("partitions") or []
+            if len(parts) < n or any(p.get("leader_id", p.get("leader", -1)) in (-1, None) for p in parts):
+                return False
+        return True
+
+    if not wait_for(ready, timeout_s, interval_s=0.2):
+        raise BrokerError(f"topics {sorted(wanted)} did not get partition leaders within {timeout_s:.0f}s")
+
+
+def topic_partitions(settings: Settings, names: Iterable[str]) -> dict[str, int]:
+    """Partition count of each named topic that exists (for status pages and tests)."""
+    with contextlib.closing(_admin(settings.bootstrap_servers, 10.0)) as admin:
+        return {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics(list(names))
+                if t.get("error_code", 0) == 0}
+
+
+__all__ = [
+    "BrokerError",
+    "answers_metadata",
+    "ensure_jars",
+    "ensure_topics",
+    "find_java",
+    "is_running",
+    "jars_dir",
+    "kafka_dir",
+    "start",
+    "status",
+    "stop",
+    "topic_partitions",
+]

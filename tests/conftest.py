@@ -1,0 +1,149 @@
+"""Session fixtures shared by every test: settings on fresh ports and a temporary state dir, the real broker,
+the real Prometheus, the corpus.
+
+Servers start once per session, on first use, and stop at the end. The downloads cache (Kafka jars, corpus) is
+the checkout's ``var/downloads`` so test runs never fetch twice. A final check fails the session if any process
+started by a test is still alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.settings import REPO_ROOT, Settings
+
+DOWNLOADS = REPO_ROOT / "var" / "downloads"
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free right now (all bound at once, so the OS cannot hand out one twice)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def make_settings(state_dir: Path, **overrides: object) -> Settings:
+    """A Settings for an isolated stack: its own state dir, free ports, a unique topic prefix, shared downloads."""
+    kafka, controller, prom, api, spamd, worker = free_ports(6)
+    values: dict[str, object] = {
+        "state_dir": state_dir,
+        "downloads_dir": DOWNLOADS,
+        "kafka_port": kafka,
+        "kafka_controller_port": controller,
+        "prometheus_port": prom,
+        "api_port": api,
+        "spamd_port": spamd,
+        "worker_port": worker,
+        "topic_prefix": f"test-{uuid.uuid4().hex[:8]}",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- leftovers
+def _children_of(pid: int) -> list[int]:
+    """Live (non-zombie) descendants of ``pid``, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = (entry / "stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, parent in parents.items() if parent == p]
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return ""
+
+
+_HARMLESS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Torn down last: fail the session if a test left a process running (and kill it, so CI does not hang)."""
+    before = set(_children_of(os.getpid()))
+    yield
+    left = [p for p in _children_of(os.getpid()) if p not in before and not any(h in _cmdline(p) for h in _HARMLESS)]
+    if not left:
+        return
+    described = [f"{p}: {_cmdline(p)[:160]}" for p in left]
+    for p in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    pytest.fail("processes left behind by the tests (killed now):\n" + "\n".join(described), pytrace=False)
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """The session's Settings: a fresh state dir, free ports for every server, a unique topic prefix."""
+    return make_settings(tmp_path_factory.mktemp("state"))
+
+
+@pytest.fixture(scope="session")
+def kafka(settings: Settings) -> Iterator[Settings]:
+    """The real broker for this session (jars fetched once, project topics created); yields the settings."""
+    from streams import broker
+
+    if settings.manages_kafka:
+        broker.ensure_jars(settings)
+    broker.start(settings)
+    try:
+        try:
+            from streams.topics import topic_specs
+        except ImportError:
+            specs: list[tuple[str, int]] = []
+        else:
+            specs = topic_specs(settings)
+        broker.ensure_topics(settings, specs)
+        yield settings
+    finally:
+        broker.stop(settings)
+
+
+@pytest.fixture(scope="session")
+def prometheus(settings: Settings) -> Iterator[Settings]:
+    """The real Prometheus for this session, scraping the settings' API and worker ports; yields the settings."""
+    from services.stack import prometheus_start, prometheus_stop
+
+    prometheus_start(settings)
+    try:
+        yield settings
+    finally:
+        prometheus_stop(settings)
+
+
+@pytest.fixture(scope="session")
+def corpus(settings: Settings) -> list:
+    """Every distinct corpus message (``models.corpus.CorpusMessage``), loaded once per session."""
+    from models.corpus import load_corpus
+
+    return load_corpus(settings.downloads, settings.corpus_dir)

@@ -1,0 +1,241 @@
+"""The real Prometheus (scrapes a target, loads the project's rules), the monitoring files, and run_stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_settings
+
+from services import stack
+from services.daemon import is_alive, port_open, read_pid, wait_for
+from services.settings import Settings
+
+MONITORING = stack.MONITORING_DIR
+
+# The metric names of the team contract: dashboards and alerts may use only these (and recording rules).
+CONTRACT_METRICS = {
+    "flywheel_http_requests_total", "flywheel_http_request_duration_seconds", "flywheel_verdicts_total",
+    "flywheel_rule_hits_total", "flywheel_spam_probability", "flywheel_feedback_total", "flywheel_model_info",
+    "flywheel_model_reloads_total", "flywheel_rules_active", "flywheel_rule_changes_total",
+    "flywheel_worker_events_total", "flywheel_labels_total", "flywheel_gate_decisions_total",
+    "flywheel_model_one_minus_auc", "flywheel_model_recall_at_fpr", "flywheel_training_examples",
+    "flywheel_rules_recall_at_fpr", "flywheel_reporter_weight", "flywheel_worker_lag_records",
+}
+
+
+@pytest.fixture()
+def private(tmp_path: Path) -> Iterator[Settings]:
+    """Settings of a Prometheus (and stack) of the test's own; whatever it started is stopped afterwards."""
+    s = make_settings(tmp_path / "state")
+    yield s
+    stack.prometheus_stop(s)
+    from streams import broker
+
+    broker.stop(s)
+
+
+def _up(settings: Settings, job: str) -> str | None:
+    for r in stack.prometheus_query(settings, f'up{{job="{job}"}}'):
+        return str(r["value"][1])
+    return None
+
+
+# --------------------------------------------------------------------------------------------- prometheus
+@pytest.mark.integration
+def test_prometheus_scrapes_a_target(private: Settings) -> None:
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    registry = CollectorRegistry()
+    Gauge("flywheel_rules_active", "rules", registry=registry).set(42)
+    server, thread = start_http_server(private.api_port, addr="127.0.0.1", registry=registry)
+    try:
+        stack.prometheus_start(private)
+        assert wait_for(lambda: _up(private, "flywheel-api") == "1", 30.0, interval_s=0.5), \
+            stack.prometheus_status(private)
+        assert wait_for(lambda: bool(stack.prometheus_query(private, "flywheel_rules_active == 42")), 15.0)
+        # The worker is not running: Prometheus sees its target down, which is what the alert reads.
+        assert wait_for(lambda: _up(private, "flywheel-worker") == "0", 30.0, interval_s=0.5)
+        st = stack.prometheus_status(private)
+        assert st["targets"]["flywheel-api"] == "up" and st["ready"] is True
+    finally:
+        server.shutdown()
+        thread.join(5)
+    pid = read_pid(private.state_dir / "prometheus" / "prometheus.pid")
+    stack.prometheus_stop(private)
+    assert pid is not None and not is_alive(pid)
+    assert stack.prometheus_status(private)["running"] is False
+
+
+@pytest.mark.integration
+def test_session_prometheus_is_idempotent_and_loads_the_rules(prometheus: Settings) -> None:
+    import urllib.request
+
+    pid = stack.prometheus_status(prometheus)["pid"]
+    stack.prometheus_start(prometheus)  # already running: no new process
+    assert stack.prometheus_status(prometheus)["pid"] == pid
+    with urllib.request.urlopen(stack.prometheus_url(prometheus) + "/api/v1/rules", timeout=5) as resp:  # noqa: S310
+        groups = {g["name"]: g for g in json.load(resp)["data"]["groups"]}
+    assert {"flywheel.api", "flywheel.worker", "flywheel.alerts"} <= set(groups)
+    alerts = {r["name"] for r in groups["flywheel.alerts"]["rules"]}
+    assert {"FlywheelApiDown", "FlywheelWorkerDown", "FlywheelHighLatency", "FlywheelFeedbackRefused",
+            "FlywheelModelReloadRejected", "FlywheelGateRejectingEverything", "FlywheelWorkerLag"} == alerts
+
+
+@pytest.mark.integration
+def test_port_taken_is_a_clear_error(private: Settings) -> None:
+    import socket
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", private.prometheus_port))
+        squatter.listen()
+        with pytest.raises(stack.PrometheusError, match="already in use.*FLYWHEEL_PROMETHEUS_PORT"):
+            stack.prometheus_start(private)
+    assert stack.prometheus_status(private)["running"] is False
+
+
+@pytest.mark.unit
+def test_missing_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    explicit = make_settings(tmp_path / "a", prometheus_bin=str(tmp_path / "nowhere" / "prometheus"))
+    with pytest.raises(stack.PrometheusError, match=r"FLYWHEEL_PROMETHEUS_BIN.*apt-get install prometheus.*prometheus.io/download"):
+        stack.prometheus_start(explicit)
+    # The default name, not on PATH, and no root to install it: say how to get it.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    default = make_settings(tmp_path / "b")
+    with pytest.raises(stack.PrometheusError, match=r"not installed and installing it needs root.*apt-get install prometheus"):
+        stack.ensure_prometheus(default)
+    assert not (tmp_path / "b" / "prometheus" / "prometheus.pid").exists()
+
+
+# --------------------------------------------------------------------------------------------- monitoring files
+@pytest.mark.integration
+def test_promtool_accepts_the_rendered_config_and_rules(tmp_path: Path) -> None:
+    s = make_settings(tmp_path / "state")
+    config = stack.render_prometheus_config(s, tmp_path / "out")
+    text = config.read_text()
+    assert f"127.0.0.1:{s.api_port}" in text and f"127.0.0.1:{s.worker_port}" in text and "${" not in text
+    out = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS: 2 rule files found" in out.stdout
+    rules = sorted(str(p) for p in (MONITORING / "rules").glob("*.yml"))
+    out = subprocess.run(["promtool", "check", "rules", *rules], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _metric_names(expr: str) -> set[str]:
+    """Metric names in a PromQL expression, histogram series folded into their metric."""
+    return {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"\bflywheel_[a-z_]+", expr)}
+
+
+@pytest.mark.unit
+def test_dashboard_and_rules_use_only_contract_metrics() -> None:
+    dashboard = json.loads((MONITORING / "grafana" / "dashboards" / "flywheel.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    for f in (MONITORING / "rules").glob("*.yml"):
+        exprs += [r["expr"] for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]
+    used = set().union(*(_metric_names(e) for e in exprs))
+    assert used and used <= CONTRACT_METRICS, used - CONTRACT_METRICS
+    titles = " | ".join(p["title"] for p in dashboard["panels"])
+    for wanted in ("Traffic & latency", "Verdicts", "Feedback", "Model", "gate", "number of rules", "training examples"):
+        assert wanted.lower() in titles.lower(), wanted
+    xy = [p for p in dashboard["panels"] if p["type"] == "xychart"]
+    assert len(xy) == 2
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    provisioning = MONITORING / "grafana" / "provisioning"
+    ds = yaml.safe_load((provisioning / "datasources" / "flywheel.yaml").read_text())
+    assert ds["datasources"][0]["type"] == "prometheus"
+    assert yaml.safe_load((provisioning / "dashboards" / "flywheel.yaml").read_text())["providers"][0]["type"] == "file"
+
+
+# --------------------------------------------------------------------------------------------- run_stack
+_STACK_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from services.settings import Settings
+    from services.stack import Child, run_stack
+
+    s = Settings()
+    mode = sys.argv[1]
+    serve = lambda port: [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    if mode == "ok":
+        kids = [Child("api", serve(s.api_port), s.api_port), Child("worker", serve(s.worker_port), s.worker_port)]
+    else:
+        kids = [Child("api", serve(s.api_port), s.api_port),
+                Child("worker", [sys.executable, "-c", "import sys; sys.exit(3)"], s.worker_port)]
+    sys.exit(run_stack(s, children=kids))
+    """
+)
+
+
+def _launch_stack(settings: Settings, tmp_path: Path, mode: str) -> tuple[subprocess.Popen[bytes], Path]:
+    script = tmp_path / "stack_main.py"
+    script.write_text(_STACK_SCRIPT)
+    log = tmp_path / f"stack-{mode}.log"
+    env = {**os.environ, **stack.settings_env(settings), "PYTHONPATH": str(stack.MONITORING_DIR.parent)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(script), mode], stdout=out, stderr=subprocess.STDOUT, env=env)
+    return proc, log
+
+
+@pytest.mark.integration
+def test_run_stack_starts_everything_and_ctrl_c_stops_it_in_reverse_order(private: Settings, tmp_path: Path) -> None:
+    s = private
+    if not s.manages_kafka:
+        pytest.skip("FLYWHEEL_KAFKA_BOOTSTRAP set: the stack would not start its own broker")
+    proc, log = _launch_stack(s, tmp_path, "ok")
+    try:
+        up = wait_for(lambda: "Press Ctrl-C" in log.read_text(), 120.0, interval_s=0.3, abort=lambda: proc.poll() is not None)
+        assert up, log.read_text()[-3000:]
+        text = log.read_text()
+        assert f"http://127.0.0.1:{s.api_port}" in text and f"http://127.0.0.1:{s.prometheus_port}" in text
+        kafka_pid = read_pid(s.state_dir / "kafka" / "kafka.pid")
+        prom_pid = read_pid(s.state_dir / "prometheus" / "prometheus.pid")
+        assert kafka_pid and is_alive(kafka_pid) and prom_pid and is_alive(prom_pid)
+        assert port_open(s.api_port) and port_open(s.worker_port)
+        from streams import broker
+        from streams.topics import topic_specs
+
+        specs = dict(topic_specs(s))
+        assert broker.topic_partitions(s, specs) == specs
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    order = [text.index(f"stopping {name}") for name in ("worker", "api", "Prometheus", "Kafka")]
+    assert order == sorted(order), text[-2000:]
+    assert not is_alive(kafka_pid) and not is_alive(prom_pid)
+    for port in (s.api_port, s.worker_port, s.prometheus_port, s.kafka_port):
+        assert not port_open(port), port
+
+
+@pytest.mark.integration
+def test_run_stack_exits_1_and_cleans_up_when_a_part_fails(private: Settings, tmp_path: Path) -> None:
+    s = private
+    proc, log = _launch_stack(s, tmp_path, "fail")
+    try:
+        assert proc.wait(timeout=120) == 1, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "worker exited with code 3 during start-up" in text
+    assert "stopping api" in text
+    assert not port_open(s.api_port) and not port_open(s.prometheus_port)
+    assert read_pid(s.state_dir / "prometheus" / "prometheus.pid") is None
+    if s.manages_kafka:
+        assert read_pid(s.state_dir / "kafka" / "kafka.pid") is None and not port_open(s.kafka_port)
