@@ -158,6 +158,16 @@ class Classifier:
         self.model = model
         self.policy = policy
         self.max_bytes = max_bytes
+        self._cal: tuple[LoadedModel, float, Calibration] | None = None
+
+    def _calibration(self, loaded: LoadedModel, rules_threshold: float) -> Calibration:
+        """Parsed once per (model, rule threshold) pair, not per request."""
+        cached = self._cal
+        if cached is not None and cached[0] is loaded and cached[1] == rules_threshold:
+            return cached[2]
+        cal = Calibration.from_meta(loaded.calibration, rules_threshold=rules_threshold)
+        self._cal = (loaded, rules_threshold, cal)
+        return cal
 
     def classify(self, raw: bytes) -> Verdict:
         return self.classify_batch([raw])[0]
@@ -182,7 +192,7 @@ class Classifier:
         self, results: Sequence[RuleResult], p_model: np.ndarray, z_model: np.ndarray, loaded: LoadedModel,
         engine: RuleEngine,
     ) -> list[Verdict]:
-        cal = Calibration.from_meta(loaded.calibration, rules_threshold=float(engine.threshold))
+        cal = self._calibration(loaded, float(engine.threshold))
         scores = np.array([r.score for r in results], dtype=np.float64)
         p_rules = cal.rules_probability(scores)
         p_comb = cal.combined(z_model, scores)

@@ -189,9 +189,9 @@ def fit_linear(batch: FeatureBatch, labels: np.ndarray, features: FeatureConfig,
 
 
 def fit_neural(batch: FeatureBatch, labels: np.ndarray, features: FeatureConfig, seed: int = 0) -> Any:
-    from models.neural import NeuralConfig, train_neural
+    from models.neural import train_neural
 
-    return train_neural(batch, labels, features=features, config=NeuralConfig(seed=seed))
+    return train_neural(batch, labels, seed=seed, features=features)
 
 
 def framework_proba(model: Any, batch: FeatureBatch) -> np.ndarray:
@@ -664,7 +664,7 @@ def _pct(x: Any, digits: int = 2) -> str:
 
 
 def _metric_rows(results: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> list[str]:
-    head = f"{'':26} {'AUC':>7} {'1-AUC %':>8} {'FPR':>7} {'FNR':>7} {'R@0.1%':>7} {'R@1%':>7} {'spam/ham':>10}"
+    head = f"{'':28} {'AUC':>7} {'1-AUC %':>8} {'FPR':>7} {'FNR':>7} {'R@0.1%':>7} {'R@1%':>7} {'spam/ham':>10}"
     lines = [head, "-" * len(head)]
     for name in names:
         m = results.get(name)
@@ -673,7 +673,7 @@ def _metric_rows(results: Mapping[str, Mapping[str, Any]], names: Sequence[str])
         auc = "n/a" if m.get("auc") is None else f"{m['auc']:.4f}"
         oma = "n/a" if m.get("one_minus_auc_pct") is None else f"{m['one_minus_auc_pct']:.3f}"
         lines.append(
-            f"{name[:26]:26} {auc:>7} {oma:>8} {_pct(m.get('fpr')):>7} {_pct(m.get('fnr')):>7} "
+            f"{name[:28]:28} {auc:>7} {oma:>8} {_pct(m.get('fpr')):>7} {_pct(m.get('fnr')):>7} "
             f"{_pct(m.get('recall_at_fpr_0_1pct'), 1):>7} {_pct(m.get('recall_at_fpr_1pct'), 1):>7} "
             f"{str(m.get('n_spam')) + '/' + str(m.get('n_ham')):>10}"
         )

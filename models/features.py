@@ -199,7 +199,10 @@ class FeatureBatch:
 
 
 # Token -> bucket: CRC-32 of the UTF-8 bytes, stable across processes and machines (Python's ``hash`` is salted).
+# A bounded per-process cache of token -> CRC makes the common vocabulary a dict lookup (~40 ns, not ~200 ns).
 _ENCODE = operator.methodcaller("encode", "utf-8", "surrogatepass")
+_CACHE: dict[str, int] = {}
+_CACHE_MAX = 1 << 18
 
 
 def token_id(token: str, n_buckets: int) -> int:
@@ -237,7 +240,17 @@ def _host_tokens(prefix: str, host: str, out: list[str]) -> None:
 
 
 def message_tokens(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> list[str]:
-    """The token strings of one message (before hashing); exposed for inspection and tests."""
+    """The token strings of one message (before hashing), body bigrams spelled "a b"; for inspection and tests.
+
+    Body bigrams are hashed from their two words' hashes (:func:`_bigram_ids`), not from these strings.
+    """
+    toks, words = _parts(msg, result, config)
+    bigrams = [a + " " + b for a, b in zip(words, words[1:])] if config.body_bigrams else []
+    return toks + words + bigrams
+
+
+def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> tuple[list[str], list[str]]:
+    """(every token but the body words, the body words in order)."""
     artefacts = config.include_artefacts
     toks: list[str] = []
 
@@ -254,9 +267,6 @@ def message_tokens(msg: _Message, result: _RuleResult | None, config: FeatureCon
     if config.subject_bigrams and len(low) > 1:
         toks.extend(["s2:" + a + " " + b for a, b in zip(low, low[1:])])
     body_words = _WORD.findall(body)
-    toks.extend(body_words)
-    if config.body_bigrams and len(body_words) > 1:
-        toks.extend([a + " " + b for a, b in zip(body_words, body_words[1:])])
 
     if config.url_tokens:
         for host in msg.domains:
@@ -322,16 +332,45 @@ def message_tokens(msg: _Message, result: _RuleResult | None, config: FeatureCon
         raw_len = len(getattr(msg, "raw_body", "") or "")
         toks.append("n:html" + str(_bin(1.0 - len(body) / raw_len if raw_len > len(body) else 0.0, _RATIO_EDGES)))
         toks.append("n:nsubj" + str(_bin(len(low), _COUNT_EDGES)))
-    return toks
+    return toks, body_words
 
 
-def _row(tokens: list[str], n_buckets: int) -> tuple[np.ndarray, np.ndarray]:
-    """Count tokens and hash the distinct ones; every per-token step runs in C (map/Counter/crc32)."""
-    counts = Counter(tokens)
-    n = len(counts)
-    hashes = np.fromiter(map(zlib.crc32, map(_ENCODE, counts.keys())), dtype=np.int64, count=n)
-    tf = np.fromiter(counts.values(), dtype=np.float64, count=n)
-    return hashes % n_buckets, tf
+def _hashes(tokens: list[str]) -> np.ndarray:
+    """CRC-32 of each token (uint64), through a bounded cache: hits cost a C-level dict lookup."""
+    cache = _CACHE
+    got = list(map(cache.get, tokens))
+    if None in got:
+        room = _CACHE_MAX - len(cache)
+        for i, h in enumerate(got):
+            if h is None:
+                tok = tokens[i]
+                h = got[i] = zlib.crc32(_ENCODE(tok))
+                if room > 0:
+                    cache[tok] = h
+                    room -= 1
+    return np.fromiter(got, dtype=np.uint64, count=len(got))
+
+
+_BIGRAM_MUL = np.uint64(0x01000193)
+_BIGRAM_SALT = np.uint64(0x9E3779B9)
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def _bigram_ids(word_hashes: np.ndarray) -> np.ndarray:
+    """Hashes of adjacent word pairs from the words' own hashes (vectorised; no "a b" strings are built)."""
+    return ((word_hashes[:-1] * _BIGRAM_MUL) ^ (word_hashes[1:] + _BIGRAM_SALT)) & _U32
+
+
+def _row(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct bucket ids of one message and their counts."""
+    toks, words = _parts(msg, result, config)
+    hw = _hashes(words)
+    parts = [_hashes(toks), hw]
+    if config.body_bigrams and hw.size > 1:
+        parts.append(_bigram_ids(hw))
+    allh = np.concatenate(parts) % np.uint64(config.n_buckets)
+    ids, counts = np.unique(allh, return_counts=True)
+    return ids.astype(np.int64), counts.astype(np.float64)
 
 
 def featurize(
@@ -344,7 +383,7 @@ def featurize(
     tfs: list[np.ndarray] = []
     lens: list[int] = []
     for msg, res in zip(msgs, rule_results):
-        i, v = _row(message_tokens(msg, res, config), config.n_buckets)
+        i, v = _row(msg, res, config)
         ids.append(i)
         tfs.append(v)
         lens.append(len(i))

@@ -32,7 +32,7 @@ OPSET = 18
 class LinearConfig:
     """SGD hyperparameters; the defaults were chosen by validation inside the P1 training period."""
 
-    alpha: float = 1e-5
+    alpha: float = 3e-7
     epochs: int = 20
     average: bool = False
     class_weight: str | None = None

@@ -6,8 +6,7 @@ its tokens' vectors (an EmbeddingBag done as gather + scatter-add by segment id)
 ReLU layers to one logit, and the value-weighted sum of the scalar weights (a linear term, the "wide" part)
 is added. Rule hits are tokens, so the rules reach both parts.
 
-Training runs on the CPU in seconds: embedding tables get sparse gradients (SparseAdam), the small dense layers
-AdamW; regularisation is token dropout (whole entries dropped at random) plus dropout on the hidden layer.
+Training runs on the CPU in seconds: the tables are small enough (``n_embed`` x ``dim``) for plain AdamW; regularisation is token dropout (whole entries dropped at random) plus dropout on the hidden layer.
 
 Export: the graph is written directly with ``onnx.helper`` from the trained weights, the same way as the linear
 model's, with the same four inputs (ids, vals, seg, rows). That keeps the pooling exactly a GatherElements/Gather
@@ -45,18 +44,27 @@ log = structlog.get_logger(__name__)
 class NeuralConfig:
     """Hyperparameters; the defaults were chosen by validation inside the P1 training period."""
 
-    n_embed: int = 1 << 18
-    dim: int = 32
+    n_embed: int = 1 << 16
+    dim: int = 16
     hidden: int = 64
-    epochs: int = 8
+    epochs: int = 2
     batch_size: int = 32
-    lr_embed: float = 3e-3
-    lr_dense: float = 2e-3
+    lr_embed: float = 1e-3
+    lr_dense: float = 1e-3
     weight_decay: float = 1e-4
     dropout: float = 0.2
     token_dropout: float = 0.2
-    wide: bool = True
-    threads: int = 2
+    wide: str = "linear"  # "linear" (stacked SGD model), "table" (learned folded table) or "none"
+    stack_folds: int = 5
+    table_optimizer: str = "adam"
+    table_weight_decay: float = 0.0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.n_embed < 2 or self.n_embed & (self.n_embed - 1):
+            raise ValueError(f"n_embed must be a power of two, got {self.n_embed}")
+        if self.wide not in ("linear", "table", "none"):
+            raise ValueError(f"wide must be linear, table or none, got {self.wide!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,27 +76,50 @@ class NeuralConfig:
 
 
 class _Net(nn.Module):
-    def __init__(self, cfg: NeuralConfig) -> None:
+    def __init__(self, cfg: NeuralConfig, n_buckets: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.n_embed, cfg.dim, sparse=True)
+        self.embed = nn.Embedding(cfg.n_embed, cfg.dim)
         nn.init.normal_(self.embed.weight, std=0.1)
-        self.wide = nn.Embedding(cfg.n_embed, 1, sparse=True) if cfg.wide else None
-        if self.wide is not None:
-            nn.init.zeros_(self.wide.weight)
         self.hidden = nn.Linear(cfg.dim, cfg.hidden)
         self.out = nn.Linear(cfg.hidden, 1)
         self.drop = nn.Dropout(cfg.dropout)
+        self.wide_table: nn.Embedding | None = None
+        if cfg.wide == "table":
+            self.wide_table = nn.Embedding(cfg.n_embed, 1)
+            nn.init.zeros_(self.wide_table.weight)
+        # wide == "linear": fixed SGD weights over the full hash space, a learned scale and shift on their logit
+        self.register_buffer("lin_w", torch.zeros(n_buckets if cfg.wide == "linear" else 1))
+        self.register_buffer("lin_b", torch.zeros(()))
+        self.lin_scale = nn.Parameter(torch.ones(()))
+        self.lin_shift = nn.Parameter(torch.zeros(()))
 
-    def forward(self, ids: torch.Tensor, vals: torch.Tensor, seg: torch.Tensor, rows: int) -> torch.Tensor:
-        """Logit per row; ``ids`` already folded into ``n_embed``."""
-        e = self.embed(ids) * vals.unsqueeze(1)
-        pooled = torch.zeros(rows, self.cfg.dim, dtype=e.dtype).index_add_(0, seg, e)
+    def linear_logit(self, ids: torch.Tensor, vals: torch.Tensor, seg: torch.Tensor, rows: int) -> torch.Tensor:
+        w = self.lin_w[ids] * vals
+        return torch.zeros(rows, dtype=w.dtype).scatter_add(0, seg, w) + self.lin_b
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        vals: torch.Tensor,
+        seg: torch.Tensor,
+        rows: int,
+        wide_logit: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logit per row. ``wide_logit`` replaces the linear part in training (out-of-fold logits)."""
+        fid = ids & (self.cfg.n_embed - 1)
+        e = self.embed(fid) * vals.unsqueeze(1)
+        # scatter_add, not index_add_: torch's multi-threaded CPU index_add_ into a few rows is ~100x slower
+        seg_nd = seg.unsqueeze(1).expand(-1, self.cfg.dim)
+        pooled = torch.zeros(rows, self.cfg.dim, dtype=e.dtype).scatter_add(0, seg_nd, e)
         h = self.drop(torch.relu(self.hidden(pooled)))
         logit = self.out(h).squeeze(1)
-        if self.wide is not None:
-            w = self.wide(ids).squeeze(1) * vals
-            logit = logit + torch.zeros(rows, dtype=w.dtype).index_add_(0, seg, w)
+        if self.wide_table is not None:
+            w = self.wide_table(fid).squeeze(1) * vals
+            logit = logit + torch.zeros(rows, dtype=w.dtype).scatter_add(0, seg, w)
+        elif self.cfg.wide == "linear":
+            lin = wide_logit if wide_logit is not None else self.linear_logit(ids, vals, seg, rows)
+            logit = logit + self.lin_scale * lin + self.lin_shift
         return logit
 
 
@@ -103,7 +134,7 @@ class NeuralModel:
         self.train_seconds = 0.0
 
     def _tensors(self, batch: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids = torch.from_numpy(np.ascontiguousarray(batch.ids % self.config.n_embed, dtype=np.int64))
+        ids = torch.from_numpy(np.ascontiguousarray(batch.ids, dtype=np.int64))
         vals = torch.from_numpy(np.ascontiguousarray(batch.vals, dtype=np.float32))
         seg = torch.from_numpy(np.ascontiguousarray(batch.seg, dtype=np.int64))
         return ids, vals, seg
@@ -132,22 +163,23 @@ class NeuralModel:
             numpy_helper.from_array(net.hidden.bias.detach().numpy().astype(f32), "b1"),
             numpy_helper.from_array(net.out.weight.detach().numpy().T.astype(f32).copy(), "W2"),
             numpy_helper.from_array(net.out.bias.detach().numpy().astype(f32), "b2"),
-            numpy_helper.from_array(np.array(cfg.n_embed, dtype=np.int64), "n_embed"),
+            numpy_helper.from_array(np.array(cfg.n_embed - 1, dtype=np.int64), "fold_mask"),
             numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
             numpy_helper.from_array(np.array([cfg.dim], dtype=np.int64), "dim"),
         ]
         zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
         nodes = [
-            helper.make_node("Mod", ["ids", "n_embed"], ["fid"]),
+            # ids mod n_embed as a bit mask (n_embed is a power of two): onnxruntime's int64 Mod is ~10x slower
+            helper.make_node("BitwiseAnd", ["ids", "fold_mask"], ["fid"]),
             helper.make_node("Gather", ["E", "fid"], ["emb"], axis=0),
             helper.make_node("Unsqueeze", ["vals", "axis1"], ["vals2"]),
             helper.make_node("Mul", ["emb", "vals2"], ["wemb"]),
             helper.make_node("Concat", ["rows", "dim"], ["pool_shape"], axis=0),
             helper.make_node("ConstantOfShape", ["pool_shape"], ["pool0"], value=zero),
+            # ScatterND adds whole dim-vectors per entry; ScatterElements over an expanded [N, dim] index was
+            # ~40x slower in onnxruntime (one bookkeeping step per element instead of per vector).
             helper.make_node("Unsqueeze", ["seg", "axis1"], ["seg2"]),
-            helper.make_node("Shape", ["wemb"], ["wemb_shape"]),
-            helper.make_node("Expand", ["seg2", "wemb_shape"], ["seg_nd"]),
-            helper.make_node("ScatterElements", ["pool0", "seg_nd", "wemb"], ["pooled"], axis=0, reduction="add"),
+            helper.make_node("ScatterND", ["pool0", "seg2", "wemb"], ["pooled"], reduction="add"),
             helper.make_node("MatMul", ["pooled", "W1"], ["h0"]),
             helper.make_node("Add", ["h0", "b1"], ["h1"]),
             helper.make_node("Relu", ["h1"], ["h"]),
@@ -155,14 +187,30 @@ class NeuralModel:
             helper.make_node("Add", ["o0", "b2"], ["o1"]),
             helper.make_node("Squeeze", ["o1", "axis1"], ["deep"]),
         ]
-        if net.wide is not None:
-            inits.append(numpy_helper.from_array(net.wide.weight.detach().numpy().reshape(-1).astype(f32), "Wwide"))
+        wide_nodes = [
+            helper.make_node("Mul", ["w_ids", "vals"], ["wcontrib"]),
+            helper.make_node("ConstantOfShape", ["rows"], ["wide0"], value=zero),
+            helper.make_node("ScatterElements", ["wide0", "seg", "wcontrib"], ["wide"], axis=0, reduction="add"),
+        ]
+        if net.wide_table is not None:
+            inits.append(
+                numpy_helper.from_array(net.wide_table.weight.detach().numpy().reshape(-1).astype(f32), "Wwide")
+            )
+            nodes += [helper.make_node("GatherElements", ["Wwide", "fid"], ["w_ids"], axis=0), *wide_nodes]
+            nodes.append(helper.make_node("Add", ["deep", "wide"], ["logit"]))
+        elif cfg.wide == "linear":
+            inits += [
+                numpy_helper.from_array(net.lin_w.detach().numpy().astype(f32), "Wlin"),
+                numpy_helper.from_array(np.array([float(net.lin_b)], dtype=f32), "blin"),
+                numpy_helper.from_array(np.array([float(net.lin_scale.detach())], dtype=f32), "lin_scale"),
+                numpy_helper.from_array(np.array([float(net.lin_shift.detach())], dtype=f32), "lin_shift"),
+            ]
+            nodes += [helper.make_node("GatherElements", ["Wlin", "ids"], ["w_ids"], axis=0), *wide_nodes]
             nodes += [
-                helper.make_node("GatherElements", ["Wwide", "fid"], ["w_ids"], axis=0),
-                helper.make_node("Mul", ["w_ids", "vals"], ["wcontrib"]),
-                helper.make_node("ConstantOfShape", ["rows"], ["wide0"], value=zero),
-                helper.make_node("ScatterElements", ["wide0", "seg", "wcontrib"], ["wide"], axis=0, reduction="add"),
-                helper.make_node("Add", ["deep", "wide"], ["logit"]),
+                helper.make_node("Add", ["wide", "blin"], ["lin_logit"]),
+                helper.make_node("Mul", ["lin_logit", "lin_scale"], ["lin_scaled"]),
+                helper.make_node("Add", ["deep", "lin_scaled"], ["deep_lin"]),
+                helper.make_node("Add", ["deep_lin", "lin_shift"], ["logit"]),
             ]
         else:
             nodes.append(helper.make_node("Identity", ["deep"], ["logit"]))
@@ -199,6 +247,33 @@ class NeuralModel:
         return path
 
 
+def _stack_linear(
+    net: _Net, batch: FeatureBatch, labels: np.ndarray, feats: FeatureConfig, k: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Fit the linear part on everything (kept fixed in the net) and return its out-of-fold logits.
+
+    The deep part learns on top of out-of-fold logits, i.e. on how the linear model errs on mail it did not
+    see, which is how it behaves on new mail; in-sample logits would be overconfident and leave nothing to learn.
+    """
+    from models.linear import LinearModel
+
+    rows = batch.rows
+    fold = rng.permutation(rows) % max(2, k)
+    oof = np.zeros(rows, dtype=np.float32)
+    for j in range(max(2, k)):
+        tr, va = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
+        if np.unique(labels[tr]).size < 2:
+            continue
+        part = LinearModel(feats).fit(batch.take(tr), labels[tr].astype(np.int64))
+        oof[va] = part.decision_function(batch.take(va)).astype(np.float32)
+    full = LinearModel(feats).fit(batch, labels.astype(np.int64))
+    w, b = full._weights()
+    with torch.no_grad():
+        net.lin_w.copy_(torch.from_numpy(w.astype(np.float32)))
+        net.lin_b.fill_(float(b))
+    return oof
+
+
 def _row_starts(batch: FeatureBatch) -> np.ndarray:
     return np.searchsorted(batch.seg, np.arange(batch.rows + 1)).astype(np.int64)
 
@@ -224,14 +299,24 @@ def train_neural(
     try:
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        net = _Net(cfg)
-        sparse_params = [net.embed.weight] + ([net.wide.weight] if net.wide is not None else [])
-        dense_params = [p for n, p in net.named_parameters() if not n.startswith(("embed.", "wide."))]
-        opt_sparse = torch.optim.SparseAdam(sparse_params, lr=cfg.lr_embed)
+        net = _Net(cfg, feats.n_buckets)
+        oof: np.ndarray | None = None
+        if cfg.wide == "linear":
+            oof = _stack_linear(net, batch, labels, feats, cfg.stack_folds, rng)
+        table_params = [net.embed.weight] + ([net.wide_table.weight] if net.wide_table is not None else [])
+        dense_params = [p for n, p in net.named_parameters() if not n.startswith(("embed.", "wide_table."))]
         opt_dense = torch.optim.AdamW(dense_params, lr=cfg.lr_dense, weight_decay=cfg.weight_decay)
+        opt_table: torch.optim.Optimizer
+        if cfg.table_optimizer == "adagrad":
+            # per-row step sizes that shrink with a token's history: rare tokens are not blown up as by Adam
+            opt_table = torch.optim.Adagrad(table_params, lr=cfg.lr_embed, weight_decay=cfg.table_weight_decay)
+        elif cfg.table_optimizer == "adam":
+            opt_table = torch.optim.AdamW(table_params, lr=cfg.lr_embed, weight_decay=cfg.table_weight_decay)
+        else:
+            raise ValueError(f"unknown table_optimizer {cfg.table_optimizer!r}")
         loss_fn = nn.BCEWithLogitsLoss()
         starts = _row_starts(batch)
-        ids_all = batch.ids % cfg.n_embed
+        ids_all = batch.ids
         vals_all = batch.vals.astype(np.float32)
         net.train()
         for _epoch in range(cfg.epochs):
@@ -251,12 +336,13 @@ def train_neural(
                     torch.from_numpy(vals.astype(np.float32)),
                     torch.from_numpy(seg.astype(np.int64)),
                     int(rows.size),
+                    None if oof is None else torch.from_numpy(oof[rows]),
                 )
                 loss = loss_fn(logit, torch.from_numpy(labels[rows]))
-                opt_sparse.zero_grad()
-                opt_dense.zero_grad()
+                opt_table.zero_grad(set_to_none=True)
+                opt_dense.zero_grad(set_to_none=True)
                 loss.backward()
-                opt_sparse.step()
+                opt_table.step()
                 opt_dense.step()
         net.eval()
     finally:

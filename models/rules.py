@@ -19,7 +19,6 @@ the reference atomically.
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -145,20 +144,33 @@ class RuleResult:
 # Patterns
 # ---------------------------------------------------------------------------------------
 
-_DELIMITED_RE = re.compile(r"^\s*m?([/{!#|,@%])(.*)([/}!#|,@%])([a-zA-Z]*)\s*$", re.DOTALL)
-_CLOSERS = {"{": "}"}
 _HEADER_EXPR_RE = re.compile(r"^\s*([A-Za-z0-9_:.\-]+(?::[a-z]+)?)\s*(=~|!~)\s*(.+?)\s*(\[if-unset:\s*(.*)\])?\s*$", re.DOTALL)
 _EXISTS_RE = re.compile(r"^\s*exists:\s*([A-Za-z0-9_.\-]+)\s*$")
 
 
+_BRACKETS = {"{": "}", "(": ")", "[": "]", "<": ">"}
+_FLAGS_TAIL_RE = re.compile(r"([a-zA-Z]*)\s*$")
+
+
 def split_delimited(pattern: str) -> tuple[str, str]:
-    """``/re/flags`` or ``m{re}flags`` -> (re, flags); a bare regex -> (regex, "")."""
-    m = _DELIMITED_RE.match(pattern)
-    if m is not None:
-        open_, body, close, flags = m.groups()
-        if _CLOSERS.get(open_, open_) == close and (open_ == "/" or pattern.lstrip().startswith("m")):
-            return body, flags
-    return pattern, ""
+    """``/re/flags`` or Perl's ``m{re}flags`` / ``m;re;flags`` -> (re, flags); a bare regex
+    -> (regex, "")."""
+    p = pattern.strip()
+    if p.startswith("/"):
+        open_ = "/"
+        body_start = 1
+    elif len(p) > 2 and p[0] == "m" and not p[1].isalnum() and not p[1].isspace() and p[1] != "_":
+        open_ = p[1]
+        body_start = 2
+    else:
+        return pattern, ""
+    close = _BRACKETS.get(open_, open_)
+    tail = _FLAGS_TAIL_RE.search(p)
+    flags = tail.group(1) if tail else ""
+    end = len(p) - len(tail.group(0)) if tail else len(p)
+    if end - 1 < body_start or p[end - 1] != close:
+        return pattern, ""
+    return p[body_start : end - 1], flags
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +233,12 @@ _PY_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERB
 _HS_FLAGS = {"i": hyperscan.HS_FLAG_CASELESS, "m": hyperscan.HS_FLAG_MULTILINE, "s": hyperscan.HS_FLAG_DOTALL}
 
 
-def _py_compile(spec: _Spec, name: str) -> re.Pattern[str]:
+_PY_CACHE: dict[tuple[bytes, int], re.Pattern[bytes]] = {}
+
+
+def _py_compile(spec: _Spec, name: str) -> re.Pattern[bytes]:
+    """The ``re`` form of a pattern, on UTF-8 bytes like the hyperscan form (and like
+    SpamAssassin, whose rules match the bytes of UTF-8 text). Also the validator."""
     fl = 0
     for ch in spec.flags:
         if ch in _PY_FLAGS:
@@ -231,9 +248,37 @@ def _py_compile(spec: _Spec, name: str) -> re.Pattern[str]:
     if spec.target == "uri":
         fl |= re.MULTILINE  # the URI list is one URL per line; ^ and $ anchor each
     try:
-        return re.compile(spec.regex, fl)
+        pat = _utf8_escapes(spec.regex).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RuleError(f"rule {name}: pattern is not valid text: {exc}") from exc
+    key = (pat, fl)
+    hit = _PY_CACHE.get(key)
+    if hit is not None:
+        return hit
+    try:
+        rx = re.compile(pat, fl)
     except (re.error, OverflowError, RecursionError, ValueError) as exc:
         raise RuleError(f"rule {name}: bad regex {spec.regex!r}: {exc}") from exc
+    if len(_PY_CACHE) < 50_000:
+        _PY_CACHE[key] = rx
+    return rx
+
+
+_UNI_ESCAPE_RE = re.compile(r"(?<!\\)\\(?:u([0-9A-Fa-f]{4})|U([0-9A-Fa-f]{8})|x\{([0-9A-Fa-f]{1,6})\})")
+
+
+def _utf8_escapes(regex: str) -> str:
+    """``\\u00e9``-style escapes (invalid in a bytes pattern) become their UTF-8 byte escapes."""
+    if "\\u" not in regex and "\\U" not in regex and "\\x{" not in regex:
+        return regex
+
+    def repl(m: re.Match[str]) -> str:
+        cp = int(m.group(1) or m.group(2) or m.group(3), 16)
+        if cp < 0x80:
+            return "\\x%02x" % cp
+        return "(?:" + "".join("\\x%02x" % b for b in chr(cp).encode("utf-8")) + ")"
+
+    return _UNI_ESCAPE_RE.sub(repl, regex)
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,12 +391,11 @@ def meta_references(expr: str) -> set[str]:
 class _Group:
     """Every pattern of one target text: one hyperscan database plus ``re`` fallbacks."""
 
-    __slots__ = ("target", "db", "hs_ids", "fallback", "utf8", "_local")
+    __slots__ = ("target", "db", "hs_ids", "fallback", "_local")
 
     def __init__(self, target: str, specs: list[_Spec], rules: Sequence[Rule]) -> None:
         self.target = target
-        self.utf8 = target != "full"
-        self.fallback: list[tuple[int, re.Pattern[str]]] = []
+        self.fallback: list[tuple[int, re.Pattern[bytes]]] = []
         self.db: hyperscan.Database | None = None
         self._local = threading.local()
         exprs: list[bytes] = []
@@ -359,26 +403,32 @@ class _Group:
         flags: list[int] = []
         for spec in specs:
             pyre = _py_compile(spec, rules[spec.index].name)  # validates every pattern
-            hs = _hs_pattern(spec, self.utf8)
+            hs = _hs_pattern(spec)
             if hs is None:
                 self.fallback.append((spec.index, pyre))
                 continue
             exprs.append(hs[0])
             flags.append(hs[1])
             ids.append(spec.index)
-        while exprs:
-            try:
-                db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-                db.compile(expressions=exprs, ids=ids, flags=flags)
-                self.db = db
-                break
-            except hyperscan.error:
-                bad = _first_bad(exprs, flags)
-                idx = ids.pop(bad)
-                exprs.pop(bad)
-                flags.pop(bad)
+        if exprs and not _hs_try(exprs, ids, flags):
+            # some pattern is beyond hyperscan: test each alone (cached), send those to ``re``
+            keep = [k for k in range(len(exprs)) if _hs_single_ok(exprs[k], flags[k])]
+            for k in range(len(exprs)):
+                if k not in set(keep):
+                    idx = ids[k]
+                    spec = next(s for s in specs if s.index == idx)
+                    self.fallback.append((idx, _py_compile(spec, rules[idx].name)))
+            exprs = [exprs[k] for k in keep]
+            ids = [ids[k] for k in keep]
+            flags = [flags[k] for k in keep]
+            while exprs and not _hs_try(exprs, ids, flags):  # only together too large: shed
+                idx = ids.pop()
+                exprs.pop()
+                flags.pop()
                 spec = next(s for s in specs if s.index == idx)
                 self.fallback.append((idx, _py_compile(spec, rules[idx].name)))
+        if exprs:
+            self.db = _hs_try(exprs, ids, flags)
         self.hs_ids = ids
 
     def scratch(self) -> hyperscan.Scratch:
@@ -388,77 +438,143 @@ class _Group:
             self._local.scratch = s
         return s
 
-    def match(self, data: bytes, text: str | None, hits: bytearray) -> None:
+    def match(self, data: bytes, hits: bytearray) -> None:
         if self.db is not None:
 
             def on_match(pid: int, start: int, end: int, flags: int, ctx: object) -> None:
                 hits[pid] = 1
 
             self.db.scan(data, match_event_handler=on_match, scratch=self.scratch())
-        if self.fallback:
-            if text is None:
-                text = data.decode("latin-1") if not self.utf8 else data.decode("utf-8", "replace")
-            for idx, rx in self.fallback:
-                if rx.search(text) is not None:
-                    hits[idx] = 1
+        for idx, rx in self.fallback:
+            if rx.search(data) is not None:
+                hits[idx] = 1
 
 
 _HS_UNSUPPORTED_RE = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=|\(\?>|\\[AzZGbB]?[kK]<|\(\?\(|\(\?[a-zA-Z]*x|\\[pP]\{")
 
 
-def _hs_pattern(spec: _Spec, utf8: bool) -> tuple[bytes, int] | None:
-    """hyperscan expression and flags for a spec, or None when it must use ``re``."""
+_BIG_REPEAT_RE = re.compile(r"\{\d*,?(\d{3,})\}")
+_HS_MAX_REPEAT = 100
+_HS_MAX_LEN = 4000
+_GROUP_REPEAT_RE = re.compile(r"\)\{(?:[3-9]|\d\d)")
+_GROUP_REPEAT_MIN_LEN = 200  # a short pattern may repeat a group; long ones explode  # larger bounded repeats make hyperscan's compile explode; ``re`` copes
+
+
+def _hs_pattern(spec: _Spec) -> tuple[bytes, int] | None:
+    """hyperscan expression and flags for a spec, or None when it must use ``re``.
+
+    Byte mode (no HS_FLAG_UTF8): the same semantics as the ``re`` fallback on UTF-8 bytes,
+    and far cheaper to compile for the big character-class alternations of imported rules."""
     if "x" in spec.flags or _HS_UNSUPPORTED_RE.search(spec.regex) is not None:
         return None
+    if any(int(m.group(1)) > _HS_MAX_REPEAT for m in _BIG_REPEAT_RE.finditer(spec.regex)):
+        return None
+    if len(spec.regex) > _HS_MAX_LEN or (
+        len(spec.regex) > _GROUP_REPEAT_MIN_LEN and _GROUP_REPEAT_RE.search(spec.regex) is not None
+    ):
+        return None  # repeated big groups: minutes of hyperscan compile, microseconds in ``re``
     fl = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY
     for ch in spec.flags:
         fl |= _HS_FLAGS.get(ch, 0)
     if spec.target == "uri":
         fl |= hyperscan.HS_FLAG_MULTILINE
-    if utf8:
-        fl |= hyperscan.HS_FLAG_UTF8
-        try:
-            return spec.regex.encode("utf-8"), fl
-        except UnicodeEncodeError:
-            return None
     try:
-        return spec.regex.encode("latin-1"), fl
+        return _utf8_escapes(spec.regex).encode("utf-8"), fl
     except UnicodeEncodeError:
         return None
 
 
-def _first_bad(exprs: list[bytes], flags: list[int]) -> int:
-    for i, (e, f) in enumerate(zip(exprs, flags, strict=True)):
+_HS_SINGLE: dict[tuple[bytes, int], bool] = {}
+_HS_CACHE: dict[tuple[tuple[bytes, ...], tuple[int, ...], tuple[int, ...]], hyperscan.Database | None] = {}
+_HS_LOCK = threading.Lock()
+
+
+def _hs_try(exprs: list[bytes], ids: list[int], flags: list[int]) -> hyperscan.Database | None:
+    """Compile a database (memoised: engines rebuilt after a rule change reuse it)."""
+    key = (tuple(exprs), tuple(ids), tuple(flags))
+    with _HS_LOCK:
+        if key in _HS_CACHE:
+            return _HS_CACHE[key]
+    try:
+        db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
+        db.compile(expressions=list(exprs), ids=list(ids), flags=list(flags))
+    except hyperscan.error:
+        db = None
+    with _HS_LOCK:
+        if len(_HS_CACHE) > 64:
+            _HS_CACHE.clear()
+        _HS_CACHE[key] = db
+    return db
+
+
+def _hs_single_ok(expr: bytes, flag: int) -> bool:
+    key = (expr, flag)
+    ok = _HS_SINGLE.get(key)
+    if ok is None:
         try:
-            hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK).compile(expressions=[e], ids=[0], flags=[f])
+            hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK).compile(expressions=[expr], ids=[0], flags=[flag])
+            ok = True
         except hyperscan.error:
-            return i
-    return len(exprs) - 1  # the set fails only together (too large): drop the last
+            ok = False
+        if len(_HS_SINGLE) < 100_000:
+            _HS_SINGLE[key] = ok
+    return ok
 
 
-_ADDR_CACHE_HEADERS = ("from", "to", "cc", "reply-to", "sender", "return-path")
 
 
-def _header_text(msg: ParsedMessage, key: str) -> str:
+_ADDR_RE = re.compile(r"<\s*([^<>\s]*@[^<>\s]*)\s*>|([\w.!#$%&'*+/=?^`{|}~-]+@[\w.-]+)")
+_NAME_RE_HDR = re.compile(r"^\s*\"?([^\"<]*?)\"?\s*<")
+
+
+def _addresses(text: str) -> str:
+    return "\n".join(m.group(1) or m.group(2) for m in _ADDR_RE.finditer(text))
+
+
+def _display_names(text: str) -> str:
+    out = []
+    for line in text.split("\n"):
+        m = _NAME_RE_HDR.match(line)
+        if m is not None and m.group(1).strip():
+            out.append(m.group(1).strip())
+        elif "(" in line and ")" in line:  # old form: addr (Name)
+            out.append(line[line.index("(") + 1 : line.rindex(")")].strip())
+    return "\n".join(out)
+
+
+def _header_map(msg: ParsedMessage) -> dict[str, str]:
+    """Every header's values joined by newlines, built once per evaluation."""
+    out: dict[str, str] = {}
+    for k, v in msg.headers:
+        prev = out.get(k)
+        out[k] = v if prev is None else prev + "\n" + v
+    return out
+
+
+def _header_text(msg: ParsedMessage, key: str, hmap: dict[str, str] | None = None) -> str:
+    if hmap is None:
+        hmap = _header_map(msg)
     name, _, mod = key.partition(":")
     if name == "ALL":
         text = "\n".join(f"{k}: {v}" for k, v in msg.headers)
     elif name == "ToCc":
-        text = "\n".join(v for k, v in msg.headers if k in ("to", "cc"))
+        text = "\n".join(x for x in (hmap.get("to"), hmap.get("cc")) if x)
     elif name == "MESSAGEID":
-        text = "\n".join(v for k, v in msg.headers if k in ("message-id", "resent-message-id", "x-message-id"))
+        text = "\n".join(x for x in (hmap.get(h) for h in ("message-id", "resent-message-id", "x-message-id")) if x)
     elif name == "EnvelopeFrom":
-        text = msg.header("return-path")
+        text = hmap.get("return-path", "")
     elif name == DEFECTS_HEADER:
         text = " ".join(msg.defects)
     elif name == ATTACHMENTS_HEADER:
         text = "\n".join(f"{fn}; {ct}" for fn, ct in msg.attachments)
     else:
-        text = msg.header(name)
+        text = hmap.get(name, "")
+    if not mod or not text or mod == "raw":
+        return text
     if mod == "addr":
-        return "\n".join(a for _, a in email.utils.getaddresses(text.split("\n")) if a)
+        return _addresses(text)
     if mod == "name":
-        return "\n".join(n for n, _ in email.utils.getaddresses(text.split("\n")) if n)
+        return _display_names(text)
     return text
 
 
@@ -493,8 +609,8 @@ class RuleEngine:
         metas: list[tuple[int, Evaluator, set[str]]] = []
         for i, r in enumerate(self._rules):
             if r.kind == "meta":
-                parser = _MetaParser(r.pattern, self._resolver(r.name))
                 try:
+                    parser = _MetaParser(r.pattern, self._resolver(r.name))
                     fn = parser.parse()
                 except RuleError as exc:
                     raise RuleError(f"rule {r.name}: bad meta expression: {exc}") from None
@@ -668,10 +784,11 @@ class RuleEngine:
         """Score one parsed message: the sum of the weights of the rules that hit."""
         rules = self._rules
         hits = bytearray(len(rules))
+        hmap = _header_map(msg)
         for g in self._groups:
             t = g.target
             if t == "full":
-                g.match(msg.raw, None, hits)
+                g.match(msg.raw, hits)
                 continue
             if t == "body":
                 text = (msg.subject + "\n" + msg.body_text) if msg.subject else msg.body_text
@@ -681,10 +798,10 @@ class RuleEngine:
                 text = "\n".join(msg.urls)
             else:
                 key, sep, unset = t[2:].partition("\x00")
-                text = _header_text(msg, key)
+                text = _header_text(msg, key, hmap)
                 if not text and sep:
                     text = unset  # SpamAssassin's [if-unset: STR]
-            g.match(text.encode("utf-8", "replace"), text, hits)
+            g.match(text.encode("utf-8", "surrogatepass"), hits)
         for i in self._negated:
             hits[i] ^= 1
         if self._exists:
@@ -692,6 +809,8 @@ class RuleEngine:
             for i, name in self._exists:
                 if (
                     name in present
+                    or (name == "tocc" and ("to" in present or "cc" in present))
+                    or (name == "messageid" and ("message-id" in present or "resent-message-id" in present))
                     or (name == DEFECTS_HEADER and msg.defects)
                     or (name == ATTACHMENTS_HEADER and msg.attachments)
                 ):
@@ -767,7 +886,6 @@ def perl_to_python_regex(regex: str) -> str:
         if rx.search(regex):
             raise RuleError(reason)
     out = _POSIX_RE.sub(lambda m: ("^" if m.group(1) else "") + _POSIX_CLASSES[m.group(2)], regex)
-    out = re.sub(r"\\x\{([0-9A-Fa-f]{1,6})\}", lambda m: "\\U%08x" % int(m.group(1), 16), out)
     out = out.replace(r"\z", r"\Z").replace(r"\h", r"[ \t]")
     out = re.sub(r"\(\?<(?=[A-Za-z_])", "(?P<", out)
     out = re.sub(r"(?<!\\)\\Z(?!\))", r"(?=\\n?\\Z)", out) if r"\Z" in regex else out
@@ -955,8 +1073,13 @@ class _SAImporter:
         if kind == "meta" and "eval:" in body:
             raise RuleError("eval rule needs SpamAssassin plugin code")
         score = self.scores.get(name)
-        if score is None:
-            score = 0.0 if name.startswith("__") else (0.01 if name.startswith("T_") else 1.0)
+        if score is None:  # SpamAssassin's defaults: sub-rules 0, testing rules 0.01, "nice" -1
+            if name.startswith("__"):
+                score = 0.0
+            elif name.startswith("T_"):
+                score = 0.01
+            else:
+                score = -1.0 if re.search(r"\bnice\b", flags) else 1.0
         common = {
             "weight": score,
             "description": self.describe.get(name, ""),
@@ -982,7 +1105,7 @@ class _SAImporter:
             rule = Rule(name=name, kind="header", pattern=pattern, **common)
         else:
             regex, fl = split_delimited(self._apply_tags(name, body))
-            if regex == body and not body.startswith("/"):
+            if regex == body:
                 raise RuleError("pattern is not a /regex/")
             rule = Rule(name=name, kind=kind, pattern=f"/{perl_to_python_regex(regex)}/{fl}", **common)
         spec = _rule_spec(0, rule)

@@ -63,6 +63,7 @@ class Daemon:
         """Start ``argv`` detached (new session, stdin closed, output appended to the log); returns its pid."""
         self.pidfile.parent.mkdir(parents=True, exist_ok=True)
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        rotate(self.logfile)
         with open(self.logfile, "ab", buffering=0) as out:
             out.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {self.name}\n".encode())
             try:
@@ -107,6 +108,18 @@ _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 def _adopt(proc: subprocess.Popen[bytes]) -> None:
     _CHILDREN[proc.pid] = proc
+
+
+LOG_ROTATE_BYTES = 20 * 1024 * 1024
+
+
+def rotate(logfile: Path, max_bytes: int = LOG_ROTATE_BYTES) -> None:
+    """Keep one previous log (``.1``) once a log outgrows ``max_bytes``; checked at each start."""
+    try:
+        if logfile.stat().st_size > max_bytes:
+            os.replace(logfile, logfile.with_name(logfile.name + ".1"))
+    except FileNotFoundError:
+        pass
 
 
 def read_pid(pidfile: Path) -> int | None:
@@ -268,6 +281,7 @@ __all__ = [
     "port_open",
     "read_pid",
     "require_ports_free",
+    "rotate",
     "rss_bytes",
     "tail",
     "terminate",

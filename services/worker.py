@@ -12,7 +12,7 @@ which is part of the same transactions.
 
 Consensus. A flag is a vote (reporter, message, label); one vote per reporter per message (a repeat with the
 same label is a duplicate, with the other label it replaces the vote). A reporter's weight is
-``2 * (agree + 1) / (agree + disagree + 2)``: a newcomer weighs 1, a reliable reporter tends to 2, a reporter
+``2 * (agree + 2) / (agree + disagree + 4)``: a newcomer weighs 1, a reliable reporter tends to 2, a reporter
 who keeps contradicting tends to 0. Evidence: the vote agrees or disagrees with the consensus of the other
 reporters already on that message, and with the current model where it is very sure (p >= 0.99 or <= 0.01).
 A message is labelled when the weighted margin between the two labels reaches ``consensus_min_weight``. The
@@ -51,9 +51,14 @@ HOLDOUT_MODULO = 10  # one labelled message in ten (by message-id hash, per clas
 
 
 # ----------------------------------------------------------------------------------------------- pure logic
+REPUTATION_PRIOR = 2.0  # pseudo-counts of agreement and disagreement a newcomer starts with
+
+
 def reporter_weight(agree: float, disagree: float) -> float:
-    """Reputation of a reporter from its agreement record (Laplace-smoothed, in [0, 2], newcomer = 1)."""
-    return 2.0 * (agree + 1.0) / (agree + disagree + 2.0)
+    """Reputation of a reporter from its agreement record (smoothed by a prior of two pseudo-agreements and
+    two pseudo-disagreements: in (0, 2), newcomer = 1, one early mistake costs 0.2, ten cost 0.67)."""
+    k = REPUTATION_PRIOR
+    return 2.0 * (agree + k) / (agree + disagree + 2.0 * k)
 
 
 def consensus(votes: Iterable[tuple[str, float]], min_weight: float) -> tuple[str | None, float]:
@@ -84,6 +89,15 @@ def model_evidence(label: str, probability: float | None) -> int:
     return 0
 
 
+def auc_standard_error(auc: float, n_pos: int, n_neg: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUC measured on ``n_pos`` spam and ``n_neg`` ham."""
+    if not (n_pos and n_neg) or math.isnan(auc):
+        return math.nan
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc * auc / (1.0 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    return math.sqrt(max(var, 0.0))
+
+
 @dataclass(frozen=True, slots=True)
 class GateResult:
     promote: bool
@@ -101,13 +115,16 @@ def gate_rule(
 ) -> GateResult:
     """Promote or reject a challenger on metrics measured on the same evaluation set.
 
-    ``one_minus_auc`` must improve, and ``fpr`` (at the operating threshold) may rise by ``fpr_tolerance`` at
-    most. "Improve" for tiny deltas: an AUC difference below ``tie_epsilon`` (absolute) is noise on a
-    held-out set of a few thousand messages, so a challenger that *descends from the champion* (the
-    incremental model after learning more labels) is promoted when it is not worse than that - otherwise
-    fresh flags would wait for a measurable gain before serving. To stop a chain of such ties from drifting
-    down, it must also be within ``tie_epsilon`` of the ``anchor`` (the last champion that won outright).
-    Anything else must be strictly better.
+    ``fpr`` (at each model's own operating threshold) may rise by ``fpr_tolerance`` at most, and
+    ``one_minus_auc`` must improve. "Improve" for tiny deltas:
+
+    * a challenger from another lineage (a retrained model) must have a strictly lower 1-AUC;
+    * one that *descends from the champion* (the incremental model after learning more labels) is promoted
+      when it is not worse than the champion by more than the noise margin - the larger of ``tie_epsilon`` and
+      one standard error of the champion's AUC on this set (Hanley-McNeil; near AUC 1 a single misranked
+      message moves 1-AUC by about that much). Otherwise fresh flags would wait for a gain the evaluation set
+      cannot resolve before serving. So that a chain of such ties cannot drift down, it must also be within
+      the margin of the ``anchor`` (the best champion of this chain, re-scored on the same set).
     """
     c = challenger.get("one_minus_auc", math.nan)
     if math.isnan(c):
@@ -122,17 +139,17 @@ def gate_rule(
         return GateResult(
             False, f"FPR at the operating threshold rises from {fpr_k:.4%} to {fpr_c:.4%} (tolerance {fpr_tolerance:.4%})"
         )
-    if c < k - tie_epsilon:
-        return GateResult(True, f"1-AUC improves from {k:.5f} to {c:.5f}")
-    if descends_from_champion and c <= k + tie_epsilon:
-        a = None if anchor is None else anchor.get("one_minus_auc")
-        if a is not None and not math.isnan(a) and c > a + tie_epsilon:
-            return GateResult(False, f"1-AUC {c:.5f} drifted beyond {tie_epsilon} of the anchor's {a:.5f}")
-        if c < k:
-            return GateResult(True, f"1-AUC improves from {k:.5f} to {c:.5f}")
-        return GateResult(True, f"incremental update, 1-AUC {c:.5f} within {tie_epsilon} of champion's {k:.5f}")
     if c < k:
-        return GateResult(False, f"1-AUC gain {k - c:.6f} below the noise margin {tie_epsilon}")
+        return GateResult(True, f"1-AUC improves from {k:.5f} to {c:.5f}")
+    if descends_from_champion:
+        se = auc_standard_error(1.0 - k, int(champion.get("n_spam", 0)), int(champion.get("n_ham", 0)))
+        margin = max(tie_epsilon, 0.0 if math.isnan(se) else se)
+        a = None if anchor is None else anchor.get("one_minus_auc")
+        if a is not None and not math.isnan(a) and c > a + margin:
+            return GateResult(False, f"1-AUC {c:.5f} drifted beyond the noise margin {margin:.5f} of the anchor's {a:.5f}")
+        if c <= k + margin:
+            return GateResult(True, f"incremental update, 1-AUC {c:.5f} within the noise margin {margin:.5f} of the champion's {k:.5f}")
+        return GateResult(False, f"1-AUC {c:.5f} worse than the champion's {k:.5f} beyond the noise margin {margin:.5f}")
     return GateResult(False, f"1-AUC does not improve: {c:.5f} vs champion {k:.5f}")
 
 
@@ -582,6 +599,7 @@ class Learner:
         self.corpus_train = list(corpus_train)
         self.gate_lock = threading.Lock()
         self.model_lock = threading.Lock()
+        self._row_cache: dict[str, Any] = {}
         self.linear = self._base_model()
         self.learned_seq = 0
         self.learned_digests: list[str] = []
@@ -593,7 +611,8 @@ class Learner:
         self._neural_busy = threading.Event()
         self._threads: list[threading.Thread] = []
         self._eval_cache: dict[str, tuple[Any, float]] = {}
-        self.anchor: dict[str, float] | None = None
+        self.anchor_version: str | None = None  # best champion of the incremental chain (see gate_rule)
+        self._loaded: dict[str, Any] = {}
         self._champion_cache: tuple[str, Any] | None = None
         self.replay()
         self.labels_at_neural = sum(self.store.label_counts().values())
@@ -622,6 +641,18 @@ class Learner:
         results = [self.rules.evaluate(m) for m in msgs]
         return featurize(msgs, results, features or self.linear.features), results
 
+    def rows(self, items: Sequence[tuple[str, bytes]], features: Any = None) -> Any:
+        """Feature rows of (key, raw) pairs, cached by key: each message is parsed and hashed once per process
+        (learning, the gate's evaluation set and the neural training set all reuse it)."""
+        from models.features import FeatureBatch
+
+        todo = [(k, raw) for k, raw in dict(items).items() if k not in self._row_cache]
+        if todo:
+            batch, _ = self.featurize([raw for _, raw in todo], features)
+            for i, (k, _) in enumerate(todo):
+                self._row_cache[k] = batch.row(i)
+        return FeatureBatch.concat([self._row_cache[k] for k, _ in items])
+
     # -- the incremental model ------------------------------------------------------------------------
     def _base_model(self) -> Any:
         """The incremental model's fixed starting point: stored base, else the champion's linear state, else
@@ -641,7 +672,7 @@ class Learner:
         if model is None and self.corpus_train:
             import numpy as np
 
-            batch, _ = self.featurize([r for r, _ in self.corpus_train], LinearModel().features)
+            batch = self.rows([(f"corpus:{i}", r) for i, (r, _) in enumerate(self.corpus_train)], LinearModel().features)
             model = train_linear(batch, np.array([int(s) for _, s in self.corpus_train]))
         if model is None:
             model = LinearModel()
@@ -662,7 +693,7 @@ class Learner:
 
         if not items:
             return
-        batch, _ = self.featurize([it[2] for it in items])
+        batch = self.rows([(it[1], it[2]) for it in items])
         y = np.array([1 if it[3] == "spam" else 0 for it in items])
         with self.model_lock:
             self.linear.partial_fit(batch, y)
@@ -775,7 +806,7 @@ class Learner:
             model.export_onnx(path)
             hp = {"alpha": model.config.alpha, "average": model.config.average, "seed": model.config.seed, "mode": "partial_fit"}
             self.challenge("linear", path, model.features, lambda b: model.predict_proba(b), lineage, hp,
-                           training_s=time.monotonic() - started, state=model)
+                           training_s=time.monotonic() - started)
         except Exception:  # noqa: BLE001 - a failed publish must not stop ingestion; the next one retries
             log.exception("linear publish failed")
         finally:
@@ -807,17 +838,18 @@ class Learner:
         """Train the PyTorch challenger on consensus labels + the corpus's earlier period; gate it."""
         import numpy as np
 
-        from models import neural
-
+        t_trigger = time.monotonic()
         feedback = self.store.current_consensus(holdout=False)
-        raws = [raw for _, raw, _ in feedback] + [r for r, _ in self.corpus_train]
+        keyed = [(mid, raw) for mid, raw, _ in feedback] + [(f"corpus:{i}", r) for i, (r, _) in enumerate(self.corpus_train)]
+        raws = [raw for _, raw in keyed]
         y = np.array([label == "spam" for *_, label in feedback] + [s for _, s in self.corpus_train], dtype=np.int64)
         if len(set(y.tolist())) < 2:
             log.info("neural retrain skipped: one class only")
             return None
         started = time.monotonic()
+        started_wall = time.time() - (started - t_trigger)
         features = self.linear.features
-        batch, _ = self.featurize(raws, features)
+        batch = self.rows(keyed)
         model, hp = self.select_neural(batch, y, features)
         path = self.dir / "tmp" / f"neural-{int(time.time() * 1000)}.onnx"
         model.export_onnx(path)
@@ -830,6 +862,7 @@ class Learner:
             "feedback_examples": len(feedback),
             "corpus_examples": len(self.corpus_train),
             "training_set_hash": training_set_hash(raws, [bool(v) for v in y]),
+            "started_at_epoch": started_wall,
         }
         return self.challenge("neural", path, features, lambda b: model.predict_proba(b), lineage, hp,
                               training_s=time.monotonic() - started)
@@ -890,28 +923,61 @@ class Learner:
         )
 
     @staticmethod
-    def score(model: Any, ev: EvalSet, threshold: float) -> dict[str, float]:
+    def split_eval(ev: EvalSet) -> tuple[EvalSet, EvalSet]:
+        """Halves of the evaluation set by message-id hash: one calibrates the challenger's operating point,
+        the other measures both models (a threshold fitted on the data it is judged on would flatter it)."""
+        import numpy as np
+
+        side = np.array([int(hashlib.sha256(m.encode()).hexdigest()[8:10], 16) % 2 for m in ev.ids], dtype=bool)
+
+        def part(mask: Any) -> EvalSet:
+            idx = np.flatnonzero(mask)
+            return EvalSet([ev.ids[i] for i in idx], ev.y[idx], ev.batch.take(idx), ev.rule_scores[idx])
+
+        return part(side), part(~side)
+
+    @staticmethod
+    def calibrate(model: Any, calib: EvalSet, inherited: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The challenger's serving calibration (blend with the rule score and both thresholds at the same FPR
+        budget as the champion's), fitted on the calibration half; the inherited one when that half lacks a
+        class. Labels from feedback shift the class prior, so a fixed threshold would misjudge FPR."""
+        import numpy as np
+
+        from models.classifier import Calibration, fit_calibration
+
+        budget = Calibration.from_meta(inherited).fpr_budget
+        if calib.batch.rows == 0 or calib.y.all() or not calib.y.any():
+            return inherited
+        z = np.asarray(model.predict_logit(calib.batch), dtype=np.float64).reshape(-1)
+        return fit_calibration(z, calib.rule_scores, calib.y, fpr_budget=budget).to_dict()
+
+    @staticmethod
+    def score(model: Any, ev: EvalSet, threshold_logit: float) -> dict[str, float]:
+        """1-AUC (on logits: no ties from saturated probabilities), FPR at the operating point, recall@1%."""
         import numpy as np
 
         from models.evaluate import recall_at_fpr, roc_auc
 
         if ev.batch.rows == 0:
-            return {"one_minus_auc": math.nan, "fpr": math.nan, "n": 0}
-        logits = model.predict_logit(ev.batch) if hasattr(model, "predict_logit") else None
-        probs = np.asarray(model.predict_proba(ev.batch), dtype=np.float64).reshape(-1)
-        s = np.asarray(logits, dtype=np.float64).reshape(-1) if logits is not None else probs
-        auc = roc_auc(s, ev.y)
+            return {"one_minus_auc": math.nan, "fpr": math.nan, "n_spam": 0, "n_ham": 0}
+        z = np.asarray(model.predict_logit(ev.batch), dtype=np.float64).reshape(-1)
+        auc = roc_auc(z, ev.y)
         n_ham = int((~ev.y).sum())
-        fpr = float(((probs >= threshold) & ~ev.y).sum() / n_ham) if n_ham else math.nan
+        fpr = float(((z >= threshold_logit) & ~ev.y).sum() / n_ham) if n_ham else math.nan
         return {
             "one_minus_auc": 1.0 - auc if not math.isnan(auc) else math.nan,
             "auc": auc,
             "fpr": fpr,
-            "threshold": threshold,
-            "recall_at_fpr_1pct": recall_at_fpr(s, ev.y, 0.01) if n_ham and ev.y.any() else math.nan,
+            "threshold_logit": float(threshold_logit),
+            "recall_at_fpr_1pct": recall_at_fpr(z, ev.y, 0.01) if n_ham and ev.y.any() else math.nan,
             "n_spam": int(ev.y.sum()),
             "n_ham": n_ham,
         }
+
+    def _load(self, version: str) -> Any:
+        if version not in self._loaded:
+            self._loaded = {version: self.registry.load(version, max_bytes=self.settings.analyse_bytes)}
+        return self._loaded[version]
 
     def _champion(self) -> Any:
         v = self.registry.champion()
@@ -941,17 +1007,26 @@ class Learner:
         with self.gate_lock:
             champ = self._champion()
             ev = self.eval_set()
-            cal = champ.calibration if champ is not None else None
-            threshold = Calibration.from_meta(cal).model_threshold
+            calib, test = self.split_eval(ev)
             chall_model = OnnxModel(onnx_path, use_cuda=False)
-            chall = self.score(chall_model, ev, threshold)
+            cal = self.calibrate(chall_model, calib, champ.calibration if champ is not None else None)
+            chall = self.score(chall_model, test, Calibration.from_meta(cal).model_threshold_logit)
             champ_m = None
             if champ is not None:
-                champ_thr = Calibration.from_meta(champ.calibration).model_threshold
-                champ_m = self.score(champ.model, ev, champ_thr)
-            anchor = None
-            if self.anchor is not None and champ is not None:
-                anchor = self.anchor
+                champ_thr = Calibration.from_meta(champ.calibration).model_threshold_logit
+                champ_m = self.score(champ.model, test, champ_thr)
+            anchor_m = None
+            if champ is not None:
+                if self.anchor_version is None:
+                    self.anchor_version = champ.version
+                if self.anchor_version == champ.version:
+                    anchor_m = champ_m
+                else:
+                    try:
+                        a = self._load(self.anchor_version)
+                        anchor_m = self.score(a.model, test, Calibration.from_meta(a.calibration).model_threshold_logit)
+                    except Exception:  # noqa: BLE001 - a pruned or unreadable anchor: the champion anchors
+                        self.anchor_version, anchor_m = champ.version, champ_m
             # Self-check vectors: a few evaluation messages with the training framework's probabilities.
             sc_raws = [raw for _, raw, _ in (self.corpus_eval[:3] or [])]
             if not sc_raws:
@@ -971,17 +1046,19 @@ class Learner:
             descends = kind == "linear" and champ is not None and champ.kind == "linear"
             result = gate_rule(
                 champ_m, chall, fpr_tolerance=self.settings.gate_fpr_tolerance, descends_from_champion=descends,
-                anchor=self.anchor if descends else None,
+                anchor=anchor_m if descends else None,
             )
             decision = "promoted" if result.promote else "rejected"
             self.registry.record_decision(
                 challenger=version, decision=decision, reason=result.reason, challenger_metrics=chall,
-                champion=parent, champion_metrics=champ_m, extra={"kind": kind},
+                champion=parent, champion_metrics=champ_m,
+                extra={"kind": kind, "anchor": self.anchor_version if descends else None,
+                       "anchor_metrics": _finite(anchor_m) if descends and anchor_m else None},
             )
             if result.promote:
                 self.registry.promote(version, result.reason)
-                if not (descends and "within" in result.reason) or self.anchor is None:
-                    self.anchor = chall
+                if anchor_m is None or not descends or chall["one_minus_auc"] < anchor_m["one_minus_auc"]:
+                    self.anchor_version = version
             else:
                 self._prune_rejected(kind)
             self.metrics.decisions.labels(decision=decision, kind=kind).inc()
@@ -1049,7 +1126,14 @@ def corpus_sets(settings: Settings, eval_cap: int = 1500) -> tuple[list[tuple[st
 class Worker:
     """The faust app's handler: applies batches durably, learns, dead-letters, emits model events."""
 
-    def __init__(self, settings: Settings, *, corpus: tuple[list[Any], list[Any]] | None = None, serve_metrics: bool = True) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        corpus: tuple[list[Any], list[Any]] | None = None,
+        serve_metrics: bool = True,
+        learn: bool = True,
+    ) -> None:
         from streams.topics import EventProducer, Topics
 
         self.settings = settings
@@ -1059,10 +1143,12 @@ class Worker:
             self.metrics.serve(settings.worker_port)
         self.store = LabelStore(settings.state_dir / "worker" / "labels.db", min_weight=settings.consensus_min_weight)
         self.producer = EventProducer(settings, timeout_s=5.0, client_id="flywheel-worker")
-        ce, ct = corpus if corpus is not None else corpus_sets(settings)
-        self.learner = Learner(settings, self.store, self.metrics, self._emit_model_event, corpus_eval=ce, corpus_train=ct)
-        self.learner.bootstrap()
-        self.learner.start()
+        self.learner: Learner | None = None
+        if learn:
+            ce, ct = corpus if corpus is not None else corpus_sets(settings)
+            self.learner = Learner(settings, self.store, self.metrics, self._emit_model_event, corpus_eval=ce, corpus_train=ct)
+            self.learner.bootstrap()
+            self.learner.start()
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
         self._app: Any = None
         for label, n in self.store.label_counts().items():
@@ -1113,7 +1199,8 @@ class Worker:
         if res.touched_reporters:
             w = self.store.weights()
             self._refresh_weights({r: w[r] for r in res.touched_reporters if r in w})
-        self.learner.wake()
+        if self.learner is not None:
+            self.learner.wake()
         return res
 
     def _dead_letter(self, dead: list[tuple[Record, str]]) -> None:
@@ -1135,7 +1222,8 @@ class Worker:
             log.warning("dead letter", partition=r.partition, offset=r.offset, reason=reason)
 
     def _tick(self) -> None:
-        self.learner.wake()
+        if self.learner is not None:
+            self.learner.wake()
 
     def _update_lag(self) -> None:
         app = self._app
@@ -1155,20 +1243,24 @@ class Worker:
 
     def close(self) -> None:
         self._exec.shutdown(wait=True)
-        self.learner.stop()
-        self.learner.join()
+        if self.learner is not None:
+            self.learner.stop()
+            self.learner.join()
         self.producer.close()
         self.store.close()
 
 
-def run_worker(settings: Settings) -> None:
-    """``flywheel worker``: consume feedback until SIGTERM/SIGINT (the broker and topics must exist)."""
+def run_worker(settings: Settings, *, learn: bool = True) -> None:
+    """``flywheel worker``: consume feedback until SIGTERM/SIGINT (the broker and topics must exist).
+
+    ``learn=False`` ingests only (labels, reputations, dead letters; no models): for tests of delivery.
+    """
     from streams.app import make_app, run_app
 
-    worker = Worker(settings)
+    worker = Worker(settings, learn=learn)
     app = make_app(settings, worker)
     log.info("worker starting", feedback=worker.topics.feedback, metrics_port=settings.worker_port,
-             labels=worker.store.label_counts(), learned=worker.learner.learned_seq)
+             labels=worker.store.label_counts(), learn=learn)
     try:
         run_app(app, loglevel=settings.log_level)
     finally:
@@ -1180,9 +1272,11 @@ def main() -> None:
     from services.logging import configure
     from services.settings import get_settings
 
+    import sys
+
     s = get_settings()
     configure(s.log_level, s.log_json)
-    run_worker(s)
+    run_worker(s, learn="--ingest-only" not in sys.argv[1:])
 
 
 if __name__ == "__main__":

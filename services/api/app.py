@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from services.api import metrics
 from services.api.deps import ORJSONResponse
-from services.api.middleware import GuardMiddleware
+from services.api.middleware import GuardedHttpToolsProtocol, GuardMiddleware
 from services.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -150,7 +150,7 @@ def serve(settings: Settings) -> None:
         port=settings.api_port,
         workers=max(1, settings.workers),
         loop="uvloop",
-        http="httptools",
+        http=GuardedHttpToolsProtocol,
         lifespan="on",
         access_log=False,
         log_config=None,

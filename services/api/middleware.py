@@ -107,3 +107,61 @@ async def _reply(send: Send, status: int, detail: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------------------------- slow headers
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E402
+
+
+def _head_timeout_s() -> float:
+    import os
+
+    try:
+        return max(0.5, float(os.environ.get("FLYWHEEL_CLIENT_TIMEOUT_S", "10")))
+    except ValueError:
+        return 10.0
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol plus a deadline for the request head.
+
+    uvicorn times out idle keep-alive connections only after a response; a client that connects and sends
+    nothing, or trickles a header line now and then, would hold its connection (and a slot of
+    ``limit_concurrency``) forever. Here every connection must complete each request head within
+    ``client_timeout_s`` of connecting or of starting the request, or it is closed.
+    """
+
+    _head_timer: Any = None
+    head_timeout_s: float | None = None
+
+    def _arm(self) -> None:
+        self._disarm()
+        if GuardedHttpToolsProtocol.head_timeout_s is None:
+            GuardedHttpToolsProtocol.head_timeout_s = _head_timeout_s()
+        self._head_timer = self.loop.call_later(GuardedHttpToolsProtocol.head_timeout_s, self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)

@@ -17,6 +17,8 @@ import fcntl
 import hashlib
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -231,19 +233,43 @@ class ServingState:
         version = self.registry.champion()
         if version is None:
             raise RuntimeError("the registry has no champion and no seed could be trained")
-        from models.registry import ModelRejected
-
-        try:
-            model = self.registry.load(version, max_bytes=self.settings.analyse_bytes)
-        except ModelRejected as exc:
-            metrics.MODEL_RELOADS.labels("rejected").inc()
-            raise RuntimeError(f"champion {version} cannot be served: {exc.reason}") from exc
+        model = self._first_servable(version)
         self._install(engine, model)
         metrics.MODEL_RELOADS.labels("ok").inc()
         for target, name in ((self._reload_loop, "flywheel-reloader"), (self._events_loop, "flywheel-events")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _first_servable(self, champion: str) -> LoadedModel:
+        """The champion, or, when its artifact is refused, the most recent earlier champion that loads.
+
+        A restart must not turn a bad pointer into an outage; the refusal is logged and counted, and the
+        pointer poll keeps checking, so a fixed champion is picked up later.
+        """
+        from models.registry import ModelRejected
+
+        candidates = [champion]
+        for rec in reversed(self.registry.history()):
+            for v in (rec.get("version"), rec.get("previous")):
+                if isinstance(v, str) and v not in candidates:
+                    candidates.append(v)
+        first_reason = ""
+        for v in candidates:
+            try:
+                model = self.registry.load(v, max_bytes=self.settings.analyse_bytes)
+            except ModelRejected as exc:
+                metrics.MODEL_RELOADS.labels("rejected").inc()
+                self.rejected[v] = exc.reason
+                first_reason = first_reason or exc.reason
+                log.error("model refused at start", version=v, reason=exc.reason)
+                continue
+            if v != champion:
+                log.error("champion refused; serving an earlier champion", champion=champion, serving=v,
+                          reason=first_reason)
+            return model
+        raise RuntimeError(f"no servable model: champion {champion} refused ({first_reason}) and no earlier "
+                           "champion loads")
 
     def stop(self) -> None:
         self._stop.set()
@@ -300,7 +326,13 @@ class ServingState:
 
         path = self.settings.rules_file
         with self._reload_lock, rules_lock(path):
-            base = RuleEngine.load(path) if path.exists() else self.current().engine
+            stamp = self._rules_file_stamp()
+            # Re-read only when another process changed the file since this one loaded it (a compile costs
+            # seconds on a busy machine); under the lock the file cannot change meanwhile.
+            if stamp is not None and stamp != self._rules_stamp:
+                base = RuleEngine.load(path)
+            else:
+                base = self.current().engine
             engine = change(base)
             engine.save(path)
             self._rules_stamp = self._rules_file_stamp()
@@ -457,6 +489,16 @@ def rules_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+_SEED_CODE = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "from models.corpus import load_corpus\n"
+    "from models.seed import train_seed\n"
+    "corpus_dir = Path(sys.argv[2]) if sys.argv[2] else None\n"
+    "train_seed(load_corpus(Path(sys.argv[1]), corpus_dir), Path(sys.argv[3]))\n"
+)
+
+
 def ensure_champion(settings: Settings, registry: Registry | None = None) -> str:
     """The champion's version; on a fresh install train and promote the seed model first (once, locked)."""
     from models.registry import Registry
@@ -472,11 +514,16 @@ def ensure_champion(settings: Settings, registry: Registry | None = None) -> str
             version = reg.champion()
             if version:
                 return version
-            from models.corpus import load_corpus
-            from models.seed import train_seed
-
             log.info("no champion: training the seed model (first start only)")
-            version = train_seed(load_corpus(settings.downloads, settings.corpus_dir), settings.registry)
+            # In a child process: seed training may import torch, which the serving process must never load.
+            subprocess.run(
+                [sys.executable, "-c", _SEED_CODE, str(settings.downloads), str(settings.corpus_dir or ""),
+                 str(settings.registry)],
+                check=True,
+            )
+            version = reg.champion()
+            if not version:
+                raise RuntimeError("seed training finished without promoting a champion")
             log.info("seed model promoted", version=version)
             return version
         finally:

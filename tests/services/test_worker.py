@@ -11,6 +11,7 @@ import pytest
 
 from services.worker import (
     LabelStore,
+    auc_standard_error,
     Record,
     consensus,
     gate_rule,
@@ -59,8 +60,9 @@ def store(tmp_path: Path) -> LabelStore:
 @pytest.mark.unit
 def test_reputation_math() -> None:
     assert reporter_weight(0, 0) == 1.0
-    assert reporter_weight(8, 0) == pytest.approx(1.8)
-    assert reporter_weight(0, 8) == pytest.approx(0.2)
+    assert reporter_weight(8, 0) == pytest.approx(2 * 10 / 12)
+    assert reporter_weight(0, 8) == pytest.approx(2 * 2 / 12)
+    assert reporter_weight(0, 1) == pytest.approx(0.8)
     assert reporter_weight(100, 0) < 2.0
     assert consensus([("spam", 1.0)], 1.0) == ("spam", 1.0)
     assert consensus([("spam", 1.0), ("ham", 0.5)], 1.0)[0] is None
@@ -184,10 +186,91 @@ def test_gate_rule() -> None:
     assert not worse.promote and "does not improve" in worse.reason
     fpr = gate_rule(champ, {"one_minus_auc": 0.005, "fpr": 0.0041}, fpr_tolerance=tol)
     assert not fpr.promote and "FPR" in fpr.reason
-    tiny = {"one_minus_auc": 0.00995, "fpr": 0.001}
-    assert not gate_rule(champ, tiny, fpr_tolerance=tol).promote  # an unrelated model must clearly win
-    assert gate_rule(champ, tiny, fpr_tolerance=tol, descends_from_champion=True).promote
+    same = {"one_minus_auc": 0.010, "fpr": 0.001}
+    assert not gate_rule(champ, same, fpr_tolerance=tol).promote  # another lineage must be strictly better
     tie = {"one_minus_auc": 0.0101, "fpr": 0.001}
-    assert gate_rule(champ, tie, fpr_tolerance=tol, descends_from_champion=True).promote
+    assert gate_rule(champ, tie, fpr_tolerance=tol, descends_from_champion=True).promote  # within the margin
     drifted = gate_rule(champ, tie, fpr_tolerance=tol, descends_from_champion=True, anchor={"one_minus_auc": 0.0098})
     assert not drifted.promote and "anchor" in drifted.reason
+    # The margin is one standard error of the champion's AUC: it shrinks as the evaluation set grows.
+    small = {"one_minus_auc": 0.010, "fpr": 0.001, "n_spam": 100, "n_ham": 100}
+    big = {**small, "n_spam": 10_000, "n_ham": 10_000}
+    ch = {"one_minus_auc": 0.014, "fpr": 0.001}
+    assert gate_rule(small, ch, fpr_tolerance=tol, descends_from_champion=True).promote
+    assert not gate_rule(big, ch, fpr_tolerance=tol, descends_from_champion=True).promote
+    assert auc_standard_error(0.99, 100, 100) > auc_standard_error(0.99, 10_000, 10_000) > 0
+
+
+# ------------------------------------------------------------------------------- the learner (real models)
+@pytest.fixture(scope="module")
+def small_corpus(corpus: list) -> tuple[list, list]:
+    from models.corpus import split_p1
+    from streams.events import message_id_for
+
+    train, test = split_p1(corpus)
+    evals = [(message_id_for(m.raw), m.raw, m.is_spam) for m in test[::8]]
+    flags = [m for m in test[3::8]]
+    return evals, [(m.raw, m.is_spam) for m in train[::4]], flags  # type: ignore[return-value]
+
+
+@pytest.mark.integration
+def test_learner_publishes_with_lineage_and_rejects_a_worse_challenger(tmp_path: Path, small_corpus: tuple) -> None:
+    import numpy as np
+
+    from models.linear import LinearModel
+    from models.registry import Registry
+    from services.settings import Settings
+    from services.worker import Learner, WorkerMetrics
+
+    evals, train, flags = small_corpus
+    s = Settings(state_dir=tmp_path, linear_publish_every=10_000, linear_publish_s=3600.0)
+    store = LabelStore(tmp_path / "worker" / "labels.db")
+    emitted: list = []
+    metrics = WorkerMetrics()
+    learner = Learner(s, store, metrics, emitted.append, corpus_eval=evals, corpus_train=train)
+    reg = Registry(s.registry)
+    first = learner.bootstrap()
+    assert first is not None and reg.champion() == first
+    assert reg.meta(first)["calibration"] is not None  # fitted on the calibration half
+
+    # Flags in, learned, published: lineage names the offsets learned from.
+    f0, f1 = Feed(0), Feed(1)
+    recs = []
+    for i, m in enumerate(flags[:60]):
+        feed = f0 if i % 2 else f1
+        recs.append(feed.flag(f"m{i}", "spam" if m.is_spam else "ham", "alice", raw=m.raw)[0])
+    res = store.apply(recs)
+    n_learned = len(res.learned)
+    assert n_learned > 40
+    while learner.step():
+        pass
+    assert learner.learned_seq == res.learned[-1][0]
+    assert learner.maybe_publish(force=True)
+    learner.join()
+    decision = reg.decisions()[-1]
+    v = decision["challenger"]
+    lineage = reg.get(v).lineage
+    want: dict[str, list[int]] = {}
+    for *_, topic, part, off in res.learned:
+        r = want.setdefault(f"{topic}:{part}", [off, off])
+        r[0], r[1] = min(r[0], off), max(r[1], off)
+    assert lineage["offsets"] == want and sum(lineage["counts"].values()) == n_learned
+    assert lineage["learn_log_seq"] == learner.learned_seq and reg.get(v).parent == first
+
+    # A worse challenger (trained on flipped labels) is rejected, with the reason and both sides' metrics.
+    champion_before = reg.champion()
+    bad = LinearModel()
+    batch = learner.rows([(f"corpus:{i}", r) for i, (r, _) in enumerate(train)])
+    bad.fit(batch, np.array([0 if spam else 1 for _, spam in train]))
+    path = tmp_path / "bad.onnx"
+    bad.export_onnx(path)
+    version = learner.challenge("linear", path, bad.features, bad.predict_proba, {"source": "test"}, {}, training_s=0.0)
+    rec = reg.decisions()[-1]
+    assert rec["challenger"] == version and rec["decision"] == "rejected"
+    assert "1-AUC" in rec["reason"] or "FPR" in rec["reason"]
+    assert rec["challenger_metrics"]["one_minus_auc"] > rec["champion_metrics"]["one_minus_auc"]
+    assert reg.champion() == champion_before
+    assert emitted[-1].kind == "rejected" and emitted[-1].version == version and emitted[-1].reason == rec["reason"]
+    sample = metrics.registry.get_sample_value("flywheel_gate_decisions_total", {"decision": "rejected", "kind": "linear"})
+    assert sample is not None and sample >= 1
+    store.close()

@@ -1,0 +1,39 @@
+"""Seed model: trained on the earlier collection, stored with lineage and self-check, promoted, serves at once."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from models.classifier import Classifier
+from models.registry import Registry
+from models.rules import RuleEngine
+from models.seed import train_seed
+
+
+@pytest.mark.integration
+def test_linear_seed_is_promoted_and_classifies(tmp_path: Path) -> None:
+    from models.corpus import ensure_corpus, load_corpus
+    from services.settings import get_settings
+
+    s = get_settings()
+    ensure_corpus(s.downloads, s.corpus_dir)
+    msgs = load_corpus(s.downloads, s.corpus_dir)
+    rng = random.Random(5)
+    sample = [m for g in sorted({m.group for m in msgs}) for m in rng.sample([x for x in msgs if x.group == g], 120)]
+    version = train_seed(sample, tmp_path / "reg", kind="linear")
+    reg = Registry(tmp_path / "reg")
+    assert reg.champion() == version and reg.history()[-1]["reason"].startswith("seed model")
+    info = reg.get(version)
+    assert info.lineage["source"] == "seed" and set(info.lineage["corpus_groups"]) == {"easy-ham-1", "spam-1", "hard-ham-1"}
+    assert info.lineage["counts"]["spam"] == 120 and len(info.lineage["training_set_hash"]) == 64
+    assert info.calibration and 0 < info.calibration["threshold"] < 1
+    assert info.metrics["holdout"]["combined"]["auc"] > 0.9
+    loaded = reg.load(version)  # runs the self-check
+    clf = Classifier(RuleEngine.default(), loaded)
+    later = [m for m in msgs if m.group in ("spam-2", "easy-ham-2")][:: 40]
+    verdicts = clf.classify_batch([m.raw for m in later])
+    accuracy = sum(v.is_spam == m.is_spam for v, m in zip(verdicts, later, strict=True)) / len(later)
+    assert accuracy > 0.85
