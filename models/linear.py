@@ -30,7 +30,11 @@ OPSET = 18
 
 @dataclass(slots=True)
 class LinearConfig:
-    """SGD hyperparameters; the defaults were chosen by validation inside the P1 training period."""
+    """SGD hyperparameters; defaults chosen by 5-fold blocked cross-validation inside the P1 training period.
+
+    Out-of-fold (1-AUC)%: alpha 3e-5 0.127, 1e-5 0.121, 1e-6 0.101, 3e-7 0.078 (chosen), 1e-7 0.093; averaging,
+    balanced class weights and 10-50 epochs changed it by less than the fold noise (~0.01).
+    """
 
     alpha: float = 3e-7
     epochs: int = 20

@@ -618,12 +618,13 @@ class RuleEngine:
                 continue
             spec = _rule_spec(i, r)
             if not r.enabled:
-                _py_compile(spec, r.name) if spec.regex else None  # still validated
+                if spec.regex:
+                    _py_compile(spec, r.name)  # a disabled rule is still validated
                 continue
             if spec.target.startswith("exists:"):
                 exists.append((i, spec.target[7:]))
                 continue
-            if not spec.regex and spec.target.startswith("h:") is False:
+            if not spec.regex and not spec.target.startswith("h:"):
                 raise RuleError(f"rule {r.name}: empty pattern")
             if spec.negate:
                 negated.append(i)
@@ -810,7 +811,6 @@ class RuleEngine:
                 if (
                     name in present
                     or (name == "tocc" and ("to" in present or "cc" in present))
-                    or (name == "messageid" and ("message-id" in present or "resent-message-id" in present))
                     or (name == DEFECTS_HEADER and msg.defects)
                     or (name == ATTACHMENTS_HEADER and msg.attachments)
                 ):
@@ -1158,6 +1158,6 @@ class _SAImporter:
                     raise
                 skipped[m.group(1)] = m.group(2)
                 out = [r for r in out if r.name != m.group(1)]
-        for name in rules:
-            skipped.pop(name, None) if any(r.name == name for r in out) else None
+        for r in out:
+            skipped.pop(r.name, None)
         return out, sorted(skipped.items())

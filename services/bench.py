@@ -9,8 +9,8 @@ What it measures (JSON keys in brackets), all against a real ``flywheel serve`` 
 * GET /healthz closed loop: the HTTP stack's own ceiling without the spam pipeline [healthz_rps];
 * /classify/batch with 100 messages per call: messages/s [batch_msgs_per_s];
 * the spamd port through concurrent real ``spamc`` processes: requests/s [spamd_rps];
-* a model promotion under 500 req/s of /classify: failed requests [swap_failed_requests] and p99 during the
-  swap window [swap_p99_ms];
+* a model promotion under load (500 req/s, or 60% of the measured capacity when that is lower) of /classify:
+  failed requests [swap_failed_requests] and p99 during the swap window [swap_p99_ms];
 * the ratio of classify_rps to the in-process figure of ``flywheel bench models`` [inprocess_ratio].
 
 The load generator is a raw asyncio HTTP/1.1 keep-alive client (no httpx overhead) running in its own
@@ -371,10 +371,13 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
         print(f"    spamd via spamc -c (8 concurrent processes): {sp.get('rps', 0):.0f} req/s, "
               f"failed {sp.get('failed')}")
 
-        # model swap under 500 req/s: promote v2 two seconds in
+        # model swap under load: promote v2 2.5 s in. The rate is 500 req/s, or 60% of the measured capacity
+        # when the machine cannot sustain 500 (otherwise the p99 would measure the queue, not the swap).
+        swap_rate = min(500.0, 0.6 * result["classify_rps"])
+        result["swap_rate"] = swap_rate
         with ctx.Pool(1) as pool:
             pending = pool.apply_async(_loadgen_entry, ("open", {
-                "host": host, "port": port, "requests": single, "rate": 500.0, "duration_s": 8.0,
+                "host": host, "port": port, "requests": single, "rate": swap_rate, "duration_s": 8.0,
                 "warmup_s": 0.0}))
             time.sleep(2.5)
             t_swap = time.time()
@@ -395,7 +398,7 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
                     .json()["model"]["version"] for _ in range(20)}
         result["swap_serving_after"] = sorted(seen)
         result["swap_ok"] = seen == {v2}
-        print(f"    model swap under 500 req/s: {result['swap_failed_requests']} failed of {len(samples)}, "
+        print(f"    model swap under {swap_rate:.0f} req/s: {result['swap_failed_requests']} failed of {len(samples)}, "
               f"p99 in the swap window {result['swap_p99_ms']:.2f} ms, now serving {sorted(seen)}")
     finally:
         proc.stop()

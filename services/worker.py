@@ -14,7 +14,9 @@ Consensus. A flag is a vote (reporter, message, label); one vote per reporter pe
 same label is a duplicate, with the other label it replaces the vote). A reporter's weight is
 ``2 * (agree + 2) / (agree + disagree + 4)``: a newcomer weighs 1, a reliable reporter tends to 2, a reporter
 who keeps contradicting tends to 0. Evidence: the vote agrees or disagrees with the consensus of the other
-reporters already on that message, and with the current model where it is very sure (p >= 0.99 or <= 0.01).
+reporters already on that message (judged as the vote is applied), and with the incremental model where it is
+very sure (p >= 0.99 or <= 0.01; judged moments later by the learner thread, off the ingest path, once per vote:
+a watermark in the same transaction as the reputation change).
 A message is labelled when the weighted margin between the two labels reaches ``consensus_min_weight``. The
 batch (neural) training set recomputes every message's consensus with today's weights, so a reporter who
 lost reputation also loses the labels only they carried.

@@ -370,7 +370,7 @@ async def promote(request: Request, version: Annotated[str, _VERSION], ident: Ad
     except RegistryError:
         raise HTTPException(404, f"unknown model version {version}") from None
     try:  # refuse before the pointer moves: a corrupt artifact must never become champion
-        await run_in_threadpool(state.registry.load, version, max_bytes=state.settings.analyse_bytes)
+        loaded = await run_in_threadpool(state.registry.load, version, max_bytes=state.settings.analyse_bytes)
     except ModelRejected as exc:
         raise HTTPException(409, f"model {version} refused: {exc.reason}") from None
     previous = state.registry.champion()
@@ -380,8 +380,8 @@ async def promote(request: Request, version: Annotated[str, _VERSION], ident: Ad
         raise HTTPException(404, str(exc)) from None
     event = ModelEvent(kind="promoted", version=version, previous=previous, model_kind=info.kind,
                        reason=reason, metrics=info.metrics)
+    await run_in_threadpool(state.adopt, loaded)
     event_id = await _publish(state, state.topics.model_events, version, event)
-    state.request_check()
     return ORJSONResponse({"champion": version, "previous": previous, "event_id": event_id})
 
 

@@ -376,6 +376,16 @@ class ServingState:
             if engine is not served.engine or model is not served.model:
                 self._install(engine, model)
 
+    def adopt(self, model: LoadedModel) -> None:
+        """Serve an already loaded and self-checked version if it is the champion (saves this process a second
+        load after it validated the version for a promotion)."""
+        with self._reload_lock:
+            served = self.current()
+            if self.registry.champion() == model.version and served.version != model.version:
+                self._install(served.engine, model)
+                metrics.MODEL_RELOADS.labels("ok").inc()
+                log.info("model reloaded", version=model.version, previous=served.version)
+
     def _reload_loop(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(timeout=max(0.05, self.settings.model_poll_s))

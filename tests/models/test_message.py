@@ -4,6 +4,7 @@ size cap, and a property test that nothing ever raises."""
 from __future__ import annotations
 
 import base64
+import email.utils
 import random
 import re
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import models.message as message_mod
 from models.message import DEFAULT_MAX_BYTES, ParsedMessage, normalize_text, parse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -305,3 +307,122 @@ def test_mutated_real_messages_never_raise(idx: int, ops: list[tuple[str, float,
     pm = parse(bytes(raw), max_bytes=cap)
     assert isinstance(pm, ParsedMessage)
     assert len(pm.raw) <= cap
+
+
+# ---------------------------------------------------------------------------------------- fast path
+
+
+def _stdlib_parse(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessage:
+    """The reference: every message through the stdlib feedparser."""
+    return message_mod._parse(raw, max_bytes, fast=False)
+
+
+def _takes_fast_path(raw: bytes) -> bool:
+    data = raw[raw.find(b"\n") + 1 :] if raw.startswith(b"From ") else raw
+    return message_mod._fast_tree(data.lstrip(b"\r\n")) is not None
+
+
+_FAST_SAMPLE = _corpus_sample(400)
+
+
+@pytest.mark.unit
+@pytest.mark.skipif(not _FAST_SAMPLE, reason="corpus not fetched")
+def test_fast_path_equals_stdlib_path_on_real_messages() -> None:
+    fast_taken = 0
+    for raw in _FAST_SAMPLE:
+        fast_taken += _takes_fast_path(raw)
+        for cap in (DEFAULT_MAX_BYTES, 2048):
+            got, want = parse(raw, cap), _stdlib_parse(raw, cap)
+            # the fields rules and features read, named so a failure says which one
+            assert got.subject == want.subject
+            assert got.sender == want.sender
+            assert got.body_text == want.body_text
+            assert got.urls == want.urls and got.domains == want.domains
+            assert got.attachments == want.attachments
+            assert got.defects == want.defects
+            assert got == want  # and everything else (headers, raw_body, part counts ...)
+    assert fast_taken >= 0.9 * len(_FAST_SAMPLE)  # the fast path is the common path
+
+
+_MULTIPART = (
+    b"From: a@b.test\nSubject: parts\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"o\"\n\n"
+    b"preamble\n--o\nContent-Type: multipart/alternative; boundary=i\n\n--i\nContent-Type: text/plain\n\n"
+    b"plain http://a.test/x\n\n--i\nContent-Type: text/html\n\n<p>html <b>www.b.test</b></p>\n--i--\nepi\n"
+    b"--o\nContent-Type: text/plain; name=\"n.txt\"\nContent-Disposition: attachment\n\nfile\n--o--  \nend\n"
+)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("raw", "fast"),
+    [
+        (_MULTIPART, True),
+        (_MULTIPART.replace(b"\n", b"\r\n"), True),
+        (_MULTIPART.replace(b"--o\nContent-Type: text/plain;", b"--o\n--o\nContent-Type: text/plain;"), False),
+        (_MULTIPART.replace(b"\n", b"\r"), False),  # lone CR line ends
+        (_MULTIPART.replace(b"--o--  \n", b""), False),  # no close boundary
+        (_MULTIPART.replace(b"--i\nContent-Type: text/plain", b"--i\n Content-Type: text/plain"), False),
+        (_MULTIPART.replace(b"Subject: parts\n", b"Subject: parts\nFrom oops\n"), False),
+        (_MULTIPART.replace(b"multipart/alternative", b"message/rfc822"), False),
+        (_MULTIPART.replace(b"Subject: parts\n", b"Subject: parts\nContent-Transfer-Encoding: base64\n"), False),
+        (b"Subject: =?utf-8?q?caf=C3=A9?=\nX-8bit: \xe9t\xe9\n\nbody \xff\n", True),
+        (b"Subject: only headers", True),
+    ],
+)
+def test_fast_path_routing_and_agreement(raw: bytes, fast: bool) -> None:
+    assert _takes_fast_path(raw) is fast
+    assert parse(raw) == _stdlib_parse(raw)
+
+
+@pytest.mark.unit
+def test_fast_path_multipart_fields() -> None:
+    pm = parse(_MULTIPART)
+    assert pm.content_types == ["multipart/mixed", "multipart/alternative", "text/plain", "text/html", "text/plain"]
+    assert pm.attachments == [("n.txt", "text/plain")]
+    assert pm.urls == ["http://a.test/x", "www.b.test"]
+    assert pm.body_text == "plain http://a.test/x\n\nhtml www.b.test\nfile"  # the part keeps its blank line
+    assert pm.defects == []
+
+
+@pytest.mark.unit
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.sampled_from([b"--o\n", b"--o--\n", b"--i\n", b"--i--\n", b"\n", b"X: y\n", b" z\n", b"text\n", b"\r\n"]),
+        max_size=14,
+    )
+)
+def test_fast_path_agrees_on_shuffled_structure(lines: list[bytes]) -> None:
+    raw = _MULTIPART.split(b"\n\n", 1)[0] + b"\n\n" + b"".join(lines)
+    assert parse(raw) == _stdlib_parse(raw)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "value",
+    [
+        "alice@example.org",
+        "Alice A. <Alice@Example.ORG>",
+        '"Doe, John" <j@x.test>',
+        "Doe, John <j@x.test>",
+        "<a@b.test>",
+        "a . b@c.test",
+        "a@b.test (Alice)",
+        "x <a..b@c.test>",
+        "Ren\u00e9 <r@x.test>",
+        "group: a@b.test;",
+        "not an address",
+        "",
+    ],
+)
+def test_sender_address_matches_parseaddr(value: str) -> None:
+    want = email.utils.parseaddr(value)[1].lower() or value.lower()
+    assert message_mod._sender_address(value) == want
+
+
+@pytest.mark.unit
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=" \t\r\n\f\v\xa0\u3000\u2028ab", max_size=60))
+def test_whitespace_collapsing_matches_the_plain_regexes(text: str) -> None:
+    assert message_mod._WS_RUN_RE.sub(" ", text) == re.sub(r"[ \t\r\f\v\xa0]+", " ", text)
+    assert message_mod._collapse_lines(text) == re.sub(r"\s*\n\s*", "\n", text).strip()
