@@ -557,6 +557,8 @@ def parse(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessage:
 
 
 def _parse(raw: bytes, max_bytes: int, *, fast: bool = True) -> ParsedMessage:
+    """``fast=False`` forces the stdlib feedparser: the reference the fast splitter is
+    tested against (both must give equal results)."""
     size = len(raw)
     truncated = size > max_bytes
     data = raw[:max_bytes] if truncated else raw
@@ -583,10 +585,13 @@ def _parse(raw: bytes, max_bytes: int, *, fast: bool = True) -> ParsedMessage:
         msg = email.message_from_bytes(data_hdr, policy=_email_policy.compat32)
 
     hint = None
-    m = _CHARSET_PARAM_RE.search(str(msg.get("content-type") or ""))
+    ct0 = next((v for k, v in msg._headers if k.lower() == "content-type"), None)  # noqa: SLF001
+    if ct0.__class__ is not str or not ct0.isascii():  # type: ignore[union-attr]
+        ct0 = msg.get("content-type")  # compat32's own view of 8-bit or odd values
+    m = _CHARSET_PARAM_RE.search(str(ct0 or ""))
     if m is not None:
         hint = m.group(1)
-    elif b"charset=" in data[:max_bytes]:
+    elif b"charset=" in data:  # data is already capped: no copy of it
         m2 = _CHARSET_BYTES_RE.search(data)
         hint = m2.group(1).decode("ascii") if m2 else None
     headers: list[tuple[str, str]] = []
@@ -681,10 +686,10 @@ def _parse(raw: bytes, max_bytes: int, *, fast: bool = True) -> ParsedMessage:
 # "addr@host", "<addr@host>", "Name <addr@host>", '"Name" <addr@host>' with a plain dot-atom
 # address and a display name free of RFC 5322 specials: what email.utils.parseaddr returns
 # for these is the address itself, so the (slow, pure-Python) tokenizer is skipped.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM_ADDR = _ATEXT + r"(?:\." + _ATEXT + r")*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
 _SIMPLE_FROM_RE = re.compile(
-    r"""(?:(?:"[^"\\\r\n]*"|[^"()<>@,;:\\\[\]\r\n]*)[ \t]*<([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"""
-    r"""@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>"""
-    r"""|([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*))"""
+    r"""(?:"[^"\\\r\n]*"|[^"()<>@,;:\\\[\]\r\n]*)[ \t]*<(""" + _DOT_ATOM_ADDR + r")>|(" + _DOT_ATOM_ADDR + ")"
 )
 
 

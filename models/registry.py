@@ -555,6 +555,30 @@ class Registry:
         v = self.champion()
         return self.load(v, max_bytes=max_bytes) if v else None
 
+    def prune(self, keep: int = 20) -> list[str]:
+        """Bound the registry's disk use; returns the versions removed.
+
+        The incremental model may be promoted every few seconds while flags flow, so without this the registry
+        grows without end. Kept: the champion, the last ``keep`` champions (the rollback targets) and the newest
+        ``keep`` other versions (recent challengers, for inspection). A rollback deeper than ``keep`` then says
+        the target is gone instead of finding it.
+        """
+        with self._writer():
+            recent_champions = self._stack()[-keep:]
+            keep_set = set(recent_champions) | {self.champion()}
+            others = [v for v in sorted(os.listdir(self.versions_dir)) if v not in keep_set]
+            doomed = others[:-keep] if keep else others
+            trashed = []
+            for version in doomed:
+                trash = self._tmp_dir / f"{version}.deleted-{secrets.token_hex(3)}"
+                os.rename(self.versions_dir / version, trash)
+                trashed.append(trash)
+        for trash in trashed:
+            shutil.rmtree(trash, ignore_errors=True)
+        if doomed:
+            log.info("registry_pruned", removed=len(doomed), kept=len(keep_set) + min(len(others), keep))
+        return doomed
+
     def delete(self, version: str) -> None:
         """Remove a version no rollback can reach (not the champion nor below it in the stack): housekeeping."""
         with self._writer():

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
+from services.daemon import free_port
+
 if TYPE_CHECKING:
     from models.rules import RuleEngine
     from services.settings import Settings
@@ -309,7 +311,7 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
     from services.settings import Settings as _S
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-api-"))
-    port, spamd_port = _free_port(), _free_port()
+    port, spamd_port = free_port(), free_port()
     s: _S = settings.model_copy(update={
         "state_dir": work, "downloads_dir": settings.downloads, "api_port": port, "spamd_port": spamd_port,
         "workers": max(2, settings.workers), "model_poll_s": 1.0,
@@ -317,7 +319,7 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
     })
     raws, labels = sample_corpus(settings, 2000, seed=11)
     print("==> training two model versions for the swap test")
-    v1 = train_quick_version(s.registry, raws[:1000], labels[:1000], seed=1, promote=True)
+    train_quick_version(s.registry, raws[:1000], labels[:1000], seed=1, promote=True)
     v2 = train_quick_version(s.registry, raws[1000:], labels[1000:], seed=2)
     msgs = [r for r in raws if len(r) <= 64 * 1024][:500]
     host = "127.0.0.1"
@@ -422,8 +424,3 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
     shutil.rmtree(work, ignore_errors=True)
     return result
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import structlog
@@ -217,6 +218,21 @@ def wait_for(
         if time.monotonic() >= deadline:
             return False
         time.sleep(min(interval_s, max(0.0, deadline - time.monotonic())))
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
+    """Poll until ``condition`` returns something truthy and return it; ``TimeoutError`` naming ``what`` otherwise.
+
+    The one bounded wait the tests, benchmarks and stack use instead of sleeping and hoping.
+    """
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what} (last: {last!r})")
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:

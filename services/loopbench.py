@@ -18,20 +18,19 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from services.settings import REPO_ROOT
+from services.daemon import free_port, wait_until
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -39,22 +38,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 BENCH_KEYS = {**{f"k-bench-{i}": f"bench{i}" for i in range(64)}, "dev-admin-key": "admin"}
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(interval_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def _say(msg: str) -> None:
@@ -120,7 +103,7 @@ def run_loop_bench(
     s = settings.model_copy(update={
         "state_dir": root, "registry_dir": None, "rules_path": None,
         "downloads_dir": settings.downloads, "topic_prefix": f"bench{uuid.uuid4().hex[:6]}",
-        "api_port": _port(), "spamd_port": _port(), "worker_port": _port(), "api_keys": BENCH_KEYS,
+        "api_port": free_port(), "spamd_port": free_port(), "worker_port": free_port(), "api_keys": BENCH_KEYS,
         "linear_publish_s": min(settings.linear_publish_s, 1.0), "model_poll_s": min(settings.model_poll_s, 0.5),
         "neural_retrain_every": 10**9,
     })
@@ -152,9 +135,9 @@ def run_loop_bench(
     http = httpx.Client(base_url=f"http://127.0.0.1:{s.api_port}", timeout=30.0)
     try:
         _say("==> starting worker and API")
-        _wait(lambda: reg.champion() is not None, 300, "the worker's bootstrap champion", 0.5)
+        wait_until(lambda: reg.champion() is not None, 300, "the worker's bootstrap champion", 0.5)
         api.start()
-        _wait(lambda: _ok(http, "/readyz"), 300, "the API", 0.5)
+        wait_until(lambda: _ok(http, "/readyz"), 300, "the API", 0.5)
 
         # 1. flag to serving -------------------------------------------------------------------------
         _say(f"==> flag to serving ({flags} flags, one at a time)")
@@ -174,7 +157,7 @@ def run_loop_bench(
                 return _learned(reg, v) > learned_before
 
             try:
-                _wait(served, 30, "the flag to be served", 0.02)
+                wait_until(served, 30, "the flag to be served", 0.02)
             except TimeoutError:  # the gate rejected every candidate with this flag: report it, go on
                 not_served += 1
                 continue
@@ -208,10 +191,10 @@ def run_loop_bench(
         # The neural retrain triggers once these labels are in (one cycle, measured below).
         distinct = len({k for k, _ in items})
         worker = run_worker(retrain_every=max(1, int(0.85 * distinct)))
-        _wait(lambda: _counters(db).get("events", 0) > base, 300, "the worker to start consuming", 0.01)
+        wait_until(lambda: _counters(db).get("events", 0) > base, 300, "the worker to start consuming", 0.01)
         t_first = time.monotonic()
         first_count = _counters(db).get("events", 0)
-        _wait(lambda: _counters(db).get("events", 0) >= base + ingest_events, 600, "the burst to be ingested", 0.02)
+        wait_until(lambda: _counters(db).get("events", 0) >= base + ingest_events, 600, "the burst to be ingested", 0.02)
         t_last = time.monotonic()
         done = base + ingest_events - first_count
         result["ingest_events"] = ingest_events
@@ -228,7 +211,7 @@ def run_loop_bench(
                         return d
                 return None
 
-            d = _wait(neural_decision, 900, "the neural challenger's gate decision", 0.2)
+            d = wait_until(neural_decision, 900, "the neural challenger's gate decision", 0.2)
             info = reg.get(d["challenger"])
             t_start = float(info.lineage.get("started_at_epoch", 0.0))
             result["neural_decision"] = d["decision"]
@@ -243,7 +226,7 @@ def run_loop_bench(
                     return r.json()["model"]["version"] == d["challenger"]
 
                 try:
-                    _wait(api_serves, 60, "the API to serve the neural version", 0.02)
+                    wait_until(api_serves, 60, "the API to serve the neural version", 0.02)
                     result["neural_cycle_s"] = round(time.time() - t_start, 2)
                 except TimeoutError:
                     # A faster linear candidate may already have replaced it: count until its promotion.

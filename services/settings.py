@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     linear_publish_s: float = Field(2.0, description="... or every T seconds when labels arrived.")
     neural_retrain_every: int = Field(1000, description="The PyTorch model retrains every N new labels.")
     consensus_min_weight: float = Field(1.0, description="Reporter weight needed before a flag becomes a label.")
+    registry_keep: int = Field(
+        20, description="Registry housekeeping: keep the last N champions (rollback targets) and N other versions."
+    )
     gate_fpr_tolerance: float = Field(0.002, description="A challenger may raise FPR by at most this much.")
 
     # --- logging -------------------------------------------------------------------------------------

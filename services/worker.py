@@ -593,8 +593,10 @@ class Learner:
         self.metrics = metrics
         self.emit = emit
         self.registry = Registry(settings.registry)
-        self.rules = RuleEngine.load(settings.rules_file) if settings.rules_file.exists() else RuleEngine.default()
-        self.metrics.rules_active.set(self.rules.active_count)
+        self.rules = RuleEngine.default()
+        self._rules_mtime: float | None = None
+        self._eval_cache: dict[str, tuple[Any, float]] = {}
+        self.refresh_rules()
         self.dir = settings.state_dir / "worker"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.corpus_eval = list(corpus_eval)
@@ -612,7 +614,6 @@ class Learner:
         self._publishing = threading.Event()
         self._neural_busy = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._eval_cache: dict[str, tuple[Any, float]] = {}
         self.anchor_version: str | None = None  # best champion of the incremental chain (see gate_rule)
         self._loaded: dict[str, Any] = {}
         self._champion_cache: tuple[str, Any] | None = None
@@ -901,11 +902,36 @@ class Learner:
         return best[1], hp
 
     # -- evaluation and the gate -----------------------------------------------------------------------
+    def refresh_rules(self) -> bool:
+        """Follow the operators' rule changes (the API persists them to the rules file); True when reloaded.
+
+        The rule scores of the evaluation set change with the rules, so its cache is dropped; feature rows
+        already learned keep the rule hits they were learned with.
+        """
+        from models.rules import RuleEngine, RuleError
+
+        path = self.settings.rules_file
+        mtime = path.stat().st_mtime if path.exists() else None
+        if mtime == self._rules_mtime:
+            return False
+        try:
+            self.rules = RuleEngine.load(path) if mtime is not None else RuleEngine.default()
+        except (OSError, RuleError) as exc:
+            log.warning("rules file refused; keeping the current rules", path=str(path), error=str(exc))
+            return False
+        self._rules_mtime = mtime
+        self._eval_cache.clear()
+        self.metrics.rules_active.set(self.rules.active_count)
+        return True
+
     def eval_set(self) -> EvalSet:
         """Held-out labels (today's consensus) + the corpus sample minus every flagged message."""
         import numpy as np
 
+        from models.evaluate import recall_at_fpr
         from models.features import FeatureBatch
+
+        self.refresh_rules()
 
         held = self.store.current_consensus(holdout=True)
         flagged = self.store.known_messages([mid for mid, _, _ in self.corpus_eval])
@@ -917,12 +943,15 @@ class Learner:
             for i, (mid, _) in enumerate(todo):
                 self._eval_cache[mid] = (batch.row(i), float(results[i].score))
         rows = [self._eval_cache[mid] for mid, _, _ in items]
-        return EvalSet(
+        ev = EvalSet(
             ids=[mid for mid, _, _ in items],
             y=np.array([s for *_, s in items], dtype=bool),
             batch=FeatureBatch.concat([b for b, _ in rows]),
             rule_scores=np.array([s for _, s in rows], dtype=np.float64),
         )
+        if ev.y.any() and not ev.y.all():  # the rules' side of the improvement curves (x: flywheel_rules_active)
+            self.metrics.rules_recall.labels(fpr="0.01").set(recall_at_fpr(ev.rule_scores, ev.y, 0.01))
+        return ev
 
     @staticmethod
     def split_eval(ev: EvalSet) -> tuple[EvalSet, EvalSet]:
@@ -1061,8 +1090,6 @@ class Learner:
                 self.registry.promote(version, result.reason)
                 if anchor_m is None or not descends or chall["one_minus_auc"] < anchor_m["one_minus_auc"]:
                     self.anchor_version = version
-            else:
-                self._prune_rejected(kind)
             self.metrics.decisions.labels(decision=decision, kind=kind).inc()
             self.metrics.one_minus_auc.labels(role="challenger", kind=kind).set(chall["one_minus_auc"])
             if champ_m is not None:
@@ -1076,19 +1103,8 @@ class Learner:
             self.emit(ModelEvent(kind=decision, version=version, previous=parent, model_kind=kind, reason=result.reason,
                                  metrics={"challenger": _finite(chall), "champion": _finite(champ_m or {})}))
             log.info("gate decision", kind=kind, version=version, decision=decision, reason=result.reason)
+            self.registry.prune(keep=self.settings.registry_keep)
             return version
-
-    def _prune_rejected(self, kind: str, keep: int = 10) -> None:
-        """Rejected incremental candidates pile up every few seconds: keep the newest ``keep`` on disk."""
-        if kind != "linear":
-            return
-        rejected = [d["challenger"] for d in self.registry.decisions(limit=200) if d.get("decision") == "rejected" and d.get("kind") == "linear"]
-        for v in rejected[:-keep]:
-            try:
-                if (self.registry.root / "versions" / v).exists():
-                    self.registry.delete(v)
-            except Exception:  # noqa: BLE001
-                log.debug("prune failed", version=v, exc_info=True)
 
     def join(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -28,28 +26,13 @@ from services.settings import REPO_ROOT, Settings
 from services.worker import is_holdout
 from streams.events import FeedbackEvent, encode, message_id_for
 from streams.topics import EventProducer, Topics, topic_specs
+from services.daemon import free_port, wait_until
 
 REPORTERS = {"k-alice": "alice", "k-bob": "bob", "k-carol": "carol", "k-dave": "dave", "k-mallory": "mallory",
              "dev-admin-key": "admin"}
 HONEST = ["k-alice", "k-bob", "k-carol", "k-dave"]
 
 pytestmark = pytest.mark.e2e
-
-
-def _wait(cond: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Proc:
@@ -145,8 +128,8 @@ def loop(kafka: Settings, corpus: list[Any], tmp_path_factory: pytest.TempPathFa
 
     s = kafka.model_copy(update={
         "state_dir": tmp_path_factory.mktemp("loop"), "registry_dir": None, "rules_path": None,
-        "topic_prefix": f"e2e{uuid.uuid4().hex[:8]}", "worker_port": _port(), "api_port": _port(),
-        "spamd_port": _port(), "api_keys": REPORTERS, "linear_publish_s": 1.0, "model_poll_s": 0.5,
+        "topic_prefix": f"e2e{uuid.uuid4().hex[:8]}", "worker_port": free_port(), "api_port": free_port(),
+        "spamd_port": free_port(), "api_keys": REPORTERS, "linear_publish_s": 1.0, "model_poll_s": 0.5,
         "neural_retrain_every": 1_000_000,
     })
     broker.ensure_topics(s, topic_specs(s))
@@ -157,9 +140,9 @@ def loop(kafka: Settings, corpus: list[Any], tmp_path_factory: pytest.TempPathFa
     try:
         worker.start()
         # The worker bootstraps the first champion (its incremental model's base) on a fresh registry.
-        _wait(lambda: lp.registry().champion() is not None, 240, "the worker's bootstrap champion", 0.5)
+        wait_until(lambda: lp.registry().champion() is not None, 240, "the worker's bootstrap champion", 0.5)
         api.start()
-        _wait(lambda: _ready(lp), 180, "the API to be ready", 0.5)
+        wait_until(lambda: _ready(lp), 180, "the API to be ready", 0.5)
         yield lp
     finally:
         lp.http.close()
@@ -200,11 +183,11 @@ def test_flags_promote_a_challenger_and_serving_changes(loop: Loop) -> None:
         assert r.status_code == 202, r.text
         body = r.json()
         produced.add((loop.topics.feedback, body["partition"], body["offset"]))
-    _wait(lambda: loop.counters().get("events", 0) >= events0 + len(flags), 60, "the worker to apply every flag")
+    wait_until(lambda: loop.counters().get("events", 0) >= events0 + len(flags), 60, "the worker to apply every flag")
     with loop.db() as db:  # labels are written with the records, so the learn log is final now
         n_learned = db.execute("SELECT COUNT(*) FROM learn_log").fetchone()[0]
     assert n_learned >= 0.8 * len(flags)  # a few are held out for the gate (1 in 10)
-    _wait(lambda: _decided_on_all(loop, n_learned), 120, "a gate decision on a candidate that learned every flag", 0.5)
+    wait_until(lambda: _decided_on_all(loop, n_learned), 120, "a gate decision on a candidate that learned every flag", 0.5)
     reg = loop.registry()
     champ = reg.champion()
     assert champ is not None and champ != v0
@@ -225,7 +208,7 @@ def test_flags_promote_a_challenger_and_serving_changes(loop: Loop) -> None:
     assert info.lineage["counts"] == {"spam": sum(r[3] == "spam" for r in rows), "ham": sum(r[3] == "ham" for r in rows)}
     assert len(info.lineage["training_set_hash"]) == 64
     # Every API process serves it, and answers on messages never flagged change.
-    _wait(lambda: loop.classify(probes[0].raw)["model"]["version"] == reg.champion(), 30, "the API to reload")
+    wait_until(lambda: loop.classify(probes[0].raw)["model"]["version"] == reg.champion(), 30, "the API to reload")
     after = {m.name: loop.classify(m.raw)["model"] for m in probes}
     assert all(a["version"] != before[n]["version"] for n, a in after.items())
     changed = [n for n in after if abs(after[n]["probability"] - before[n]["probability"]) > 1e-6]
@@ -246,14 +229,14 @@ def test_kill9_worker_mid_stream_loses_nothing_and_counts_nothing_twice(loop: Lo
     try:
         items = [(e.message_id, encode(e)) for e in events]
         producer.send_many(loop.topics.feedback, items[:150])
-        _wait(lambda: loop.counters().get("events", 0) > base["events"], 60, "the worker to be mid-stream", 0.02)
+        wait_until(lambda: loop.counters().get("events", 0) > base["events"], 60, "the worker to be mid-stream", 0.02)
         loop.worker.stop(signal.SIGKILL)
         producer.send_many(loop.topics.feedback, items[150:])
     finally:
         producer.close()
     loop.worker.start()
     total = base["events"] + 300
-    _wait(lambda: loop.counters().get("events", 0) >= total, 240, "every record after the restart", 0.5)
+    wait_until(lambda: loop.counters().get("events", 0) >= total, 240, "every record after the restart", 0.5)
     c = loop.counters()
     assert c["events"] == total and c["votes"] == base["votes"] + 300 and c.get("duplicates", 0) == base.get("duplicates", 0)
     with loop.db() as db:
@@ -309,8 +292,8 @@ def test_hostile_reporter_loses_weight_and_no_worse_model_is_promoted(loop: Loop
     total_flags = len(msgs) + n_hostile
     assert n_hostile / total_flags == pytest.approx(0.2, abs=0.02)
     target = events0 + total_flags
-    _wait(lambda: loop.counters().get("events", 0) >= target, 120, "the worker to take every flag", 0.5)
-    _wait(lambda: loop.counters().get("evidence_seq", 0) >= loop.counters().get("votes", 0), 120, "model evidence", 0.5)
+    wait_until(lambda: loop.counters().get("events", 0) >= target, 120, "the worker to take every flag", 0.5)
+    wait_until(lambda: loop.counters().get("evidence_seq", 0) >= loop.counters().get("votes", 0), 120, "model evidence", 0.5)
     with loop.db() as db:
         rep = {r: (a, d) for r, a, d in db.execute("SELECT reporter, agree, disagree FROM reporters")}
     from services.worker import reporter_weight
@@ -341,7 +324,7 @@ def test_broker_restart_api_keeps_classifying_and_feedback_503_until_back(loop: 
     bs = loop.broker_settings
     broker.stop(bs)
     try:
-        _wait(lambda: not broker.answers_metadata(loop.s.bootstrap_servers, 1.0), 30, "the broker to be down")
+        wait_until(lambda: not broker.answers_metadata(loop.s.bootstrap_servers, 1.0), 30, "the broker to be down")
         for _ in range(3):
             assert loop.classify(m.raw)["verdict"] in ("spam", "ham")
         t0 = time.monotonic()
@@ -350,8 +333,8 @@ def test_broker_restart_api_keeps_classifying_and_feedback_503_until_back(loop: 
         assert time.monotonic() - t0 < 15
     finally:
         broker.start(bs)
-    ok = _wait(lambda: loop.flag(m.raw, "spam" if m.is_spam else "ham", "k-alice").status_code == 202, 60,
+    ok = wait_until(lambda: loop.flag(m.raw, "spam" if m.is_spam else "ham", "k-alice").status_code == 202, 60,
                "/feedback to accept again", 1.0)
     assert ok
     target = loop.counters().get("events", 0) + 1
-    _wait(lambda: loop.counters().get("events", 0) >= target, 120, "the worker to consume after the restart", 0.5)
+    wait_until(lambda: loop.counters().get("events", 0) >= target, 120, "the worker to consume after the restart", 0.5)

@@ -426,3 +426,10 @@ def test_sender_address_matches_parseaddr(value: str) -> None:
 def test_whitespace_collapsing_matches_the_plain_regexes(text: str) -> None:
     assert message_mod._WS_RUN_RE.sub(" ", text) == re.sub(r"[ \t\r\f\v\xa0]+", " ", text)
     assert message_mod._collapse_lines(text) == re.sub(r"\s*\n\s*", "\n", text).strip()
+
+
+@pytest.mark.unit
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet='ab.@<> "(),;:\\[]\t\u00e9', max_size=24))
+def test_sender_address_matches_parseaddr_on_random_forms(value: str) -> None:
+    assert message_mod._sender_address(value) == (email.utils.parseaddr(value)[1].lower() or value.lower())

@@ -287,3 +287,26 @@ def test_concurrent_writers_and_readers(tmp_path: Path, weights: np.ndarray, vec
     hist = reg.history()
     assert len(hist) == 100 and all(h["action"] == "promote" for h in hist)
     assert reg.champion() == hist[-1]["version"]
+
+
+@pytest.mark.unit
+def test_prune_bounds_disk_and_keeps_rollback_targets(
+    tmp_path: Path, weights: np.ndarray, vectors: list[SelfCheckVector]
+) -> None:
+    reg = Registry(tmp_path / "reg")
+    champions = []
+    challengers = []
+    for i in range(6):
+        v = save_one(reg, tmp_path, weights, vectors)
+        reg.promote(v, f"round {i}")
+        champions.append(v)
+        challengers.append(save_one(reg, tmp_path, weights, vectors))
+    removed = reg.prune(keep=2)
+    left = {info.version for info in reg.list()}
+    assert reg.champion() == champions[-1]
+    assert set(champions[-2:]) <= left  # the champion and one rollback target
+    assert set(challengers[-2:]) <= left  # the newest other versions
+    assert len(left) == 4 and len(removed) == 8
+    assert reg.rollback("test") == champions[-2]
+    with pytest.raises(RegistryError, match="no longer in the registry"):
+        reg.rollback("too deep")

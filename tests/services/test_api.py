@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +21,11 @@ import pytest
 
 from services.api.testing import ApiProcess
 from services.settings import REPO_ROOT, Settings
+from services.daemon import free_port, wait_until
 
 ADMIN = {"X-API-Key": "test-admin-key"}
 USER = {"Authorization": "Bearer test-user-key"}
 KEYS = {"test-admin-key": "admin", "test-user-key": "alice", "test-bob-key": "bob"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -86,10 +70,10 @@ def replicas(api_base: Settings, versions: dict[str, str], tmp_path_factory: pyt
     poll is slower than any deadline below) and B (1 worker, 1 s pointer poll)."""
     logs = tmp_path_factory.mktemp("api-logs")
     a = ApiProcess(api_base.model_copy(update={
-        "api_port": _free_port(), "spamd_port": _free_port(), "workers": 2, "model_poll_s": 600.0,
+        "api_port": free_port(), "spamd_port": free_port(), "workers": 2, "model_poll_s": 600.0,
     }), logs / "a.log")
     b = ApiProcess(api_base.model_copy(update={
-        "api_port": _free_port(), "spamd_port": _free_port(), "workers": 1, "model_poll_s": 1.0,
+        "api_port": free_port(), "spamd_port": free_port(), "workers": 1, "model_poll_s": 1.0,
     }), logs / "b.log")
     try:
         a.start()
@@ -136,7 +120,7 @@ def consume_all(settings: Settings, topic: str, timeout_s: float = 5.0) -> list[
 
 
 def find_event(settings: Settings, topic: str, event_id: str, timeout_s: float = 15.0) -> dict[str, Any]:
-    return wait_for(lambda: next((e for e in consume_all(settings, topic) if e.get("event_id") == event_id), None),
+    return wait_until(lambda: next((e for e in consume_all(settings, topic) if e.get("event_id") == event_id), None),
                     timeout_s, f"event {event_id} in {topic}", every_s=0.3)
 
 
@@ -253,7 +237,7 @@ def test_feedback_lands_in_kafka_idempotently_and_retracts(api: httpx.Client, ap
 def test_feedback_answers_503_when_kafka_is_unreachable(api_base: Settings, versions: dict[str, str],
                                                        samples: dict[str, bytes], tmp_path: Path) -> None:
     dead = api_base.model_copy(update={
-        "kafka_bootstrap": f"127.0.0.1:{_free_port()}", "api_port": _free_port(), "spamd_port": _free_port(),
+        "kafka_bootstrap": f"127.0.0.1:{free_port()}", "api_port": free_port(), "spamd_port": free_port(),
         "workers": 1,
     })
     with ApiProcess(dead, tmp_path / "dead.log").start() as proc, httpx.Client(base_url=proc.base_url,
@@ -380,8 +364,8 @@ def test_promotion_reaches_two_api_processes_and_corrupt_artifact_is_refused(
     assert r.status_code == 200, r.text
     assert r.json()["champion"] == v2 and r.json()["previous"] == v1 and r.json()["event_id"]
     # A's pointer poll is 600 s: only the Kafka model event can bring it there within the deadline.
-    wait_for(lambda: _served_versions(a.base_url, raw, 20) == {v2}, 20, "replica A (2 workers) on v2")
-    wait_for(lambda: _served_versions(b.base_url, raw, 3) == {v2}, 20, "replica B on v2")
+    wait_until(lambda: _served_versions(a.base_url, raw, 20) == {v2}, 20, "replica A (2 workers) on v2")
+    wait_until(lambda: _served_versions(b.base_url, raw, 3) == {v2}, 20, "replica B on v2")
     assert time.monotonic() - t0 < 30
     model_event = find_event(api_base, api_base.topic("model-events"), r.json()["event_id"])
     assert model_event["kind"] == "promoted" and model_event["version"] == v2
@@ -402,8 +386,8 @@ def test_promotion_reaches_two_api_processes_and_corrupt_artifact_is_refused(
                      if ln.startswith('flywheel_model_reloads_total{outcome="rejected"}')), "x 0")
         return float(line.split()[-1])
 
-    wait_for(lambda: rejected(a) >= 2, 20, "both workers of A refusing the corrupt version")
-    wait_for(lambda: rejected(b) >= 1, 20, "B refusing the corrupt version")
+    wait_until(lambda: rejected(a) >= 2, 20, "both workers of A refusing the corrupt version")
+    wait_until(lambda: rejected(b) >= 1, 20, "B refusing the corrupt version")
     assert _served_versions(a.base_url, raw, 10) == {v2}
     assert _served_versions(b.base_url, raw, 3) == {v2}
     assert "model refused" in a.tail(400)
@@ -413,8 +397,8 @@ def test_promotion_reaches_two_api_processes_and_corrupt_artifact_is_refused(
     assert r.status_code == 200 and r.json()["champion"] == v2
     r = api.post("/models/rollback", headers=ADMIN)
     assert r.status_code == 200 and r.json()["champion"] == v1, r.text
-    wait_for(lambda: _served_versions(a.base_url, raw, 20) == {v1}, 20, "replica A back on v1")
-    wait_for(lambda: _served_versions(b.base_url, raw, 3) == {v1}, 20, "replica B back on v1")
+    wait_until(lambda: _served_versions(a.base_url, raw, 20) == {v1}, 20, "replica A back on v1")
+    wait_until(lambda: _served_versions(b.base_url, raw, 3) == {v1}, 20, "replica B back on v1")
 
 
 # --------------------------------------------------------------------------------------------- rules
@@ -436,7 +420,7 @@ def test_rules_added_and_disabled_at_run_time_reach_every_replica(
     assert r.status_code == 200, r.text
     assert r.json()["event_id"]
     for rep in replicas:
-        wait_for(lambda rep=rep: all("TEST_TOKEN_RULE" in hits(rep.base_url) for _ in range(10)), 60,
+        wait_until(lambda rep=rep: all("TEST_TOKEN_RULE" in hits(rep.base_url) for _ in range(10)), 60,
                  f"rule on {rep.base_url}")
     assert "TEST_TOKEN_RULE" in api_base.rules_file.read_text()
     listed = {x["name"]: x for x in api.get("/rules", headers=USER).json()["rules"]}
@@ -444,7 +428,7 @@ def test_rules_added_and_disabled_at_run_time_reach_every_replica(
 
     assert api.post("/rules/TEST_TOKEN_RULE/disable", headers=ADMIN).status_code == 200
     for rep in replicas:
-        wait_for(lambda rep=rep: all("TEST_TOKEN_RULE" not in hits(rep.base_url) for _ in range(10)), 60,
+        wait_until(lambda rep=rep: all("TEST_TOKEN_RULE" not in hits(rep.base_url) for _ in range(10)), 60,
                  f"rule disabled on {rep.base_url}")
     assert api.post("/rules/TEST_TOKEN_RULE/enable", headers=ADMIN).status_code == 200
     text = api.get("/metrics").text

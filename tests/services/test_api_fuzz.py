@@ -3,7 +3,6 @@ bodies, parameters, headers, with and without credentials) against a running API
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,12 +13,7 @@ import pytest
 
 from services.api.testing import ApiProcess
 from services.settings import REPO_ROOT, Settings
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from services.daemon import free_port
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +22,7 @@ def fuzz_api(kafka: Settings, corpus: list, tmp_path_factory: pytest.TempPathFac
 
     s = kafka.model_copy(update={
         "state_dir": tmp_path_factory.mktemp("fuzz-state"), "downloads_dir": kafka.downloads,
-        "api_port": _free_port(), "spamd_port": _free_port(), "workers": 1, "client_timeout_s": 5.0,
+        "api_port": free_port(), "spamd_port": free_port(), "workers": 1, "client_timeout_s": 5.0,
         "api_keys": {"fuzz-admin-key": "admin"}, "admin_identities": ["admin"], "max_message_bytes": 512 * 1024,
     })
     import random

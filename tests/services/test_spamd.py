@@ -10,7 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,26 +19,10 @@ import pytest
 
 from services.api.testing import ApiProcess
 from services.settings import Settings
+from services.daemon import free_port, wait_until
 
 SPAMC = shutil.which("spamc")
 pytestmark = pytest.mark.skipif(SPAMC is None, reason="Debian package spamc is not installed (make system-deps)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(cond: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = cond()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +32,7 @@ def spamd(kafka: Settings, corpus: list, tmp_path_factory: pytest.TempPathFactor
 
     s = kafka.model_copy(update={
         "state_dir": tmp_path_factory.mktemp("spamd-state"), "downloads_dir": kafka.downloads,
-        "api_port": _free_port(), "spamd_port": _free_port(), "workers": 2, "client_timeout_s": 2.0,
+        "api_port": free_port(), "spamd_port": free_port(), "workers": 2, "client_timeout_s": 2.0,
         "max_message_bytes": 256 * 1024,
     })
     import random
@@ -140,13 +124,13 @@ def test_spamc_learn_produces_feedback_and_retraction_events(spamd: ApiProcess, 
     mid = hashlib.sha256(raw).hexdigest()[:32]
     r = spamc(spamd, "-L", "spam", "-u", "carol", stdin=raw)
     assert r.returncode == 0 and b"successfully" in r.stdout, r
-    ev = wait_for(lambda: next((e for e in feedback_events(spamd.settings)
+    ev = wait_until(lambda: next((e for e in feedback_events(spamd.settings)
                                 if e["type"] == "feedback" and e["reporter"] == "carol"), None), 15, "TELL event")
     assert ev["label"] == "spam" and ev["message_id"] == mid and base64.b64decode(ev["raw"]) == raw
 
     r = spamc(spamd, "-L", "forget", "-u", "carol", stdin=raw)
     assert r.returncode == 0 and b"successfully" in r.stdout, r
-    ret = wait_for(lambda: next((e for e in feedback_events(spamd.settings)
+    ret = wait_until(lambda: next((e for e in feedback_events(spamd.settings)
                                  if e["type"] == "retraction" and e["reporter"] == "carol"), None), 15, "retraction")
     assert ret["retracts"] == ev["event_id"] and ret["message_id"] == mid
 

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,21 +17,13 @@ import pytest
 from services.settings import REPO_ROOT, Settings
 from streams.events import FeedbackEvent, encode
 from streams.topics import EventProducer, Topics, topic_specs
+from services.daemon import wait_until
 
 
 def _env(settings: Settings) -> dict[str, str]:
     from services.api.app import settings_env
 
     return {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
-
-
-def _wait(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def _counters(settings: Settings) -> dict[str, int]:
@@ -111,21 +102,21 @@ def test_worker_consumes_dead_letters_and_resumes_after_kill(kafka: Settings, tm
         producer.send_many(topics.feedback, [(e.message_id, encode(e)) for e in first])
         producer.send_bytes(topics.feedback, b"bad", b"{definitely not json")
         worker.start()
-        _wait(lambda: _counters(s).get("events", 0) >= 61, 90, "the first 61 records")
+        wait_until(lambda: _counters(s).get("events", 0) >= 61, 90, "the first 61 records")
         assert _counters(s)["votes"] == 60 and _counters(s)["dead_letters"] == 1
 
         # Produce more while the worker runs, kill -9 it mid-stream, produce again, restart.
         second = _flags(400, start=60)
         items = [(e.message_id, encode(e)) for e in second]
         producer.send_many(topics.feedback, items[:200])
-        _wait(lambda: _counters(s).get("events", 0) > 61, 30, "the worker to start on the second batch")
+        wait_until(lambda: _counters(s).get("events", 0) > 61, 30, "the worker to start on the second batch")
         worker.kill(signal.SIGKILL)
         producer.send_many(topics.feedback, items[200:])
         # A re-sent duplicate (same reporter, same message): must count as a duplicate, not a vote.
         dup = FeedbackEvent.create(message_id=first[0].message_id, label=first[0].label, reporter=first[0].reporter)
         producer.send(topics.feedback, dup.message_id, dup)
         worker.start()
-        _wait(lambda: _counters(s).get("events", 0) >= 462, 90, "every record after the restart")
+        wait_until(lambda: _counters(s).get("events", 0) >= 462, 90, "every record after the restart")
         time.sleep(0.5)  # let a (wrong) double count show up if there were one; the counts below are exact
         c = _counters(s)
         assert c["events"] == 462, c
