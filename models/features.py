@@ -18,7 +18,6 @@ exact inputs of both ONNX graphs.
 
 from __future__ import annotations
 
-import operator
 import re
 import zlib
 from bisect import bisect_right
@@ -83,9 +82,20 @@ _WORD = re.compile(_WORD_RE)
 # The same pattern for pure-ASCII text (most mail): there Unicode ``\w`` and ASCII ``\w`` are the same class, and
 # the ASCII table test makes the scan about a quarter cheaper than the Unicode database lookup.
 _WORD_ASCII = re.compile(_WORD_RE, re.ASCII)
+# ... and on the ASCII bytes of such text, whose matches are the UTF-8 bytes CRC-32 wants (no per-word encode).
+_WORD_BYTES = re.compile(rb"\w[\w'.\-]{0,22}\w|\w|[$!]+")
 # Cheap guards before the artefact regex: substring tests run at memchr speed, the regex does not.
 _UPPER = bytes(range(ord("A"), ord("Z") + 1))
 _HEADER_VALUE_TOKEN = re.compile(r"[a-z][a-z0-9]*(?:[.\-/][a-z0-9]+)*")
+#: Headers whose values give tokens, by how (all other headers give their name and position only).
+_VALUE_HEADERS: dict[str, str] = {
+    **dict.fromkeys(("x-mailer", "user-agent", "x-mimeole", "x-msmail-priority", "x-priority", "precedence"), "mailer"),
+    "content-type": "content-type",
+    "content-transfer-encoding": "content-transfer-encoding",
+    "message-id": "message-id",
+    "received": "artefact",
+    "date": "artefact",
+}
 _CHARSET = re.compile(r'(?i)charset\s*=\s*"?([\w.:\-]+)')
 _DIGITS = re.compile(r"\d+")
 
@@ -202,15 +212,14 @@ class FeatureBatch:
 
 
 # Token -> bucket: CRC-32 of the UTF-8 bytes, stable across processes and machines (Python's ``hash`` is salted).
-# A bounded per-process cache of token -> CRC makes the common vocabulary a dict lookup (~40 ns, not ~200 ns).
-_ENCODE = operator.methodcaller("encode", "utf-8", "surrogatepass")
-_CACHE: dict[str, int] = {}
-_CACHE_MAX = 1 << 18
+# Hashing directly beats a token -> CRC cache: tokens are fresh strings, so a cache pays for ``hash(str)`` and a
+# cache-missing lookup in a large dict, which costs more than CRC-32 of a few bytes.
+_crc32 = zlib.crc32
 
 
 def token_id(token: str, n_buckets: int) -> int:
     """The bucket of one token (CRC-32 of its UTF-8 bytes modulo ``n_buckets``)."""
-    return zlib.crc32(_ENCODE(token)) % n_buckets
+    return _crc32(token.encode("utf-8", "surrogatepass")) % n_buckets
 
 
 def _bin(value: float, edges: Sequence[float]) -> int:
@@ -263,13 +272,14 @@ def message_tokens(msg: _Message, result: _RuleResult | None, config: FeatureCon
 
     Body bigrams are hashed from their two words' hashes (:func:`_bigram_ids`), not from these strings.
     """
-    toks, words = _parts(msg, result, config)
+    toks, body = _parts(msg, result, config)
+    words = _words(body)
     bigrams = [a + " " + b for a, b in zip(words, words[1:])] if config.body_bigrams else []
     return toks + words + bigrams
 
 
-def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> tuple[list[str], list[str]]:
-    """(every token but the body words, the body words in order)."""
+def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> tuple[list[str], str]:
+    """(every token but the body words, the lower-cased body text the words are taken from)."""
     artefacts = config.include_artefacts
     toks: list[str] = []
 
@@ -281,12 +291,12 @@ def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> 
         subject_low = _strip_artefacts(subject_low)
         body = _strip_artefacts(body)
     low = _words(subject_low)
+    nsubj = len(low)  # the subject's word count, binned below
     toks.extend(["s:" + w for w in low])
     if not subject.islower():  # an all-capitals word needs a cased character that is not lower case
         toks.extend(["S:" + w.lower() for w in _words(subject) if len(w) > 1 and w.isupper()])
     if config.subject_bigrams and len(low) > 1:
         toks.extend(["s2:" + a + " " + b for a, b in zip(low, low[1:])])
-    body_words = _words(body)
 
     if config.url_tokens:
         for host in msg.domains:
@@ -313,22 +323,25 @@ def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> 
             if config.header_order:
                 toks.append("ho:" + prev + ">" + name)
                 prev = name
+            kind = _VALUE_HEADERS.get(name)
+            if kind is None:  # most headers: name and order only, no value tokens
+                continue
             low = value.lower()
-            if name in ("x-mailer", "user-agent", "x-mimeole", "x-msmail-priority", "x-priority", "precedence"):
+            if kind == "mailer":
                 toks.extend(["hv:" + name + ":" + t for t in _HEADER_VALUE_TOKEN.findall(low)[:8]])
-            elif name == "content-type":
+            elif kind == "content-type":
                 toks.append("ct:" + low.split(";", 1)[0].strip())
                 for cs in _CHARSET.findall(low):
                     toks.append("cs:" + cs)
-            elif name == "content-transfer-encoding":
+            elif kind == "content-transfer-encoding":
                 toks.append("cte:" + low.strip())
-            elif name == "message-id":
+            elif kind == "message-id":
                 at = low.rfind("@")
                 shape = _DIGITS.sub("9", low[:at] if at > 0 else low)[:16]
                 toks.append("mid:" + shape)
                 if at > 0 and (artefacts or not _has_artefact(low)):
                     toks.append("midd:" + low[at + 1 :].rstrip(">").strip())
-            elif artefacts and name in ("received", "date"):
+            elif artefacts:  # kind == "artefact": received, date
                 toks.extend(["hv:" + name + ":" + t for t in _HEADER_VALUE_TOKEN.findall(low)[:12]])
         toks.append("ho:" + prev + ">$")
         for fname, ctype in msg.attachments:
@@ -351,37 +364,20 @@ def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> 
         toks.append("n:nonascii" + str(_bin(1.0 - len(ascii_body) / len(body) if body else 0.0, _RATIO_EDGES)))
         raw_len = len(getattr(msg, "raw_body", "") or "")
         toks.append("n:html" + str(_bin(1.0 - len(body) / raw_len if raw_len > len(body) else 0.0, _RATIO_EDGES)))
-        toks.append("n:nsubj" + str(_bin(len(low), _COUNT_EDGES)))
-    return toks, body_words
+        toks.append("n:nsubj" + str(_bin(nsubj, _COUNT_EDGES)))
+    return toks, body
 
 
-def _crc_list(tokens: list[str]) -> list[int]:
-    """CRC-32 of each token through a bounded cache: a hit costs one C-level dict lookup.
-
-    Misses are found with ``list.index`` (a C scan), so a message with a few new words does not pay a Python-level
-    pass over all of its tokens; once the cache is full, new tokens are hashed every time and not stored.
-    """
-    cache = _CACHE
-    got: list[int | None] = list(map(cache.get, tokens))
-    misses = got.count(None)
-    if misses:
-        room = _CACHE_MAX - len(cache)
-        index = got.index
-        i = -1
-        for _ in range(misses):
-            i = index(None, i + 1)
-            tok = tokens[i]
-            got[i] = h = zlib.crc32(_ENCODE(tok))
-            if room > 0:
-                cache[tok] = h
-                room -= 1
-    return got  # type: ignore[return-value]  # every None was replaced
+def _token_crcs(tokens: list[str]) -> list[int]:
+    """CRC-32 of each token's UTF-8 bytes."""
+    return [_crc32(t.encode("utf-8", "surrogatepass")) for t in tokens]
 
 
-def _hashes(tokens: list[str]) -> np.ndarray:
-    """CRC-32 of each token (uint64)."""
-    got = _crc_list(tokens)
-    return np.fromiter(got, dtype=np.uint64, count=len(got))
+def _word_crcs(body: str) -> list[int]:
+    """CRC-32 of each body word, in order: ``_token_crcs(_words(body))``, with ASCII text scanned as bytes."""
+    if body.isascii():
+        return list(map(_crc32, _WORD_BYTES.findall(body.encode("ascii"))))
+    return _token_crcs(_WORD.findall(body))
 
 
 _BIGRAM_MUL = np.uint64(0x01000193)
@@ -400,11 +396,12 @@ def _row(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> tu
     One uint64 array holds the token hashes then the word hashes (one conversion from Python ints); the sort and
     run-length count are what ``np.unique(..., return_counts=True)`` does, without its generic overhead.
     """
-    toks, words = _parts(msg, result, config)
-    n_toks = len(toks)
-    toks.extend(words)
-    allh = np.fromiter(_crc_list(toks), dtype=np.uint64, count=len(toks))
-    if config.body_bigrams and len(words) > 1:
+    toks, body = _parts(msg, result, config)
+    crcs = _token_crcs(toks)
+    n_toks = len(crcs)
+    crcs += _word_crcs(body)
+    allh = np.fromiter(crcs, dtype=np.uint64, count=len(crcs))
+    if config.body_bigrams and len(crcs) - n_toks > 1:
         allh = np.concatenate((allh, _bigram_ids(allh[n_toks:])))
     allh %= np.uint64(config.n_buckets)
     allh.sort()
@@ -415,7 +412,10 @@ def _row(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> tu
     first[0] = True
     np.not_equal(allh[1:], allh[:-1], out=first[1:])
     starts = np.flatnonzero(first)
-    counts = np.diff(starts, append=n)
+    bounds = np.empty(starts.size + 1, dtype=np.int64)
+    bounds[:-1] = starts
+    bounds[-1] = n
+    counts = bounds[1:] - bounds[:-1]
     return allh[starts].astype(np.int64), counts.astype(np.float64)
 
 

@@ -50,6 +50,8 @@ DEFAULT_RULES_PATH = Path(__file__).with_name("rules") / "default.yaml"
 DEFECTS_HEADER = "x-flywheel-defects"  # pseudo-header: the parser's defect flags, space separated
 ATTACHMENTS_HEADER = "x-flywheel-attachments"  # pseudo-header: "filename; type" per attachment
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+#: Header selectors whose text is computed (see ``_header_value``), not read from the message's headers.
+_COMPUTED_HEADERS = frozenset({"ALL", "ToCc", "MESSAGEID", "EnvelopeFrom", DEFECTS_HEADER, ATTACHMENTS_HEADER})
 
 
 class RuleError(ValueError):
@@ -348,7 +350,7 @@ class _MetaParser:
                 break
             self.i += 1
             right = self._expr(prec + 1)
-            left = (lambda op, l, r: lambda h: op(l(h), r(h)))(op, left, right)
+            left = _combine(val, op, left, right)
         return left
 
     def _unary(self) -> Evaluator:
@@ -364,6 +366,12 @@ class _MetaParser:
             self.refs.add(val)
             return lambda h: h[idx]
         if val == "!":
+            if self.i < len(self.toks) and self.toks[self.i][0] == "id":  # !NAME: one closure, not two
+                name = self.toks[self.i][1]
+                self.i += 1
+                j = self.resolve(name)
+                self.refs.add(name)
+                return lambda h: 0 if h[j] else 1
             inner = self._unary()
             return lambda h: 0 if inner(h) else 1
         if val == "-":
@@ -376,6 +384,16 @@ class _MetaParser:
             self.i += 1
             return inner
         raise RuleError(f"unexpected {val!r}")
+
+
+def _combine(op_name: str, op: Callable[[float, float], float], left: Evaluator, right: Evaluator) -> Evaluator:
+    """The closure of ``left <op> right``. ``&&`` and ``||`` skip the right side when the left decides (operands
+    have no side effects, so the value is the one ``op`` gives) and save a call level."""
+    if op_name == "&&":
+        return lambda h: 1 if (left(h) and right(h)) else 0
+    if op_name == "||":
+        return lambda h: 1 if (left(h) or right(h)) else 0
+    return lambda h: op(left(h), right(h))
 
 
 def meta_references(expr: str) -> set[str]:
@@ -391,10 +409,16 @@ def meta_references(expr: str) -> set[str]:
 class _Group:
     """Every pattern of one target text: one hyperscan database plus ``re`` fallbacks."""
 
-    __slots__ = ("target", "db", "hs_ids", "fallback", "_local")
+    __slots__ = ("target", "hname", "hmod", "plain", "unset", "db", "hs_ids", "fallback", "gate", "gated", "empty_hits", "_local")
 
     def __init__(self, target: str, specs: list[_Spec], rules: Sequence[Rule]) -> None:
         self.target = target
+        # a header target "h:<name>[:<mod>][\x00<if-unset>]", parsed once here rather than per message
+        key, sep, unset = target[2:].partition("\x00") if target.startswith("h:") else ("", "", "")
+        self.hname, _, self.hmod = key.partition(":")
+        self.unset: str | None = unset if sep else None
+        # an ordinary header without modifier: its text is the header map's entry
+        self.plain = not self.hmod and self.hname not in _COMPUTED_HEADERS
         self.fallback: list[tuple[int, re.Pattern[bytes]]] = []
         self.db: hyperscan.Database | None = None
         self._local = threading.local()
@@ -430,6 +454,22 @@ class _Group:
         if exprs:
             self.db = _hs_try(exprs, ids, flags)
         self.hs_ids = ids
+        # A fallback whose pattern hyperscan can approximate in prefilter mode (a superset of its matches, e.g.
+        # with back references ignored) only runs ``re`` when that approximation matched: same hits, fewer scans.
+        self.gate: hyperscan.Database | None = None
+        self.gated: frozenset[int] = frozenset()
+        by_index = {spec.index: spec for spec in specs}
+        pre = [(k, _hs_prefilter_pattern(by_index[idx])) for k, (idx, _) in enumerate(self.fallback)]
+        pre_ok = [(k, p) for k, p in pre if p is not None and _hs_single_ok(p[0], p[1])]
+        if pre_ok:
+            self.gate = _hs_try([p[0] for _, p in pre_ok], [k for k, _ in pre_ok], [p[1] for _, p in pre_ok])
+            if self.gate is not None:
+                self.gated = frozenset(k for k, _ in pre_ok)
+        # What an empty text matches (``/^\s*$/`` does) is fixed: found once here, so evaluation skips the scans
+        # of the many header targets a message lacks.
+        probe = bytearray(len(rules))
+        self.match(b"", probe)
+        self.empty_hits: tuple[int, ...] = tuple(i for i, v in enumerate(probe) if v)
 
     def scratch(self) -> hyperscan.Scratch:
         s = getattr(self._local, "scratch", None)
@@ -438,16 +478,31 @@ class _Group:
             self._local.scratch = s
         return s
 
+    def gate_scratch(self) -> hyperscan.Scratch:
+        s = getattr(self._local, "gate_scratch", None)
+        if s is None:
+            s = hyperscan.Scratch(self.gate)
+            self._local.gate_scratch = s
+        return s
+
     def match(self, data: bytes, hits: bytearray) -> None:
+        """Set ``hits[i] = 1`` for every rule ``i`` of this group whose pattern matches ``data``."""
         if self.db is not None:
-
-            def on_match(pid: int, start: int, end: int, flags: int, ctx: object) -> None:
-                hits[pid] = 1
-
-            self.db.scan(data, match_event_handler=on_match, scratch=self.scratch())
-        for idx, rx in self.fallback:
-            if rx.search(data) is not None:
+            self.db.scan(data, match_event_handler=_on_match, context=hits, scratch=self.scratch())
+        if not self.fallback:
+            return
+        passed = bytearray(len(self.fallback))
+        if self.gate is not None:
+            self.gate.scan(data, match_event_handler=_on_match, context=passed, scratch=self.gate_scratch())
+        gated = self.gated
+        for k, (idx, rx) in enumerate(self.fallback):
+            if (passed[k] or k not in gated) and rx.search(data) is not None:
                 hits[idx] = 1
+
+
+def _on_match(pid: int, start: int, end: int, flags: int, hits: bytearray) -> None:
+    """hyperscan match callback (one per pattern: HS_FLAG_SINGLEMATCH); the context is the hit vector."""
+    hits[pid] = 1
 
 
 _HS_UNSUPPORTED_RE = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=|\(\?>|\\[AzZGbB]?[kK]<|\(\?\(|\(\?[a-zA-Z]*x|\\[pP]\{")
@@ -474,6 +529,27 @@ def _hs_pattern(spec: _Spec) -> tuple[bytes, int] | None:
     ):
         return None  # repeated big groups: minutes of hyperscan compile, microseconds in ``re``
     fl = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY
+    for ch in spec.flags:
+        fl |= _HS_FLAGS.get(ch, 0)
+    if spec.target == "uri":
+        fl |= hyperscan.HS_FLAG_MULTILINE
+    try:
+        return _utf8_escapes(spec.regex).encode("utf-8"), fl
+    except UnicodeEncodeError:
+        return None
+
+
+def _hs_prefilter_pattern(spec: _Spec) -> tuple[bytes, int] | None:
+    """hyperscan prefilter-mode expression for a pattern that uses constructs hyperscan lacks (back references,
+    look-arounds, ...), or None. Prefilter mode matches a superset of the pattern's matches, so it can only rule a
+    text out; other fallbacks (verbose flag, huge repeats) are left to ``re`` alone."""
+    if "x" in spec.flags or _HS_UNSUPPORTED_RE.search(spec.regex) is None:
+        return None
+    if len(spec.regex) > _HS_MAX_LEN or (
+        len(spec.regex) > _GROUP_REPEAT_MIN_LEN and _GROUP_REPEAT_RE.search(spec.regex) is not None
+    ):
+        return None  # (bounded repeats are fine: prefilter mode may widen them)
+    fl = hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY
     for ch in spec.flags:
         fl |= _HS_FLAGS.get(ch, 0)
     if spec.target == "uri":
@@ -555,6 +631,11 @@ def _header_text(msg: ParsedMessage, key: str, hmap: dict[str, str] | None = Non
     if hmap is None:
         hmap = _header_map(msg)
     name, _, mod = key.partition(":")
+    return _header_value(msg, name, mod, hmap)
+
+
+def _header_value(msg: ParsedMessage, name: str, mod: str, hmap: dict[str, str]) -> str:
+    """The text a header rule on ``name`` (with modifier ``mod``: addr, name, raw or "") matches."""
     if name == "ALL":
         text = "\n".join(f"{k}: {v}" for k, v in msg.headers)
     elif name == "ToCc":
@@ -635,6 +716,14 @@ class RuleEngine:
         self._metas = self._order_metas(metas)
         self._active = sum(1 for r in self._rules if r.enabled)
         self._weights = [r.weight if r.enabled else 0.0 for r in self._rules]
+        # Per rule: None when disabled, else (weight, the RuleHit it reports or None for a "__" sub-rule). RuleHit is
+        # frozen, so one instance per rule is shared by every result.
+        self._hit_table: list[tuple[float, RuleHit | None] | None] = [
+            (r.weight, None if r.name.startswith("__") else RuleHit(r.name, r.weight, r.description))
+            if r.enabled
+            else None
+            for r in self._rules
+        ]
 
     def _resolver(self, owner: str) -> Callable[[str], int]:
         def resolve(name: str) -> int:
@@ -783,26 +872,29 @@ class RuleEngine:
 
     def evaluate(self, msg: ParsedMessage) -> RuleResult:
         """Score one parsed message: the sum of the weights of the rules that hit."""
-        rules = self._rules
-        hits = bytearray(len(rules))
+        hits = bytearray(len(self._rules))
         hmap = _header_map(msg)
         for g in self._groups:
             t = g.target
             if t == "full":
-                g.match(msg.raw, hits)
-                continue
-            if t == "body":
-                text = (msg.subject + "\n" + msg.body_text) if msg.subject else msg.body_text
-            elif t == "rawbody":
-                text = msg.raw_body
-            elif t == "uri":
-                text = "\n".join(msg.urls)
+                data = msg.raw
             else:
-                key, sep, unset = t[2:].partition("\x00")
-                text = _header_text(msg, key, hmap)
-                if not text and sep:
-                    text = unset  # SpamAssassin's [if-unset: STR]
-            g.match(text.encode("utf-8", "surrogatepass"), hits)
+                if t == "body":
+                    text = (msg.subject + "\n" + msg.body_text) if msg.subject else msg.body_text
+                elif t == "rawbody":
+                    text = msg.raw_body
+                elif t == "uri":
+                    text = "\n".join(msg.urls)
+                else:
+                    text = hmap.get(g.hname, "") if g.plain else _header_value(msg, g.hname, g.hmod, hmap)
+                    if not text and g.unset is not None:
+                        text = g.unset  # SpamAssassin's [if-unset: STR]
+                data = text.encode("utf-8", "surrogatepass")
+            if data:
+                g.match(data, hits)
+            else:
+                for i in g.empty_hits:
+                    hits[i] = 1
         for i in self._negated:
             hits[i] ^= 1
         if self._exists:
@@ -815,18 +907,21 @@ class RuleEngine:
                     or (name == ATTACHMENTS_HEADER and msg.attachments)
                 ):
                     hits[i] = 1
-        if self._metas:
-            for i, fn in self._metas:
-                hits[i] = 1 if fn(hits) else 0
+        for i, fn in self._metas:
+            hits[i] = 1 if fn(hits) else 0
+        # Walk the set entries only (bytearray.find is a C scan), in rule order so the float sum is unchanged.
         score = 0.0
         out: list[RuleHit] = []
-        weights = self._weights
-        for i in range(len(hits)):
-            if hits[i] and rules[i].enabled:
-                r = rules[i]
-                score += weights[i]
-                if not r.name.startswith("__"):
-                    out.append(RuleHit(r.name, weights[i], r.description))
+        table = self._hit_table
+        find = hits.find
+        i = find(1)
+        while i >= 0:
+            entry = table[i]
+            if entry is not None:
+                score += entry[0]
+                if entry[1] is not None:
+                    out.append(entry[1])
+            i = find(1, i + 1)
         score = round(score, 6)
         return RuleResult(score=score, threshold=self._threshold, is_spam=score >= self._threshold, hits=out)
 

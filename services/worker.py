@@ -27,6 +27,7 @@ The gate and the clocks live in :class:`Learner` (see its docstring); lineage in
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import math
 import sqlite3
@@ -283,6 +284,18 @@ class LabelStore:
                 (after_seq,),
             )
         )
+
+    def consensus_of(self, message_ids: Sequence[str], bar: float) -> dict[str, str | None]:
+        """Each message's consensus label (or None) with today's reporter weights, at weight margin ``bar``."""
+        weights = self.weights()
+        votes: dict[str, list[tuple[str, float]]] = {mid: [] for mid in message_ids}
+        ids = list(votes)
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            q = f"SELECT reporter, message_id, label FROM votes WHERE retracted=0 AND message_id IN ({','.join('?' * len(chunk))})"
+            for reporter, mid, label in self._r().execute(q, chunk):
+                votes[mid].append((label, weights.get(reporter, 1.0)))
+        return {mid: consensus(v, bar)[0] for mid, v in votes.items()}
 
     def current_consensus(self, *, holdout: bool | None = None) -> list[tuple[str, bytes, str]]:
         """(message_id, raw, label) of every message whose consensus with today's weights reaches the bar."""
@@ -605,6 +618,7 @@ class Learner:
         self.model_lock = threading.Lock()
         self._row_cache: dict[str, Any] = {}
         self.linear = self._base_model()
+        self.base = copy.deepcopy(self.linear)  # never learns: the anchor of reputation evidence
         self.learned_seq = 0
         self.learned_digests: list[str] = []
         self.learned_rows: list[tuple[str, int, int, str]] = []  # (topic, partition, offset, label)
@@ -626,7 +640,6 @@ class Learner:
             return None
         path = self.dir / "tmp" / "linear-bootstrap.onnx"
         with self.model_lock:
-            import copy
 
             model = copy.deepcopy(self.linear)
         model.export_onnx(path)
@@ -696,15 +709,21 @@ class Learner:
 
         if not items:
             return
-        batch = self.rows([(it[1], it[2]) for it in items])
-        y = np.array([1 if it[3] == "spam" else 0 for it in items])
+        # A label is learned only while its votes still carry half the bar with today's weights: a flag that made
+        # a label while its reporter was a newcomer is dropped once the models' evidence has shown the reporter
+        # hostile (weight < 0.5 takes five sure contradictions more than agreements), while one honest mistake
+        # (weight 0.8) does not silence a reporter.
+        now = self.store.consensus_of([it[1] for it in items], bar=0.5 * self.settings.consensus_min_weight)
+        kept = [it for it in items if now.get(it[1]) == it[3]]
         with self.model_lock:
-            self.linear.partial_fit(batch, y)
+            if kept:
+                batch = self.rows([(it[1], it[2]) for it in kept])
+                self.linear.partial_fit(batch, np.array([1 if it[3] == "spam" else 0 for it in kept]))
             self.learned_seq = items[-1][0]
-            for _, _, raw, label, t, p, o in items:
+            for _, _, raw, label, t, p, o in kept:
                 self.learned_digests.append(hashlib.sha256(raw).hexdigest() + ("1" if label == "spam" else "0"))
                 self.learned_rows.append((t, p, o, label))
-        self.since_publish += len(items)
+        self.since_publish += len(kept)
 
     def _judge_votes(self, chunk: int = 500) -> int:
         """Reputation evidence from the model, for votes the ingest path recorded; returns how many."""
@@ -719,6 +738,8 @@ class Learner:
     def step(self, chunk: int = 500) -> int:
         """Catch up with the store: judge new votes, learn new labels, run whichever clock is due."""
         judged = self._judge_votes(chunk)
+        if judged == chunk:  # judge every vote before learning the labels they made
+            return judged
         items = self.store.learn_log(self.learned_seq)[:chunk]
         self._learn(items)
         self.maybe_publish()
@@ -760,12 +781,24 @@ class Learner:
             self._loop_thread.join(10.0)
 
     def probability(self, raws: list[bytes]) -> list[float | None]:
-        """The incremental model's current opinion (reputation evidence)."""
+        """The models' opinion for reputation evidence: sure only where the incremental model AND the base
+        model (which never learned from feedback) are both sure, and then the less sure of the two.
+
+        The incremental model alone can be talked into certainty by the very reporters it judges: a hostile
+        reporter's labels make it sure of their next flags, which then earn agreement. The base model anchors
+        it: a poisoner cannot move it, and drift is still followed where both models agree.
+        """
         if not self.linear.fitted:
             return [None] * len(raws)
         batch, _ = self.featurize(raws)
         with self.model_lock:
-            return [float(p) for p in self.linear.predict_proba(batch)]
+            current = self.linear.predict_proba(batch)
+        base = self.base.predict_proba(batch) if self.base.fitted else current
+        out: list[float | None] = []
+        for c, b in zip(current, base, strict=True):
+            lo, hi = float(min(c, b)), float(max(c, b))
+            out.append(lo if lo >= SURE_HIGH else hi if hi <= SURE_LOW else 0.5)
+        return out
 
     # -- publishing -----------------------------------------------------------------------------------
     def maybe_publish(self, force: bool = False) -> bool:
@@ -774,7 +807,6 @@ class Learner:
         )
         if not (due or (force and self.since_publish > 0)) or self._publishing.is_set():
             return False
-        import copy
 
         with self.model_lock:
             snapshot = copy.deepcopy(self.linear)

@@ -190,7 +190,7 @@ def test_flags_promote_a_challenger_and_serving_changes(loop: Loop) -> None:
     wait_until(lambda: _decided_on_all(loop, n_learned), 120, "a gate decision on a candidate that learned every flag", 0.5)
     reg = loop.registry()
     champ = reg.champion()
-    assert champ is not None and champ != v0
+    assert champ is not None and champ != v0, [(d["decision"], d["reason"], d["challenger"][-12:]) for d in reg.decisions()]
     info = reg.get(champ)
     assert info.kind == "linear" and info.parent
     promoted = [d for d in reg.decisions() if d["decision"] == "promoted" and d["challenger"] == champ]
@@ -302,7 +302,21 @@ def test_hostile_reporter_loses_weight_and_no_worse_model_is_promoted(loop: Loop
     w_honest = min(reporter_weight(*rep[REPORTERS[k]]) for k in HONEST)
     # Below the bar at which a lone flag becomes a label, and far below the honest reporters' weight.
     assert w_mallory < loop.s.consensus_min_weight and w_mallory < 0.5 * w_honest, (w_mallory, w_honest)
-    time.sleep(3 * loop.s.linear_publish_s)  # let the last candidate go through the gate
+    with loop.db() as db:
+        last_seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM learn_log").fetchone()[0]
+
+    def gated_everything() -> bool:  # a candidate holding every learned label went through the gate
+        reg = loop.registry()
+        for d in reversed(reg.decisions(limit=20)):
+            try:
+                seq = reg.meta(d["challenger"]).get("lineage", {}).get("learn_log_seq", -1)
+            except Exception:  # noqa: BLE001 - a pruned candidate
+                continue
+            if d.get("kind") == "linear" and seq >= last_seq:
+                return True
+        return False
+
+    wait_until(gated_everything, 60, "the last labels to go through the gate", 0.5)
     champ1 = loop.registry().champion()
     assert champ1 is not None
     after = _score_on(loop, champ1, probe)

@@ -170,3 +170,43 @@ def test_empty_and_odd_messages_featurize() -> None:
 @pytest.mark.unit
 def test_artefact_headers_cover_the_collector() -> None:
     assert {"received", "date", "to", "cc", "delivered-to", "x-spam-status"} <= ARTEFACT_HEADERS
+
+
+@pytest.mark.unit
+def test_rows_match_the_plain_definition(parsed: tuple[list, list]) -> None:
+    """Each row is log1p(count) of CRC-32 buckets of message_tokens, L2-normalised (bigrams off: they are hashed
+    from word CRCs, not from their strings); pins the fast paths (ASCII byte scan, run-length counts) to the spec."""
+    msgs, results = parsed
+    cfg = FeatureConfig(body_bigrams=False)
+    non_ascii = 0
+    for msg, res in zip(msgs, results):
+        non_ascii += not msg.body_text.isascii()
+        counts: dict[int, int] = {}
+        for tok in message_tokens(msg, res, cfg):
+            b = token_id(tok, cfg.n_buckets)
+            counts[b] = counts.get(b, 0) + 1
+        ids = np.array(sorted(counts), dtype=np.int64)
+        v = np.log1p(np.array([counts[i] for i in sorted(counts)], dtype=np.float64))
+        got = featurize([msg], [res], cfg)
+        np.testing.assert_array_equal(got.ids, ids)
+        np.testing.assert_allclose(got.vals, v / np.sqrt(v @ v), rtol=1e-6)
+    assert non_ascii > 0  # both word scanners were exercised
+
+
+@pytest.mark.unit
+def test_known_output_is_pinned() -> None:
+    """Digest of a two-row batch (one ASCII message, one with accents, capitals, currency and "!!"): any change
+    to the features, however small, changes it (and every stored model would then need retraining)."""
+    import hashlib
+
+    msgs = [
+        parse(RAW),
+        parse(
+            "Subject: Café ÜBER naïve €100!!\nFrom: Ann <ann@x.test>\n\n"
+            "Prix spécial: 100 € — très bon marché, DON'T wait. e-mail v1.2 ok\n".encode()
+        ),
+    ]
+    b = featurize(msgs, [None, None], FeatureConfig())
+    assert b.ids.size == 112
+    digest = hashlib.sha256(b.ids.tobytes() + b.vals.tobytes() + b.seg.tobytes()).hexdigest()
+    assert digest == "fb60692411477a2543f787b08fecd5e9eb30552ae263afb3270a50b6327bf658"

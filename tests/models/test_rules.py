@@ -203,6 +203,30 @@ def test_back_reference_rule_uses_re_and_matches() -> None:
     assert "LINK_TEXT_MISMATCH" not in _names(eng, ok)
 
 
+@pytest.mark.unit
+def test_empty_targets_and_prefiltered_fallback() -> None:
+    """Empty texts are not scanned (their hits are found once at compile time) and a back-reference rule runs
+    ``re`` only when hyperscan's prefilter approximation matched: both must give what a plain scan gives."""
+    eng = _engine(
+        Rule("EMPTY_SUBJ", "header", "/^\\s*$/", header="Subject"),
+        Rule("NO_X_SUBJ", "header", "Subject !~ /x/"),
+        Rule("UNSET", "header", "X-Nope =~ /^dflt$/ [if-unset: dflt]"),
+        Rule("EMPTY_ATTACH", "header", "/^$/", header="X-Flywheel-Attachments"),
+        Rule("REPEAT", "body", "/\\b(\\w+) \\1\\b/"),
+        Rule("BOTH", "meta", "!EMPTY_SUBJ && REPEAT"),
+    )
+    assert eng.fallback_count == 1
+    forced = _forced_re_engine(eng.rules, eng.threshold)
+    cases = {
+        b"From: a@b.test\n\nthe the cat\n": {"EMPTY_SUBJ", "NO_X_SUBJ", "UNSET", "EMPTY_ATTACH", "REPEAT"},
+        b"Subject: x\n\nsay it it again\n": {"UNSET", "EMPTY_ATTACH", "REPEAT", "BOTH"},
+        b"Subject: hello\n\nno repeats here\n": {"NO_X_SUBJ", "UNSET", "EMPTY_ATTACH"},
+    }
+    for raw, expected in cases.items():
+        assert _names(eng, raw) == expected, raw
+        assert eng.evaluate(parse(raw)) == forced.evaluate(parse(raw))
+
+
 # ---------------------------------------------------------------------------------------- engine changes
 
 

@@ -121,7 +121,7 @@ def consume_all(settings: Settings, topic: str, timeout_s: float = 5.0) -> list[
 
 def find_event(settings: Settings, topic: str, event_id: str, timeout_s: float = 15.0) -> dict[str, Any]:
     return wait_until(lambda: next((e for e in consume_all(settings, topic) if e.get("event_id") == event_id), None),
-                    timeout_s, f"event {event_id} in {topic}", every_s=0.3)
+                    timeout_s, f"event {event_id} in {topic}", interval_s=0.3)
 
 
 # --------------------------------------------------------------------------------------------- torch
