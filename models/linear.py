@@ -68,6 +68,28 @@ def build_onnx_inputs() -> list[onnx.ValueInfoProto]:
     ]
 
 
+def finish_onnx_model(
+    nodes: list[onnx.NodeProto], name: str, initializers: list[onnx.TensorProto], props: dict[str, str]
+) -> onnx.ModelProto:
+    """Wrap a learned model's nodes in the graph every served model shares: the four inputs of
+    :func:`build_onnx_inputs`, ``prob`` and ``logit`` per row out, Flywheel's metadata, checked."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        build_onnx_inputs(),
+        [
+            helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["rows"]),
+            helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["rows"]),
+        ],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="flywheel")
+    model.ir_version = 9
+    helper.set_model_props(model, props)
+    onnx.checker.check_model(model)
+    return model
+
+
 class LinearModel:
     """Logistic regression over hashed tokens with an incremental ``partial_fit``."""
 
@@ -159,28 +181,16 @@ class LinearModel:
             helper.make_node("Add", ["dot", "b"], ["logit"]),
             helper.make_node("Sigmoid", ["logit"], ["prob"]),
         ]
-        graph = helper.make_graph(
+        return finish_onnx_model(
             nodes,
             "flywheel_linear",
-            build_onnx_inputs(),
-            [
-                helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["rows"]),
-                helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["rows"]),
-            ],
-            initializer=inits,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="flywheel")
-        model.ir_version = 9
-        helper.set_model_props(
-            model,
+            inits,
             {
                 "kind": "linear",
                 "features": json.dumps(self.features.to_dict()),
                 "hyperparameters": json.dumps(self.config.to_dict()),
             },
         )
-        onnx.checker.check_model(model)
-        return model
 
     def export_onnx(self, path: Path | str) -> Path:
         """Write the serving graph to ``path``."""

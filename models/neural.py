@@ -34,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from models.features import FeatureBatch, FeatureConfig
-from models.linear import OPSET, build_onnx_inputs
+from models.linear import finish_onnx_model
 
 __all__ = ["NeuralConfig", "NeuralModel", "train_neural"]
 
@@ -221,20 +221,10 @@ class NeuralModel:
         else:
             nodes.append(helper.make_node("Identity", ["deep"], ["logit"]))
         nodes.append(helper.make_node("Sigmoid", ["logit"], ["prob"]))
-        graph = helper.make_graph(
+        return finish_onnx_model(
             nodes,
             "flywheel_neural",
-            build_onnx_inputs(),
-            [
-                helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["rows"]),
-                helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["rows"]),
-            ],
-            initializer=inits,
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="flywheel")
-        model.ir_version = 9
-        helper.set_model_props(
-            model,
+            inits,
             {
                 "kind": "neural",
                 "features": json.dumps(self.features.to_dict()),
@@ -242,8 +232,6 @@ class NeuralModel:
                 "seed": str(self.seed),
             },
         )
-        onnx.checker.check_model(model)
-        return model
 
     def export_onnx(self, path: Path | str) -> Path:
         """Write the serving graph to ``path``."""

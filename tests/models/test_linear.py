@@ -8,33 +8,18 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from models.corpus import load_corpus, split_p1
-from models.features import FeatureBatch, FeatureConfig, featurize
+from models.features import FeatureBatch, FeatureConfig
 from models.linear import LinearConfig, LinearModel, train_linear
-from models.message import parse
-from models.rules import RuleEngine
 from models.runtime import OnnxModel
 
 
-def _downloads() -> Path:
-    from services.settings import get_settings
-
-    return get_settings().downloads
-
-
-def _featurize(msgs: list, cfg: FeatureConfig) -> tuple[FeatureBatch, np.ndarray]:
-    engine = RuleEngine.default()
-    parsed = [parse(m.raw) for m in msgs]
-    return featurize(parsed, [engine.evaluate(p) for p in parsed], cfg), np.array([int(m.is_spam) for m in msgs])
-
-
 @pytest.fixture(scope="module")
-def p1_sample() -> tuple[FeatureBatch, np.ndarray, FeatureBatch, np.ndarray, FeatureConfig]:
+def p1_sample(p1_split, featurize_corpus) -> tuple[FeatureBatch, np.ndarray, FeatureBatch, np.ndarray, FeatureConfig]:
     """A quarter of P1's training period and a tenth of its test period, real messages."""
-    train, test = split_p1(load_corpus(_downloads()))
+    train, test = p1_split
     cfg = FeatureConfig()
-    xtr, ytr = _featurize([m for m in train if m.index % 4 == 0], cfg)
-    xte, yte = _featurize([m for m in test if m.index % 10 == 0], cfg)
+    xtr, ytr = featurize_corpus([m for m in train if m.index % 4 == 0], cfg)
+    xte, yte = featurize_corpus([m for m in test if m.index % 10 == 0], cfg)
     return xtr, ytr, xte, yte, cfg
 
 
@@ -103,12 +88,12 @@ def test_rejects_bad_labels(p1_sample) -> None:
 
 
 @pytest.mark.integration
-def test_onnx_parity_on_the_whole_p1_test_period(tmp_path: Path) -> None:
+def test_onnx_parity_on_the_whole_p1_test_period(tmp_path: Path, p1_split, featurize_corpus) -> None:
     """ONNX and scikit-learn agree to 1e-5 on every message of P1's test period."""
-    train, test = split_p1(load_corpus(_downloads()))
+    train, test = p1_split
     cfg = FeatureConfig()
-    xtr, ytr = _featurize(train, cfg)
-    xte, _ = _featurize(test, cfg)
+    xtr, ytr = featurize_corpus(train, cfg)
+    xte, _ = featurize_corpus(test, cfg)
     model = train_linear(xtr, ytr, cfg)
     served = OnnxModel(model.export_onnx(tmp_path / "linear.onnx"))
     np.testing.assert_allclose(served.predict_proba(xte), model.predict_proba(xte), atol=1e-5, rtol=0)
