@@ -48,9 +48,12 @@ class Daemon:
         if pid is None:
             return None
         alive = is_alive(pid)
-        if alive and self.marker in cmdline(pid):
+        line = cmdline(pid)
+        # A live process whose command line reads empty is in the middle of exec or exit: it cannot be told
+        # from ours, so the pidfile stays (deleting it would orphan a server that is only starting).
+        if alive and (self.marker in line or not line):
             return pid
-        log.debug("stale pidfile", server=self.name, pid=pid, alive=alive, cmdline=cmdline(pid)[:200])
+        log.debug("stale pidfile", server=self.name, pid=pid, alive=alive, cmdline=line[:200])
         with contextlib.suppress(FileNotFoundError):
             self.pidfile.unlink()
         return None

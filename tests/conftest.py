@@ -13,7 +13,8 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,29 @@ def corpus(settings: Settings) -> list:
     from models.corpus import load_corpus
 
     return load_corpus(settings.downloads, settings.corpus_dir)
+
+
+@pytest.fixture(scope="session")
+def p1_split(corpus: list) -> tuple[list, list]:
+    """P1's training and test periods of the real corpus."""
+    from models.corpus import split_p1
+
+    return split_p1(corpus)
+
+
+@pytest.fixture(scope="session")
+def featurize_corpus() -> Callable[[Sequence[Any], Any], tuple[Any, Any]]:
+    """Parse, score with the default rules and featurize corpus messages, as serving does: (batch, 0/1 labels)."""
+    import numpy as np
+
+    from models.features import featurize
+    from models.message import parse
+    from models.rules import RuleEngine
+
+    engine = RuleEngine.default()
+
+    def run(msgs: Sequence[Any], cfg: Any) -> tuple[Any, Any]:
+        parsed = [parse(m.raw) for m in msgs]
+        return featurize(parsed, [engine.evaluate(p) for p in parsed], cfg), np.array([int(m.is_spam) for m in msgs])
+
+    return run
