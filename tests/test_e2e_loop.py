@@ -320,10 +320,15 @@ def test_hostile_reporter_loses_weight_and_no_worse_model_is_promoted(loop: Loop
     champ1 = loop.registry().champion()
     assert champ1 is not None
     after = _score_on(loop, champ1, probe)
-    assert after <= before + 5e-4, (before, after)
-    # Every promotion recorded both models' metrics, and none was worse than its champion beyond the noise margin.
+    # "No worse" as a one-sided test at 5%: not worse by more than 1.645 Hanley-McNeil standard errors of the
+    # probe (one SE is about 9e-4 of 1-AUC on these ~600 messages, the statistic the gate judges with); a fixed
+    # bound below that resolution fails on sampling noise, not on poisoning.
     from services.worker import auc_standard_error
 
+    n_spam = sum(m.is_spam for m in probe)
+    probe_se = auc_standard_error(1 - before, n_spam, len(probe) - n_spam)
+    assert after <= before + max(5e-4, 1.645 * probe_se), (before, after, probe_se)
+    # Every promotion recorded both models' metrics, and none was worse than its champion beyond the noise margin.
     for d in loop.registry().decisions():
         k = d["champion_metrics"]
         if d["decision"] == "promoted" and k.get("one_minus_auc") is not None:
