@@ -524,19 +524,8 @@ def _hs_pattern(spec: _Spec) -> tuple[bytes, int] | None:
         return None
     if any(int(m.group(1)) > _HS_MAX_REPEAT for m in _BIG_REPEAT_RE.finditer(spec.regex)):
         return None
-    if len(spec.regex) > _HS_MAX_LEN or (
-        len(spec.regex) > _GROUP_REPEAT_MIN_LEN and _GROUP_REPEAT_RE.search(spec.regex) is not None
-    ):
-        return None  # repeated big groups: minutes of hyperscan compile, microseconds in ``re``
-    fl = hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY
-    for ch in spec.flags:
-        fl |= _HS_FLAGS.get(ch, 0)
-    if spec.target == "uri":
-        fl |= hyperscan.HS_FLAG_MULTILINE
-    try:
-        return _utf8_escapes(spec.regex).encode("utf-8"), fl
-    except UnicodeEncodeError:
-        return None
+    # repeated big groups: minutes of hyperscan compile, microseconds in ``re``
+    return _hs_expression(spec, hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY)
 
 
 def _hs_prefilter_pattern(spec: _Spec) -> tuple[bytes, int] | None:
@@ -545,17 +534,25 @@ def _hs_prefilter_pattern(spec: _Spec) -> tuple[bytes, int] | None:
     text out; other fallbacks (verbose flag, huge repeats) are left to ``re`` alone."""
     if "x" in spec.flags or _HS_UNSUPPORTED_RE.search(spec.regex) is None:
         return None
+    # (bounded repeats are fine: prefilter mode may widen them)
+    return _hs_expression(
+        spec, hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY
+    )
+
+
+def _hs_expression(spec: _Spec, flags: int) -> tuple[bytes, int] | None:
+    """The hyperscan (expression, flags) of ``spec`` on top of ``flags``, or None where hyperscan should not take
+    it: too long, big repeated groups (minutes of compile), or text it cannot encode."""
     if len(spec.regex) > _HS_MAX_LEN or (
         len(spec.regex) > _GROUP_REPEAT_MIN_LEN and _GROUP_REPEAT_RE.search(spec.regex) is not None
     ):
-        return None  # (bounded repeats are fine: prefilter mode may widen them)
-    fl = hyperscan.HS_FLAG_PREFILTER | hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY
+        return None
     for ch in spec.flags:
-        fl |= _HS_FLAGS.get(ch, 0)
+        flags |= _HS_FLAGS.get(ch, 0)
     if spec.target == "uri":
-        fl |= hyperscan.HS_FLAG_MULTILINE
+        flags |= hyperscan.HS_FLAG_MULTILINE
     try:
-        return _utf8_escapes(spec.regex).encode("utf-8"), fl
+        return _utf8_escapes(spec.regex).encode("utf-8"), flags
     except UnicodeEncodeError:
         return None
 

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -174,3 +175,24 @@ def featurize_corpus() -> Callable[[Sequence[Any], Any], tuple[Any, Any]]:
         return featurize(parsed, [engine.evaluate(p) for p in parsed], cfg), np.array([int(m.is_spam) for m in msgs])
 
     return run
+
+def consume_all(settings: Settings, topic: str, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    """Every record of ``topic`` from the beginning, decoded (reads the real broker)."""
+    import orjson
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
+                             enable_auto_commit=False, consumer_timeout_ms=1000)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        end = consumer.end_offsets(parts)
+        out: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(consumer.position(p) < end[p] for p in parts):
+            for records in consumer.poll(timeout_ms=300).values():
+                out.extend(orjson.loads(r.value) for r in records)
+        return out
+    finally:
+        consumer.close()

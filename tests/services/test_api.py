@@ -21,6 +21,7 @@ import pytest
 
 from services.api.testing import ApiProcess
 from services.settings import REPO_ROOT, Settings
+from conftest import consume_all
 from services.daemon import free_port, wait_until
 
 ADMIN = {"X-API-Key": "test-admin-key"}
@@ -97,26 +98,6 @@ def samples(corpus: list) -> dict[str, bytes]:
     return {"spam": spam, "ham": ham}
 
 
-def consume_all(settings: Settings, topic: str, timeout_s: float = 5.0) -> list[dict[str, Any]]:
-    """Every record of ``topic`` from the beginning, decoded (reads the real broker)."""
-    import orjson
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None,
-                             enable_auto_commit=False, consumer_timeout_ms=1000)
-    try:
-        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        end = consumer.end_offsets(parts)
-        out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(consumer.position(p) < end[p] for p in parts):
-            for records in consumer.poll(timeout_ms=300).values():
-                out.extend(orjson.loads(r.value) for r in records)
-        return out
-    finally:
-        consumer.close()
 
 
 def find_event(settings: Settings, topic: str, event_id: str, timeout_s: float = 15.0) -> dict[str, Any]:

@@ -12,13 +12,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-import orjson
 import pytest
 
 from services.api.testing import ApiProcess
 from services.settings import Settings
+from conftest import consume_all
 from services.daemon import free_port, wait_until
 
 SPAMC = shutil.which("spamc")
@@ -67,24 +66,6 @@ def raw_request(proc: ApiProcess, data: bytes, *, shut: bool = True, timeout_s: 
         return out  # the server closed the connection (recv returned b"")
 
 
-def feedback_events(settings: Settings) -> list[dict[str, Any]]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    topic = settings.topic("feedback")
-    c = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False)
-    try:
-        parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or ()]
-        c.assign(parts)
-        c.seek_to_beginning(*parts)
-        end = c.end_offsets(parts)
-        out: list[dict[str, Any]] = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(c.position(p) < end[p] for p in parts):
-            for recs in c.poll(timeout_ms=300).values():
-                out.extend(orjson.loads(r.value) for r in recs)
-        return out
-    finally:
-        c.close()
 
 
 @pytest.mark.integration
@@ -124,13 +105,13 @@ def test_spamc_learn_produces_feedback_and_retraction_events(spamd: ApiProcess, 
     mid = hashlib.sha256(raw).hexdigest()[:32]
     r = spamc(spamd, "-L", "spam", "-u", "carol", stdin=raw)
     assert r.returncode == 0 and b"successfully" in r.stdout, r
-    ev = wait_until(lambda: next((e for e in feedback_events(spamd.settings)
+    ev = wait_until(lambda: next((e for e in consume_all(spamd.settings, spamd.settings.topic("feedback"), 10.0)
                                 if e["type"] == "feedback" and e["reporter"] == "carol"), None), 15, "TELL event")
     assert ev["label"] == "spam" and ev["message_id"] == mid and base64.b64decode(ev["raw"]) == raw
 
     r = spamc(spamd, "-L", "forget", "-u", "carol", stdin=raw)
     assert r.returncode == 0 and b"successfully" in r.stdout, r
-    ret = wait_until(lambda: next((e for e in feedback_events(spamd.settings)
+    ret = wait_until(lambda: next((e for e in consume_all(spamd.settings, spamd.settings.topic("feedback"), 10.0)
                                  if e["type"] == "retraction" and e["reporter"] == "carol"), None), 15, "retraction")
     assert ret["retracts"] == ev["event_id"] and ret["message_id"] == mid
 
