@@ -35,8 +35,9 @@ from models.rules import RuleEngine, RuleResult
 
 POLICIES = ("combined", "model", "rules", "either")
 
-# Logits are clipped so that a saturated probability (0 or 1 in float32) stays finite in the blend.
-_LOGIT_CLIP = 15.0
+# Logits are clipped so that a saturated probability (0 or 1 in float32) stays finite in the blend; the graphs
+# give unsaturated logits, so the clip is wide enough not to tie confident messages together.
+_LOGIT_CLIP = 50.0
 
 
 def logit(p: np.ndarray | float) -> np.ndarray:
@@ -85,9 +86,13 @@ class Calibration:
         """The model-alone operating point as a probability (for display)."""
         return float(sigmoid(self.model_threshold_logit))
 
-    def combined(self, z_model: np.ndarray, rule_score: np.ndarray) -> np.ndarray:
+    def combined_logit(self, z_model: np.ndarray, rule_score: np.ndarray) -> np.ndarray:
+        """Log-odds of the served probability (unbounded: rank by this, the probability saturates)."""
         z = np.clip(np.asarray(z_model, dtype=np.float64), -_LOGIT_CLIP, _LOGIT_CLIP)
-        return sigmoid(self.w_model * z + self.w_rules * np.asarray(rule_score, dtype=np.float64) + self.bias)
+        return self.w_model * z + self.w_rules * np.asarray(rule_score, dtype=np.float64) + self.bias
+
+    def combined(self, z_model: np.ndarray, rule_score: np.ndarray) -> np.ndarray:
+        return sigmoid(self.combined_logit(z_model, rule_score))
 
     def rules_probability(self, rule_score: np.ndarray) -> np.ndarray:
         return sigmoid(self.rules_a * np.asarray(rule_score, dtype=np.float64) + self.rules_b)
@@ -123,11 +128,13 @@ class Verdict:
     rules: RuleResult
     rules_probability: float
     model: ModelSide
+    score: float = 0.0  # log-odds of ``probability``, unbounded: rank by this (the probability saturates)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "is_spam": self.is_spam,
             "probability": self.probability,
+            "score": self.score,
             "threshold": self.threshold,
             "decided_by": self.decided_by,
             "policy": self.policy,
@@ -194,8 +201,10 @@ class Classifier:
     ) -> list[Verdict]:
         cal = self._calibration(loaded, float(engine.threshold))
         scores = np.array([r.score for r in results], dtype=np.float64)
-        p_rules = cal.rules_probability(scores)
-        p_comb = cal.combined(z_model, scores)
+        z_rules = cal.rules_a * scores + cal.rules_b
+        p_rules = sigmoid(z_rules)
+        z_comb = cal.combined_logit(z_model, scores)
+        p_comb = sigmoid(z_comb)
         out: list[Verdict] = []
         for i, rr in enumerate(results):
             pm = float(p_model[i])
@@ -204,15 +213,18 @@ class Classifier:
             pr = float(p_rules[i])
             if self.policy == "combined":
                 prob, thr, spam, by = float(p_comb[i]), cal.threshold, bool(p_comb[i] >= cal.threshold), "combined"
+                score = float(z_comb[i])
             elif self.policy == "model":
-                prob, thr, spam, by = pm, cal.model_threshold, bool(m_spam), "model"
+                prob, thr, spam, by, score = pm, cal.model_threshold, bool(m_spam), "model", float(z_model[i])
             elif self.policy == "rules":
                 prob, thr, spam, by = pr, float(rr.threshold), bool(rr.is_spam), "rules"
+                score = float(z_rules[i])
             else:  # either: spam if any side says spam; the probability is the more alarmed side's
                 spam = bool(rr.is_spam or m_spam)
                 by = "both" if rr.is_spam == m_spam else ("rules" if rr.is_spam else "model")
                 prob, thr = max(pr, pm), cal.model_threshold
-            out.append(Verdict(spam, prob, thr, by, self.policy, rr, pr, side))
+                score = float(max(z_rules[i], z_model[i]))
+            out.append(Verdict(spam, prob, thr, by, self.policy, rr, pr, side, score))
         return out
 
 
@@ -235,8 +247,9 @@ def fit_calibration(
     z = np.clip(np.asarray(z_model, dtype=np.float64), -_LOGIT_CLIP, _LOGIT_CLIP)
     s = np.asarray(rule_scores, dtype=np.float64)
     x = np.column_stack([z, s, np.ones_like(s)])
-    w_comb = _newton_logreg(x, y, l2)
-    w_rules = _newton_logreg(np.column_stack([s, np.ones_like(s)]), y, l2)
+    t = platt_targets(y)
+    w_comb = _newton_logreg(x, t, l2)
+    w_rules = _newton_logreg(np.column_stack([s, np.ones_like(s)]), t, l2)
     p_comb = sigmoid(x @ w_comb)
     return Calibration(
         w_model=float(w_comb[0]), w_rules=float(w_comb[1]), bias=float(w_comb[2]),
@@ -244,6 +257,19 @@ def fit_calibration(
         model_threshold_logit=threshold_for_fpr(np.asarray(z_model, dtype=np.float64), y, fpr_budget),
         rules_a=float(w_rules[0]), rules_b=float(w_rules[1]), fpr_budget=fpr_budget,
     )
+
+
+def platt_targets(labels: np.ndarray) -> np.ndarray:
+    """Platt's (1999) smoothed targets: ``(N+ + 1) / (N+ + 2)`` for spam, ``1 / (N- + 2)`` for ham.
+
+    A hold-out the model separates perfectly (common: the hold-out is easy, or small) has no finite maximum
+    likelihood with 0/1 targets, and Newton's method then drives the blend's weights towards infinity: the
+    served probability saturates to exactly 1.0 for most spam and some ham, and its ranking is lost. The smoothed
+    targets keep the fit finite and barely move it when the classes overlap.
+    """
+    y = np.asarray(labels, dtype=np.float64)
+    n_pos, n_neg = float(y.sum()), float((1.0 - y).sum())
+    return np.where(y > 0.5, (n_pos + 1.0) / (n_pos + 2.0), 1.0 / (n_neg + 2.0))
 
 
 def _newton_logreg(x: np.ndarray, y: np.ndarray, l2: float, iters: int = 50) -> np.ndarray:
@@ -285,6 +311,7 @@ __all__ = [
     "Verdict",
     "fit_calibration",
     "logit",
+    "platt_targets",
     "sigmoid",
     "threshold_for_fpr",
 ]

@@ -1,11 +1,11 @@
-"""The linear model: logistic regression by SGD on the hashed features, batch and one message at a time.
+"""The linear model: logistic regression by SGD on the hashed features.
 
-scikit-learn's ``SGDClassifier(loss="log_loss")`` learns from the CSR form of a :class:`FeatureBatch`;
-``partial_fit`` is the incremental learner the retraining worker (and the online protocol P2) uses, one label as
-it arrives. Serving never runs scikit-learn: :meth:`LinearModel.export_onnx` writes a small graph built directly
+scikit-learn's ``SGDClassifier(loss="log_loss")`` learns from the CSR form of a :class:`FeatureBatch`, with
+optional per-row weights; the retraining worker refits it on every current label and bags the fits
+(``models.learning``). Serving never runs scikit-learn: :meth:`LinearModel.export_onnx` writes a small graph built directly
 from ``coef_``/``intercept_`` (gather the weights of the ids, multiply by the values, scatter-add them into the
-rows, add the bias, sigmoid) that takes the same inputs as the neural model's graph. The learner's whole state
-saves to one ``.npz`` so the worker can persist it and continue learning after a restart.
+rows, add the bias, sigmoid) that takes the same inputs as the neural model's graph. The whole state saves to one ``.npz``
+(the worker keeps its base model and each linear version's state that way).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sklearn.linear_model import SGDClassifier
 
 from models.features import FeatureBatch, FeatureConfig
 
-__all__ = ["LinearConfig", "LinearModel", "build_onnx_inputs", "train_linear"]
+__all__ = ["LinearConfig", "LinearModel", "build_onnx_inputs"]
 
 OPSET = 18
 
@@ -91,7 +91,10 @@ def finish_onnx_model(
 
 
 class LinearModel:
-    """Logistic regression over hashed tokens with an incremental ``partial_fit``."""
+    """The linear family (see :class:`models.base.SpamModel`): logistic regression over hashed tokens, with an
+    incremental ``partial_fit`` besides ``fit``."""
+
+    kind = "linear"
 
     _STATE_ARRAYS = (
         "classes_",
@@ -121,12 +124,17 @@ class LinearModel:
         self.n_seen = 0
 
     # --- learning ------------------------------------------------------------------------------------
-    def fit(self, batch: FeatureBatch, y: Sequence[int] | np.ndarray) -> LinearModel:
-        """Train from scratch on a whole batch (``epochs`` passes, shuffled with ``seed``)."""
+    def fit(
+        self, batch: FeatureBatch, y: Sequence[int] | np.ndarray, sample_weight: np.ndarray | None = None,
+    ) -> LinearModel:
+        """Train from scratch on a whole batch (``epochs`` passes, shuffled with ``seed``); ``sample_weight``
+        weighs rows (the worker weighs users' recent flags against the base corpus)."""
         labels = _as_labels(y)
         if labels.size != batch.rows:
             raise ValueError(f"{batch.rows} rows but {labels.size} labels")
-        self.clf.fit(batch.to_csr(self.features.n_buckets), labels)
+        if sample_weight is not None and np.asarray(sample_weight).shape != (labels.size,):
+            raise ValueError(f"{labels.size} labels but sample_weight of shape {np.asarray(sample_weight).shape}")
+        self.clf.fit(batch.to_csr(self.features.n_buckets), labels, sample_weight=sample_weight)
         self.n_seen = int(labels.size)
         return self
 
@@ -144,6 +152,28 @@ class LinearModel:
     @property
     def fitted(self) -> bool:
         return hasattr(self.clf, "coef_")
+
+    @classmethod
+    def averaged(cls, models: Sequence[LinearModel]) -> LinearModel:
+        """One linear model whose weights are the mean of ``models``' (a bagged ensemble is still one linear
+        model: averaging weights averages logits). The models must share their feature configuration."""
+        fitted = [m for m in models if m.fitted]
+        if not fitted:
+            raise ValueError("no fitted model to average")
+        first = fitted[0]
+        if any(m.features != first.features for m in fitted):
+            raise ValueError("models with different feature configurations cannot be averaged")
+        out = cls(first.features, first.config)
+        clf = out.clf
+        clf.classes_ = np.array(first.clf.classes_)
+        clf.coef_ = np.mean([m.clf.coef_ for m in fitted], axis=0)
+        clf.intercept_ = np.mean([m.clf.intercept_ for m in fitted], axis=0)
+        clf.n_features_in_ = int(clf.coef_.shape[1])
+        clf.t_ = float(max(getattr(m.clf, "t_", 0.0) for m in fitted))
+        clf.n_iter_ = int(max(getattr(m.clf, "n_iter_", 0) for m in fitted))
+        clf._loss_function_ = clf._get_loss_function(clf.loss)
+        out.n_seen = max(m.n_seen for m in fitted)
+        return out
 
     def _weights(self) -> tuple[np.ndarray, float]:
         if not self.fitted:
@@ -239,13 +269,3 @@ class LinearModel:
                 clf.n_features_in_ = int(clf.coef_.shape[1])
                 clf._loss_function_ = clf._get_loss_function(clf.loss)
         return model
-
-
-def train_linear(
-    batch: FeatureBatch,
-    y: Sequence[int] | np.ndarray,
-    features: FeatureConfig | None = None,
-    config: LinearConfig | None = None,
-) -> LinearModel:
-    """Fit a linear model with the validated defaults (the seed model, challengers, the evaluation)."""
-    return LinearModel(features, config).fit(batch, y)

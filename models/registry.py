@@ -8,6 +8,8 @@ Layout under ``root``::
     champion                           one line: the serving version (replaced with os.replace)
     history.jsonl                      every promotion / rollback, replayed to find what to roll back to
     decisions.jsonl                    every gate decision with both models' metrics
+    curves.jsonl                       the improvement curves: each champion's and each rule set's quality
+    worker.json                        the worker's latest summary (reporters, feedback flow), for the operators
     .lock                              fcntl lock taken by writers (one worker writes, API replicas read)
 
 A version directory is written under ``tmp/`` and renamed into ``versions/`` in one step, so a reader never
@@ -251,6 +253,8 @@ class Registry:
         self._champion_file = self.root / "champion"
         self._history_file = self.root / "history.jsonl"
         self._decisions_file = self.root / "decisions.jsonl"
+        self._curves_file = self.root / "curves.jsonl"
+        self._status_file = self.root / "worker.json"
         self._lock_file = self.root / ".lock"
         self._tmp_dir = self.root / "tmp"
 
@@ -549,6 +553,30 @@ class Registry:
         """Gate decisions, oldest first (the last ``limit`` when given)."""
         recs = self._read_jsonl(self._decisions_file)
         return recs[-limit:] if limit else recs
+
+    # ------------------------------------------------------------------ what operators read
+    def record_curve_point(self, point: Mapping[str, Any]) -> None:
+        """Append one point of the improvement curves (``side``: "model" or "rules", ``x``, recalls, ...)."""
+        with self._writer():
+            self._append_jsonl(self._curves_file, {"at": _now_iso(), **_finite(dict(point))})
+
+    def curve_points(self) -> list[dict[str, Any]]:
+        return self._read_jsonl(self._curves_file)
+
+    def write_worker_status(self, status: Mapping[str, Any]) -> None:
+        """Replace the worker's summary atomically (readers see the old or the new one, never half)."""
+        self._ensure()
+        fd, tmp = tempfile.mkstemp(prefix=".worker.", dir=self.root)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(_dump_json({"at": _now_iso(), **_finite(dict(status))}))
+        os.replace(tmp, self._status_file)
+
+    def worker_status(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._status_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def load_champion(self, *, max_bytes: int = 262144) -> LoadedModel | None:
         """Load the current champion (None when there is none); raises ModelRejected like ``load``."""

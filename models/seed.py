@@ -25,13 +25,13 @@ import numpy as np
 import structlog
 
 from models.classifier import fit_calibration
+from models.consensus import is_holdout, message_id_for
 from models.corpus import CorpusMessage, split_p1
 from models.evaluate import (
     FPR_BUDGET,
     fit_linear,
     fit_neural,
-    framework_logit,
-    framework_proba,
+    logits,
     holdout_split,
     metrics,
     prepare,
@@ -72,6 +72,8 @@ def train_seed(
     engine = engine or RuleEngine.default()
     cfg = features or FeatureConfig()
     train, _ = split_p1(corpus_msgs)
+    # The corpus's held-out part is the clean reference the gate and the quality metrics judge on: never train on it.
+    train = [m for m in train if not is_holdout(message_id_for(m.raw))]
     prep = prepare(train, engine)
     x = prep.batch(cfg)
     y = prep.labels
@@ -79,12 +81,12 @@ def train_seed(
     fit = fit_neural if kind == "neural" else fit_linear
 
     held = fit(x.take(fit_i), y[fit_i], cfg, seed=seed)
-    z_hold = framework_logit(held, x.take(hold_i))
+    z_hold = logits(held, x.take(hold_i))
     cal = fit_calibration(z_hold, prep.rule_scores[hold_i], y[hold_i], fpr_budget=FPR_BUDGET)
-    p_comb = cal.combined(z_hold, prep.rule_scores[hold_i])
+    s_comb = cal.combined_logit(z_hold, prep.rule_scores[hold_i])
     hold_metrics = {
         "model": metrics(z_hold, y[hold_i], z_hold >= cal.model_threshold_logit),
-        "combined": metrics(p_comb, y[hold_i], p_comb >= cal.threshold),
+        "combined": metrics(s_comb, y[hold_i], cal.combined(z_hold, prep.rule_scores[hold_i]) >= cal.threshold),
         "rules": metrics(prep.rule_scores[hold_i], y[hold_i], prep.rule_spam[hold_i]),
     }
 
@@ -92,13 +94,13 @@ def train_seed(
     model = fit(x, y, cfg, seed=seed)
     train_s = time.perf_counter() - t
     check = pick_self_check(y)
-    expected = framework_proba(model, x.take(check))
+    expected = np.asarray(model.predict_proba(x.take(check)), dtype=np.float64)
     vectors = [SelfCheckVector(train[i].raw, prep.results[i], float(p)) for i, p in zip(check, expected, strict=True)]
     groups = Counter(m.group for m in train)
     lineage: dict[str, Any] = {
         "source": "seed",
         "corpus_groups": dict(sorted(groups.items())),
-        "protocol": "P1 training period (hard-ham-1: first half in file order)",
+        "protocol": "P1 training period (hard-ham-1: first half in file order) minus the corpus's held-out part",
         "counts": {"spam": int(y.sum()), "ham": int((y == 0).sum())},
         "training_set_hash": training_set_hash([m.raw for m in train], [m.is_spam for m in train]),
         "training_time_s": round(train_s, 3),
@@ -106,6 +108,7 @@ def train_seed(
                                 "spam": int(y[hold_i].sum()), "ham": int((y[hold_i] == 0).sum())},
         "rules_active": int(engine.active_count),
         "seed": seed,
+        "reference_held_out": True,
     }
     with tempfile.TemporaryDirectory(prefix="flywheel-seed-") as tmp:
         path = model.export_onnx(Path(tmp) / "model.onnx")

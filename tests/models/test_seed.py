@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from models.classifier import Classifier
+from models.consensus import is_holdout, message_id_for
 from models.registry import Registry
 from models.rules import RuleEngine
 from models.seed import train_seed
@@ -28,7 +29,10 @@ def test_linear_seed_is_promoted_and_classifies(tmp_path: Path) -> None:
     assert reg.champion() == version and reg.history()[-1]["reason"].startswith("seed model")
     info = reg.get(version)
     assert info.lineage["source"] == "seed" and set(info.lineage["corpus_groups"]) == {"easy-ham-1", "spam-1", "hard-ham-1"}
-    assert info.lineage["counts"]["spam"] == 120 and len(info.lineage["training_set_hash"]) == 64
+    # The corpus's held-out part (the clean reference) is never trained on.
+    held = sum(is_holdout(message_id_for(m.raw)) for m in sample if m.group == "spam-1")
+    assert held > 0 and info.lineage["counts"]["spam"] == 120 - held and info.lineage["reference_held_out"]
+    assert len(info.lineage["training_set_hash"]) == 64
     assert info.calibration and 0 < info.calibration["threshold"] < 1
     assert info.metrics["holdout"]["combined"]["auc"] > 0.9
     loaded = reg.load(version)  # runs the self-check

@@ -1,0 +1,119 @@
+"""Who to believe: reporter reputation, weighted consensus, held-out membership and the trust filter.
+
+Users' flags are noisy and sometimes hostile, so a flag is a *vote* and a label needs weighted agreement. The
+functions here are pure (numbers in, numbers out); the worker's store keeps the counts they read.
+
+Reputation. A reporter's weight is ``2 * (agree + 2) / (agree + disagree + 4)``: a newcomer weighs 1, a reliable
+reporter tends to 2, a reporter who keeps being contradicted tends to 0. Evidence is agreement with what the models
+are *very* sure of (p >= 0.99 or <= 0.01), and with the consensus of the other reporters on the same message when
+those are proven (reliability >= ``RELIABLE``): agreeing with unproven identities earns nothing, or a few
+colluding identities would vouch for each other.
+
+Reliability and trust. A reporter's reliability is the share of their flags expected to be right (their record
+of agreement, smoothed by a prior of 8 right in 10). A label that contradicts a very sure model is exactly what
+learning from drift needs when it comes from a reliable reporter, and exactly what random or hostile label noise
+looks like otherwise. So a label against a sure model is learned only when its reporters' reliability reaches
+``RELIABLE``; every other label is learned, weighted by its :func:`confidence`. With 30% random noise a
+reporter's reliability sits near 0.7: the contradicting third of their flags is dropped and the rest weigh 0.4;
+an honest reporter on drifting mail stays near 0.99 and keeps teaching what the model gets wrong at full weight.
+
+Held-out membership is a hash of the message id: the same corpus message is held out in every run and every
+process and is never part of a base training set, so the clean reference set stays out of sample for good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable
+
+__all__ = [
+    "HOLDOUT_MODULO",
+    "RELIABLE",
+    "REPUTATION_PRIOR",
+    "SURE_HIGH",
+    "SURE_LOW",
+    "consensus",
+    "is_holdout",
+    "message_id_for",
+    "model_evidence",
+    "confidence",
+    "reliability",
+    "reporter_weight",
+    "trusted",
+]
+
+SURE_HIGH = 0.99
+SURE_LOW = 0.01
+HOLDOUT_MODULO = 10
+"""One corpus message in ten (by message-id hash) is held out: never trained on, the clean reference set."""
+REPUTATION_PRIOR = 2.0
+"""Pseudo-counts of agreement and of disagreement a newcomer starts with."""
+RELIABLE = 0.9
+"""Reliability a label's reporters need before a label against a very sure model is learned (and before agreeing
+with them counts as evidence for someone else)."""
+RELIABILITY_PRIOR = (8.0, 10.0)
+"""Pseudo-counts (right, judged) a reporter's reliability starts from."""
+
+
+def reporter_weight(agree: float, disagree: float) -> float:
+    """Reputation from an agreement record, in (0, 2): newcomer 1, one early mistake costs 0.2, ten cost 0.67."""
+    k = REPUTATION_PRIOR
+    return 2.0 * (agree + k) / (agree + disagree + 2.0 * k)
+
+
+def reliability(agree: float, disagree: float) -> float:
+    """The share of a reporter's flags expected to be right: the agreement record smoothed by a prior of 8 right
+    out of 10. A newcomer is presumed mostly right (0.8: most users flag honestly, and a model that starts from
+    nothing must learn from someone); a few dozen judged flags and the record speaks for itself."""
+    return (agree + RELIABILITY_PRIOR[0]) / (agree + disagree + RELIABILITY_PRIOR[1])
+
+
+def confidence(reliability_: float) -> float:
+    """What a label is worth in training, from its reporters' reliability ``q``: ``2q - 1`` (the expected signal
+    of a label that is right with probability ``q``; nothing at a coin flip, all of it when always right)."""
+    return max(0.0, 2.0 * reliability_ - 1.0)
+
+
+def consensus(votes: Iterable[tuple[str, float]], min_weight: float) -> tuple[str | None, float]:
+    """(label or None, margin) of weighted votes ``(label, weight)``; margin = spam weight - ham weight."""
+    margin = 0.0
+    for label, w in votes:
+        margin += w if label == "spam" else -w
+    if margin >= min_weight:
+        return "spam", margin
+    if margin <= -min_weight:
+        return "ham", margin
+    return None, margin
+
+
+def message_id_for(raw: bytes) -> str:
+    """A message's id: hex SHA-256 of its bytes, 32 characters (the same id the API answers and events carry)."""
+    return hashlib.sha256(raw).hexdigest()[:32]
+
+
+def is_holdout(message_id: str, modulo: int = HOLDOUT_MODULO) -> bool:
+    """Deterministic, order-independent held-out membership: the same message is held out in every run."""
+    return int(hashlib.sha256(message_id.encode("utf-8")).hexdigest()[:8], 16) % modulo == 0
+
+
+def model_evidence(label: str, probability: float | None) -> int:
+    """+1 when the vote agrees with a very sure model, -1 when it contradicts one, 0 otherwise."""
+    if probability is None or math.isnan(probability):
+        return 0
+    if probability >= SURE_HIGH:
+        return 1 if label == "spam" else -1
+    if probability <= SURE_LOW:
+        return 1 if label == "ham" else -1
+    return 0
+
+
+def trusted(label: str, base_probability: float | None, reporters_reliability: float) -> bool:
+    """Whether a consensus label is learned (and used to judge models): always, unless it contradicts a very
+    sure base model and its reporters are not reliable (see the module docstring).
+
+    ``reporters_reliability`` is the best reliability among the label's live votes for that label.
+    """
+    if model_evidence(label, base_probability) >= 0:
+        return True
+    return reporters_reliability >= RELIABLE

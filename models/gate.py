@@ -1,0 +1,346 @@
+"""The gate: does a challenger replace the champion? Paired statistics on the same messages, and the evaluation
+set they are measured on. Pure code: arrays in, a decision with its figures out (no SQLite, threads or Kafka).
+
+Decision rule (every test one-sided at level ``alpha``, default 5%, on the SAME messages for both models):
+
+* **Ranking** - DeLong's test for two correlated ROC curves (DeLong, DeLong & Clarke-Pearson 1988, in the
+  structural-components form of Sun & Xu 2014) gives both AUCs and their covariance. With ranking errors
+  ``e = 1 - AUC``, the challenger is
+  *better* when ``(e_k - e_c) / se > z(1 - alpha)``, and
+  *not worse* when ``(e_k + margin - e_c) / se > z(1 - alpha)``, with ``margin = min(r e_k, cap) + f``: its
+  error may exceed the champion's by a share ``r`` of it, at most ``cap`` AUC points, at least a floor ``f``
+  (a champion without errors on the set). The margin follows the champion's error because a set of easy mail
+  shrinks every error (a fixed margin would wave anything through there); the cap keeps it small where the
+  labels themselves are noisy (observed errors are then mostly label noise).
+  Error rates (per decision, asymptotically): a challenger no better than the champion is called better with
+  probability <= alpha; one worse by more than the margin is called not worse with probability <= alpha.
+* **Which test applies** - a challenger trained on *fresher* data (labels the champion never saw: its data
+  watermark is later) must be *not worse*: new flags carry value the evaluation set may not resolve yet. Any
+  other challenger (a retrain on the same or older data, another family) must be *better*. So that a chain of
+  "not worse" steps cannot drift down, a fresher challenger must also be not worse than the *anchor* (the best
+  champion of recent history, re-scored on the same set) when one is given.
+* **Reference guard** - when a clean reference set is given (messages with known labels that no feedback can
+  touch: the corpus's held-out part), a challenger *shown worse* there beyond the margin (the mirror of the
+  not-worse test) is blocked. Flags come from the same users as the training flags, so coordinated reporters
+  can bend both; the reference set cannot be bent. It is a tripwire, not a race: old mail need not improve.
+* **False-positive guard** - on the evaluation set's ham, each model's served verdict at its own operating
+  threshold. Paired: only discordant ham tell the models apart; given ``m`` discordant ham of which ``b`` are
+  false positives of the challenger only, ``b ~ Binomial(m, pi)`` and ``FPR_c - FPR_k = m (2 pi - 1) / n``. The
+  challenger is blocked when the one-sided lower confidence bound (exact Clopper-Pearson on ``pi``) of that
+  difference exceeds ``fpr_tolerance``. Error rate: a challenger whose FPR exceeds the champion's by no more than
+  the tolerance is blocked with probability <= alpha. One extra false positive among a few hundred ham is not
+  evidence; a challenger whose FPR is clearly higher is blocked.
+
+Label noise makes the rule conservative, not permissive: noisy labels inflate ``se`` and shrink observed
+differences, so a challenger trained on noisy flags must look clearly better to pass.
+
+The evaluation set (:func:`compose_eval_set`): flags first, scored out of sample for both models (each model's
+cross-fitted scores on the flags it trained on, its plain scores on flags it never saw), the newest per class
+(recency-weighted as a window), stratified so both classes are represented; the corpus's held-out part tops a
+class up only while flags are few. Its composition is recorded with every decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "EvalItem",
+    "EvalSelection",
+    "GatePolicy",
+    "GateResult",
+    "PairedAUC",
+    "PairedFPR",
+    "ScoredModel",
+    "compose_eval_set",
+    "decide",
+    "delong",
+    "paired_fpr",
+]
+
+
+# ============================================================================================ statistics
+@dataclass(frozen=True, slots=True)
+class PairedAUC:
+    """Two models' AUCs on the same messages with DeLong's covariance of the pair (a = challenger, b = champion).
+
+    ``var_a``, ``var_b`` and ``cov`` are the variances and covariance of the two AUC estimates; every test of the
+    gate is a linear combination of the two AUCs, whose variance they give.
+    """
+
+    auc_a: float
+    auc_b: float
+    var_a: float
+    var_b: float
+    cov: float
+    n_spam: int
+    n_ham: int
+
+    @property
+    def diff(self) -> float:
+        return self.auc_a - self.auc_b
+
+    @property
+    def se(self) -> float:
+        """Standard error of ``diff``."""
+        return math.sqrt(max(self.var_a + self.var_b - 2.0 * self.cov, 0.0))
+
+    def z_better(self) -> float:
+        """``diff / se``: large when the challenger ranks better."""
+        return _z(self.diff, self.se)
+
+    def z_not_worse(self, margin: float) -> float:
+        """``(diff + margin) / se``: large when the challenger trails by less than ``margin`` AUC points."""
+        return _z(self.diff + margin, self.se)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"auc_challenger": self.auc_a, "auc_champion": self.auc_b, "diff": self.diff, "se": self.se,
+                "n_spam": self.n_spam, "n_ham": self.n_ham}
+
+
+def _z(num: float, se: float) -> float:
+    if se > 0:
+        return num / se
+    return math.inf if num > 0 else (-math.inf if num < 0 else 0.0)
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    return stats.rankdata(x, method="average")
+
+
+def delong(scores_a: Sequence[float] | np.ndarray, scores_b: Sequence[float] | np.ndarray,
+           labels: Sequence[bool] | np.ndarray) -> PairedAUC:
+    """DeLong's paired comparison of two scorers on the same labelled messages (O(n log n)).
+
+    Structural components: for each spam, the share of ham it outscores (ties one half); for each ham, the share
+    of spam that outscore it. Their means are the AUCs; their covariances across messages give the variance of
+    the difference: ``var = (s10_aa + s10_bb - 2 s10_ab) / m + (s01_aa + s01_bb - 2 s01_ab) / n``.
+    """
+    y = np.asarray(labels).astype(bool)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    m, n = pos.size, neg.size
+    if m == 0 or n == 0:
+        return PairedAUC(math.nan, math.nan, math.nan, math.nan, math.nan, int(m), int(n))
+    v10, v01 = [], []
+    for s in (np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)):
+        sp, sn = s[pos], s[neg]
+        r_all = _midranks(np.concatenate([sp, sn]))
+        v10.append((r_all[:m] - _midranks(sp)) / n)
+        v01.append(1.0 - (r_all[m:] - _midranks(sn)) / m)
+    a10, a01 = np.vstack(v10), np.vstack(v01)
+    aucs = a10.mean(axis=1)
+    s10 = np.cov(a10) if m > 1 else np.zeros((2, 2))
+    s01 = np.cov(a01) if n > 1 else np.zeros((2, 2))
+    v = s10 / m + s01 / n
+    return PairedAUC(float(aucs[0]), float(aucs[1]), float(v[0, 0]), float(v[1, 1]), float(v[0, 1]), int(m), int(n))
+
+
+@dataclass(frozen=True, slots=True)
+class PairedFPR:
+    """False positives of two models on the same ham, and a one-sided lower bound of ``FPR_a - FPR_b``."""
+
+    fpr_a: float
+    fpr_b: float
+    n_ham: int
+    only_a: int  # ham flagged by a and not by b
+    only_b: int
+    lower: float  # one-sided (1 - alpha) lower confidence bound of fpr_a - fpr_b
+
+    @property
+    def diff(self) -> float:
+        return self.fpr_a - self.fpr_b
+
+    def to_dict(self) -> dict[str, float]:
+        return {"fpr_challenger": self.fpr_a, "fpr_champion": self.fpr_b, "diff": self.diff,
+                "lower_bound": self.lower, "n_ham": self.n_ham, "only_challenger": self.only_a,
+                "only_champion": self.only_b}
+
+
+def paired_fpr(spam_a: Sequence[bool] | np.ndarray, spam_b: Sequence[bool] | np.ndarray, alpha: float) -> PairedFPR:
+    """Compare two models' verdicts on the same ham (``spam_*`` are their spam verdicts on those ham).
+
+    Conditional exact bound: with ``m`` discordant ham, ``only_a ~ Binomial(m, pi)``; the Clopper-Pearson lower
+    bound of ``pi`` gives the lower bound ``m (2 pi_L - 1) / n`` of the difference. No discordant ham, no
+    evidence of a difference: the bound is 0.
+    """
+    a = np.asarray(spam_a).astype(bool)
+    b = np.asarray(spam_b).astype(bool)
+    n = int(a.size)
+    if n == 0:
+        return PairedFPR(math.nan, math.nan, 0, 0, 0, -math.inf)
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    disc = only_a + only_b
+    if disc == 0:
+        lower = 0.0
+    else:
+        pi_lower = 0.0 if only_a == 0 else float(stats.beta.ppf(alpha, only_a, disc - only_a + 1))
+        lower = disc * (2.0 * pi_lower - 1.0) / n
+    return PairedFPR(float(a.mean()), float(b.mean()), n, only_a, only_b, lower)
+
+
+# ============================================================================================ the decision
+@dataclass(frozen=True, slots=True)
+class GatePolicy:
+    """The gate's stated significance and margins (see the module docstring)."""
+
+    alpha: float = 0.05
+    relative_margin: float = 0.25  # a fresher challenger's ranking error may exceed the champion's by 25% ...
+    margin_cap: float = 0.002  # ... but never by more than this much AUC ...
+    floor: float = 1e-4  # ... and by at least this much (a champion without errors on the set)
+    fpr_tolerance: float = 0.002  # FPR rise at the operating point that is not held against a challenger
+    min_per_class: int = 30  # fewer messages of a class: the set cannot judge, nothing is promoted on it
+
+    @property
+    def z(self) -> float:
+        return float(stats.norm.ppf(1.0 - self.alpha))
+
+    def margin(self, champion_auc: float) -> float:
+        """The non-inferiority margin in AUC points for a champion of AUC ``champion_auc`` on the set."""
+        return min(self.relative_margin * max(0.0, 1.0 - champion_auc), self.margin_cap) + self.floor
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredModel:
+    """One model's scores on a set: ``ranking`` ranks (logits), ``spam`` is its served verdict per message."""
+
+    ranking: np.ndarray
+    spam: np.ndarray
+
+
+@dataclass(slots=True)
+class GateResult:
+    promote: bool
+    reason: str
+    test: str  # "better" | "not_worse" | "first" | "none"
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def _enough(y: np.ndarray, k: int) -> bool:
+    return int(y.sum()) >= k and int((~y).sum()) >= k
+
+
+def decide(
+    labels: Sequence[bool] | np.ndarray,
+    challenger: ScoredModel,
+    champion: ScoredModel | None,
+    *,
+    fresher: bool,
+    policy: GatePolicy,
+    anchor: ScoredModel | None = None,
+    reference: tuple[np.ndarray, ScoredModel, ScoredModel] | None = None,
+) -> GateResult:
+    """Promote or reject ``challenger`` (see the module docstring for the rule and its error rates).
+
+    ``reference`` is ``(labels, challenger scores, champion scores)`` on the clean reference set, or None.
+    """
+    y = np.asarray(labels).astype(bool)
+    figures: dict[str, Any] = {"policy": policy.to_dict(), "fresher": fresher, "n_spam": int(y.sum()),
+                               "n_ham": int((~y).sum())}
+    if champion is None:
+        return GateResult(True, "no champion to beat", "first", figures)
+    if not _enough(y, policy.min_per_class):
+        return GateResult(False, f"evaluation set too small to judge ({int(y.sum())} spam, {int((~y).sum())} ham; "
+                                 f"at least {policy.min_per_class} of each needed)", "none", figures)
+    z = policy.z
+    auc = delong(challenger.ranking, champion.ranking, y)
+    figures["auc"] = auc.to_dict()
+    fpr = paired_fpr(challenger.spam[~y], champion.spam[~y], policy.alpha)
+    figures["fpr"] = fpr.to_dict()
+    if fpr.lower > policy.fpr_tolerance:
+        return GateResult(False, f"false positives rise: FPR {fpr.fpr_b:.3%} -> {fpr.fpr_a:.3%}, lower bound of the "
+                                 f"rise {fpr.lower:.3%} > tolerance {policy.fpr_tolerance:.3%}", "none", figures)
+    margin = policy.margin(auc.auc_b)
+    figures["margin"] = margin
+    better = auc.z_better() > z
+    not_worse = auc.z_not_worse(margin) > z
+    figures["better"], figures["not_worse"] = better, not_worse
+    anchor_ok = True
+    if anchor is not None:
+        anchor_auc = delong(challenger.ranking, anchor.ranking, y)
+        figures["anchor_auc"] = anchor_auc.to_dict()
+        anchor_ok = anchor_auc.z_not_worse(policy.margin(anchor_auc.auc_b)) > z
+    if reference is not None:
+        ry, rc, rk = reference
+        ry = np.asarray(ry).astype(bool)
+        if _enough(ry, policy.min_per_class):
+            ref = delong(rc.ranking, rk.ranking, ry)
+            figures["reference_auc"] = ref.to_dict()
+            if -ref.z_not_worse(policy.margin(ref.auc_b)) > z:
+                return GateResult(False, f"shown worse on the clean reference set: AUC {ref.auc_b:.5f} -> "
+                                         f"{ref.auc_a:.5f} (se {ref.se:.5f})", "none", figures)
+    d = f"AUC {auc.auc_b:.5f} -> {auc.auc_a:.5f} (diff {auc.diff:+.5f}, se {auc.se:.5f})"
+    if better:
+        return GateResult(True, f"better: {d}, z={auc.z_better():.2f} > {z:.2f}", "better", figures)
+    if fresher and not_worse and anchor_ok:
+        return GateResult(True, f"fresher data and not worse: {d}, z={auc.z_not_worse(margin):.2f} > {z:.2f} "
+                                f"at margin {margin:.5f}", "not_worse", figures)
+    if fresher and not_worse:
+        a = figures["anchor_auc"]
+        return GateResult(False, f"not worse than the champion but worse than the anchor: AUC "
+                                 f"{a['auc_champion']:.5f} -> {a['auc_challenger']:.5f} (se {a['se']:.5f})",
+                          "none", figures)
+    need = "not worse (fresher data)" if fresher else "better (no fresher data than the champion)"
+    return GateResult(False, f"not shown {need}: {d}", "none", figures)
+
+
+# ============================================================================================ the evaluation set
+@dataclass(frozen=True, slots=True)
+class EvalItem:
+    """A labelled candidate for the evaluation set: ``source`` is "flags" or "corpus"; ``group`` names where a
+    corpus message comes from (or the flag's class); ``recency`` orders flags (larger is newer)."""
+
+    key: str
+    is_spam: bool
+    source: str
+    group: str
+    recency: int = 0
+
+
+@dataclass(slots=True)
+class EvalSelection:
+    items: list[EvalItem]
+    composition: dict[str, dict[str, int]]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([it.is_spam for it in self.items], dtype=bool)
+
+
+def _composition(items: Sequence[EvalItem]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for it in items:
+        d = out.setdefault(it.source, {})
+        key = it.group if it.source == "corpus" else ("spam" if it.is_spam else "ham")
+        d[key] = d.get(key, 0) + 1
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+
+
+def compose_eval_set(
+    flags: Sequence[EvalItem], corpus: Sequence[EvalItem], *, min_per_class: int, max_per_class: int,
+) -> EvalSelection:
+    """Held-out flags first (the newest ``max_per_class`` of each class); a class with fewer than
+    ``min_per_class`` flags is topped up from ``corpus`` (the caller passes it already shuffled and spread over
+    every group, hard ham included), so the set looks like the mail users flag as soon as they flag enough."""
+    chosen: list[EvalItem] = []
+    for cls in (True, False):
+        mine = sorted((it for it in flags if it.is_spam is cls), key=lambda it: it.recency, reverse=True)
+        mine = mine[:max_per_class]
+        if len(mine) < min_per_class:
+            extra = [it for it in corpus if it.is_spam is cls][: max(0, min_per_class - len(mine))]
+            mine = mine + extra
+        chosen.extend(mine)
+    return EvalSelection(chosen, _composition(chosen))
+
+
+def composition_counts(composition: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    """Messages per source (``{"flags": n, "corpus": n}``)."""
+    return {src: int(sum(v.values())) for src, v in composition.items()}

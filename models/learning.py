@@ -1,0 +1,283 @@
+"""Learning that keeps what the flags teach: refit on everything, choose by validation, calibrate out of sample.
+
+Single SGD steps on top of a model trained with 20 epochs forget as fast as they learn (one pass over a label
+moves the weights little, the next labels move them elsewhere); a refit on the base corpus plus every current
+label reaches what the data can give, and the linear model refits in well under a second on a few thousand
+messages. So the fast side of the worker refits, every few seconds while labels change:
+
+* **Training set** - the base corpus (the earlier collection, minus its held-out part) plus every trusted,
+  non-held-out consensus label, each row marked as a flag or not.
+* **Choice by validation** (:func:`select_linear`) - a small grid of regularisation strengths and flag weights
+  (recent mail weighted up where validation says so), each scored by out-of-fold 1-AUC on the *flagged* rows
+  (the mail users flag is the mail to be good at); re-run only when the flags have grown enough to change the
+  answer (see :class:`Learner <services.worker.learner.Learner>`).
+* **Calibration out of sample** (:func:`calibrate`) - the served blend and its operating thresholds are fitted on
+  the out-of-fold logits of the flagged rows (of every row while flags are few): scores the final model's
+  siblings gave to mail they had not seen, so the FPR budget holds on new mail, not on the training set.
+
+The slow side (the PyTorch model) retrains on a schedule that follows the flags (:class:`RetrainSchedule`).
+Nothing here touches SQLite, threads or Kafka.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from models.classifier import Calibration, fit_calibration
+from models.features import FeatureBatch, FeatureConfig
+from models.linear import LinearConfig, LinearModel
+from models.metrics import roc_auc
+
+__all__ = [
+    "LINEAR_GRID",
+    "CrossFit",
+    "LinearChoice",
+    "RetrainSchedule",
+    "TrainingSet",
+    "NeuralFit",
+    "calibrate",
+    "cross_fit_linear",
+    "fit_neural",
+    "refit_linear",
+    "select_linear",
+    "subset",
+]
+
+LINEAR_GRID: tuple[tuple[float, float], ...] = ((3e-7, 1.0), (3e-7, 2.0), (3e-6, 1.0), (3e-5, 1.0))
+"""(alpha, flag weight) candidates. 3e-7 with weight 1 is the base corpus's own cross-validated optimum; stronger
+regularisation wins when flags are noisy, a higher flag weight when the new mail differs from the old."""
+FOLDS = 5
+REFIT_EPOCHS = 10
+"""SGD passes of a refit: the base corpus's cross-validation found 10 to 50 epochs within fold noise of each
+other (``LinearConfig``), and a refit runs every few seconds, so the cheaper end."""
+MIN_CALIBRATION = {"spam": 30, "ham": 200}
+"""Flagged rows needed per class before calibration uses flags alone (0.1% FPR needs hundreds of ham)."""
+
+
+@dataclass(slots=True)
+class TrainingSet:
+    """Rows to learn from: features, 0/1 labels, the rules' scores (for the blend), which rows are flags, and
+    each row's confidence weight (for a flag: how far its reporters' record says its label can be believed)."""
+
+    batch: FeatureBatch
+    labels: np.ndarray
+    rule_scores: np.ndarray
+    is_flag: np.ndarray
+    confidence: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        self.rule_scores = np.asarray(self.rule_scores, dtype=np.float64).reshape(-1)
+        self.is_flag = np.asarray(self.is_flag, dtype=bool).reshape(-1)
+        n = self.batch.rows
+        conf = np.ones(n) if self.confidence is None else np.asarray(self.confidence, dtype=np.float64).reshape(-1)
+        self.confidence = conf
+        if not (self.labels.size == self.rule_scores.size == self.is_flag.size == conf.size == n):
+            raise ValueError(f"{n} rows but {self.labels.size} labels, {self.rule_scores.size} rule scores, "
+                             f"{self.is_flag.size} flag marks, {conf.size} confidences")
+
+    @property
+    def rows(self) -> int:
+        return self.batch.rows
+
+    def weights(self, flag_weight: float) -> np.ndarray:
+        """Sample weights: ``flag_weight`` for flags, 1 for the base corpus, times each row's confidence."""
+        assert self.confidence is not None
+        return np.where(self.is_flag, float(flag_weight), 1.0) * self.confidence
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows per source and class (lineage)."""
+        out = {}
+        for name, mask in (("flags", self.is_flag), ("corpus", ~self.is_flag)):
+            y = self.labels[mask]
+            out[name] = {"spam": int((y == 1).sum()), "ham": int((y == 0).sum())}
+        return out
+
+
+@dataclass(slots=True)
+class CrossFit:
+    """Out-of-fold logits of every row and the fold models that produced them."""
+
+    oof: np.ndarray
+    models: list[LinearModel]
+
+
+@dataclass(slots=True)
+class LinearChoice:
+    """The chosen configuration, its cross-fit, and what every candidate scored."""
+
+    config: LinearConfig
+    flag_weight: float
+    cross: CrossFit
+    report: list[dict[str, Any]] = field(default_factory=list)
+    judged_on: str = "defaults"
+
+    @property
+    def oof(self) -> np.ndarray:
+        return self.cross.oof
+
+
+def _folds(train: TrainingSet, k: int, seed: int) -> np.ndarray:
+    """Fold of every row, stratified by (source, class) so every fold has flags and base rows of both classes."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(train.rows, dtype=np.int64)
+    for src in (True, False):
+        for cls in (0, 1):
+            idx = np.flatnonzero((train.is_flag == src) & (train.labels == cls))
+            fold[idx] = rng.permutation(idx.size) % k
+    return fold
+
+
+def cross_fit_linear(train: TrainingSet, config: LinearConfig, flag_weight: float, *, folds: int = FOLDS,
+                     seed: int = 0, features: FeatureConfig | None = None) -> CrossFit:
+    """Out-of-fold logits: each row scored by a model fitted without its fold."""
+    fold = _folds(train, folds, seed)
+    oof = np.zeros(train.rows, dtype=np.float64)
+    w = train.weights(flag_weight)
+    models: list[LinearModel] = []
+    for j in range(folds):
+        tr, va = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
+        if va.size == 0 or np.unique(train.labels[tr]).size < 2:
+            continue
+        m = LinearModel(features, config).fit(train.batch.take(tr), train.labels[tr], sample_weight=w[tr])
+        oof[va] = m.decision_function(train.batch.take(va))
+        models.append(m)
+    return CrossFit(oof, models)
+
+
+def refit_linear(train: TrainingSet, choice: LinearChoice, features: FeatureConfig | None = None) -> LinearModel:
+    """The served linear model: fitted on every row, averaged with the choice's fold models (a bag of
+    ``folds + 1`` fits; averaging cuts the run-to-run spread of SGD that no evaluation set could resolve)."""
+    full = LinearModel(features, choice.config).fit(train.batch, train.labels,
+                                                    sample_weight=train.weights(choice.flag_weight))
+    return LinearModel.averaged([full, *choice.cross.models])
+
+
+def _enough(y: np.ndarray, spam: int, ham: int) -> bool:
+    return int((y == 1).sum()) >= spam and int((y == 0).sum()) >= ham
+
+
+def select_linear(
+    train: TrainingSet,
+    grid: Sequence[tuple[float, float]] = LINEAR_GRID,
+    *,
+    min_per_class: int = 50,
+    folds: int = FOLDS,
+    seed: int = 0,
+    features: FeatureConfig | None = None,
+) -> LinearChoice:
+    """Pick (alpha, flag weight) by out-of-fold 1-AUC on the flagged rows (on every row while flags have fewer
+    than ``min_per_class`` of a class; with one candidate, just cross-fit it)."""
+    flags_ok = _enough(train.labels[train.is_flag], min_per_class, min_per_class)
+    mask = train.is_flag if flags_ok else np.ones(train.rows, dtype=bool)
+    best: LinearChoice | None = None
+    best_score = math.inf
+    report: list[dict[str, Any]] = []
+    candidates = list(grid) if flags_ok else [grid[0]]
+    for alpha, weight in candidates:
+        cfg = LinearConfig(alpha=alpha, epochs=REFIT_EPOCHS)
+        cross = cross_fit_linear(train, cfg, weight, folds=folds, seed=seed, features=features)
+        auc = roc_auc(cross.oof[mask], train.labels[mask].astype(bool))
+        score = 1.0 - auc if not math.isnan(auc) else math.inf
+        report.append({"alpha": alpha, "flag_weight": weight,
+                       "oof_one_minus_auc": None if math.isinf(score) else score})
+        if best is None or score < best_score:
+            best, best_score = LinearChoice(cfg, weight, cross, judged_on="flags" if flags_ok else "all rows"), score
+    assert best is not None
+    best.report = report
+    return best
+
+
+def calibrate(train: TrainingSet, oof: np.ndarray, *, fpr_budget: float) -> tuple[Calibration, dict[str, Any]]:
+    """The served blend and thresholds from out-of-fold logits: on the flagged rows when they have enough of
+    both classes (``MIN_CALIBRATION``), else on every row. Returns the calibration and what it was fitted on."""
+    flags_ok = _enough(train.labels[train.is_flag], MIN_CALIBRATION["spam"], MIN_CALIBRATION["ham"])
+    mask = train.is_flag if flags_ok else np.ones(train.rows, dtype=bool)
+    y = train.labels[mask].astype(bool)
+    cal = fit_calibration(oof[mask], train.rule_scores[mask], y, fpr_budget=fpr_budget)
+    source = {"rows": "out-of-fold logits of the flagged rows" if flags_ok else "out-of-fold logits of every row",
+              "spam": int(y.sum()), "ham": int((~y).sum())}
+    return cal, source
+
+
+NEURAL_VALIDATION = 0.15
+NEURAL_CANDIDATES: tuple[dict[str, Any], ...] = ({}, {"epochs": 4, "dim": 16})
+
+
+@dataclass(slots=True)
+class NeuralFit:
+    """A trained PyTorch challenger, its validation rows (a stratified share it did not train on) and their logits."""
+
+    model: Any  # models.neural.NeuralModel (torch is imported only when training)
+    config: dict[str, Any]
+    validation: np.ndarray  # row positions
+    logits: np.ndarray  # the model's logits on those rows
+    report: list[dict[str, Any]]
+
+
+def fit_neural(train: TrainingSet, flag_weight: float, *, features: FeatureConfig | None = None,
+               seed: int = 0) -> NeuralFit:
+    """The slow side's training: each candidate configuration trains on 85% of the rows (stratified by source
+    and class, seeded) and is scored on the other 15%; the best by validation 1-AUC is the challenger, and its
+    validation logits calibrate it and judge it at the gate (the validation rows are its price)."""
+    from models.neural import NeuralConfig, NeuralModel
+
+    rng = np.random.default_rng(seed)
+    val = np.zeros(train.rows, dtype=bool)
+    for src in (True, False):
+        for cls in (0, 1):
+            idx = np.flatnonzero((train.is_flag == src) & (train.labels == cls))
+            if idx.size >= 2:
+                val[rng.choice(idx, size=max(1, int(NEURAL_VALIDATION * idx.size)), replace=False)] = True
+    tr, va = np.flatnonzero(~val), np.flatnonzero(val)
+    weights = train.weights(flag_weight)
+    best: NeuralFit | None = None
+    best_score = math.inf
+    report: list[dict[str, Any]] = []
+    for overrides in NEURAL_CANDIDATES:
+        cfg = NeuralConfig(**{**NeuralConfig().to_dict(), **overrides})
+        model = NeuralModel(features, cfg, seed).fit(train.batch.take(tr), train.labels[tr],
+                                                     sample_weight=weights[tr])
+        z = np.asarray(model.decision_function(train.batch.take(va)), dtype=np.float64)
+        score = 1.0 - roc_auc(z, train.labels[va].astype(bool))
+        report.append({"config": overrides or "default", "validation_one_minus_auc": score})
+        if best is None or score < best_score:
+            best, best_score = NeuralFit(model, cfg.to_dict(), va, z, []), score
+    assert best is not None
+    best.report = report
+    return best
+
+
+def subset(train: TrainingSet, rows: np.ndarray) -> TrainingSet:
+    """The training set restricted to ``rows`` (in that order)."""
+    return TrainingSet(train.batch.take(rows), train.labels[rows], train.rule_scores[rows], train.is_flag[rows],
+                       None if train.confidence is None else train.confidence[rows])
+
+
+@dataclass(slots=True)
+class RetrainSchedule:
+    """When the slow model retrains: early and often while flags keep showing the champion wrong, less often
+    as the data grows.
+
+    Due when no retrain is running and either the labels have grown by ``growth`` (relative) since the last
+    retrain, with at least ``first`` new ones (so: after ``first`` labels, then at 2x, 4x, ... with growth 1),
+    or at least ``surprises`` of the new labels are on mail the champion got wrong (with at least
+    ``first // 2`` new labels, so a burst of errors is acted on at once without retraining on a handful).
+    """
+
+    first: int = 200
+    growth: float = 1.0
+    surprises: int = 50
+
+    def due(self, labels_now: int, labels_at_last: int, surprises_since: int) -> bool:
+        new = labels_now - labels_at_last
+        if new <= 0:
+            return False
+        if new >= max(self.first, math.ceil(self.growth * labels_at_last)):
+            return True
+        return surprises_since >= self.surprises and new >= self.first // 2

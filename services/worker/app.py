@@ -1,0 +1,213 @@
+"""The worker process: the faust handler that applies flags durably, the learner, the metrics page.
+
+Ingest and learning run on different threads: a batch of records is applied to the store in one transaction on
+the ingest thread (faust acknowledges it only after that), and the learner catches up in the background (a burst
+of flags makes the models lag for a moment, never the consumer). ``flywheel worker`` (or
+``python -m services.worker``) runs it until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from services.worker.learner import CorpusData, Learner, corpus_data
+from services.worker.metrics import WorkerMetrics
+from services.worker.store import BatchResult, LabelStore
+from streams.records import Record
+
+if TYPE_CHECKING:
+    import faust
+
+    from services.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["Worker", "main", "run_worker"]
+
+STATUS_EVERY_S = 2.0
+
+
+class Worker:
+    """The faust app's handler (see ``streams.app.BatchHandler``): applies batches, dead-letters, learns."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        corpus: CorpusData | None = None,
+        serve_metrics: bool = True,
+        learn: bool = True,
+    ) -> None:
+        from streams.topics import EventProducer, Topics
+
+        self.settings = settings
+        self.topics = Topics.from_config(settings.streams())
+        self.metrics = WorkerMetrics(reporters_max=settings.reporter_metrics_max, versions_max=settings.registry_keep)
+        if serve_metrics:
+            self.metrics.serve(settings.worker_port)
+        self.store = LabelStore(settings.state_dir / "worker" / "labels.db", min_weight=settings.consensus_min_weight)
+        self.producer = EventProducer(settings.streams(), timeout_s=5.0, client_id="flywheel-worker")
+        self.learner: Learner | None = None
+        if learn:
+            self.learner = Learner(settings, self.store, self.metrics, self._emit_model_event,
+                                   corpus if corpus is not None else corpus_data(settings))
+            if self.learner.registry.champion() is None:
+                self.learner.refit()  # a fresh registry: the base model becomes the first champion
+            self.learner.show_champion()
+            self.learner.update_quality()
+            self.learner.start()
+        self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
+        self._app: faust.App | None = None
+        for label in self.store.label_counts():
+            self.metrics.labels.labels(label=label).inc(0)
+        self.metrics.count_live(self.store.live_tallies())
+        self.metrics.set_reporters(self.store.reporters(), settings.consensus_min_weight)
+        self.metrics.data_version.set(self.store.data_version)
+        self._status_at = 0.0
+        self.publish_status()
+
+    def publish_status(self) -> None:
+        """The worker's summary for operators (the API's operator page reads it from the shared registry)."""
+        from models.registry import Registry
+
+        reporters = sorted(self.store.reporters(), key=lambda r: (r[1], r[0]))
+        bar = self.settings.consensus_min_weight
+        live = self.store.live_tallies()
+        versions = sorted({v for v, _ in live})[-self.settings.registry_keep :]
+        Registry(self.settings.registry).write_worker_status({
+            "counters": self.store.counters(),
+            "labels": self.store.label_counts(),
+            "reporters": {
+                "total": len(reporters),
+                "distrusted": sum(w < 0.5 * bar for _, w, _ in reporters),
+                "lowest": [{"reporter": r, "weight": w, "flags": n} for r, w, n in reporters[:10]],
+                "highest": [{"reporter": r, "weight": w, "flags": n} for r, w, n in reversed(reporters[-10:])],
+            },
+            "live_verdicts": {v: {o: live.get((v, o), 0) for o in ("tp", "fp", "tn", "fn")} for v in versions},
+        })
+        self._status_at = time.monotonic()
+
+    def _emit_model_event(self, event: Any) -> None:
+        from streams.topics import BrokerUnavailable
+
+        try:
+            self.producer.send(self.topics.model_events, event.version, event)
+        except BrokerUnavailable:
+            log.warning("model event not published (Kafka down); the registry has the decision", version=event.version)
+
+    # -- the BatchHandler protocol --------------------------------------------------------------------
+    async def on_start(self, app: faust.App) -> None:
+        self._app = app
+
+    async def handle(self, records: Sequence[Record]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._exec, self.process, list(records))
+
+    async def tick(self) -> None:
+        if self.learner is not None:
+            self.learner.wake()
+        self._update_lag()
+        if time.monotonic() - self._status_at >= STATUS_EVERY_S:
+            await asyncio.get_running_loop().run_in_executor(self._exec, self.publish_status)
+
+    # -- work (ingest thread) -------------------------------------------------------------------------
+    def process(self, records: list[Record]) -> BatchResult:
+        res = self.store.apply(records)
+        self._dead_letter(res.dead)
+        m = self.metrics
+        if res.skipped:
+            m.events.labels(type="any", outcome="redelivered").inc(res.skipped)
+        if res.accepted_flags:
+            m.events.labels(type="feedback", outcome="accepted").inc(res.accepted_flags)
+        if res.duplicates:
+            m.events.labels(type="feedback", outcome="duplicate").inc(res.duplicates)
+        if res.retractions:
+            m.events.labels(type="retraction", outcome="accepted").inc(res.retractions)
+        if res.dead:
+            m.events.labels(type="any", outcome="dead_letter").inc(len(res.dead))
+        for label, n in res.new_labels.items():
+            if n:
+                m.labels.labels(label=label).inc(n)
+        if res.live:
+            m.count_live(res.live)
+        if res.touched_reporters:
+            m.set_reporters(self.store.reporters(), self.settings.consensus_min_weight)
+        m.data_version.set(self.store.data_version)
+        if self.learner is not None:
+            self.learner.wake()
+        return res
+
+    def _dead_letter(self, dead: list[tuple[Record, str]]) -> None:
+        from streams.events import dead_letter
+        from streams.topics import BrokerUnavailable
+
+        if not dead:
+            return
+        items = [(r.key, dead_letter(r.value, reason, r.topic, r.partition, r.offset)) for r, reason in dead]
+        for attempt in range(30):
+            try:
+                self.producer.send_many(self.topics.dead_letter, items)
+                break
+            except BrokerUnavailable:
+                time.sleep(min(2.0, 0.2 * (attempt + 1)))
+        else:
+            log.error("dead letters not delivered", count=len(items))
+        for r, reason in dead:
+            log.warning("dead letter", partition=r.partition, offset=r.offset, reason=reason)
+
+    def _update_lag(self) -> None:
+        app = self._app
+        if app is None:
+            return
+        try:
+            consumer = app.consumer
+            offsets = self.store.last_offsets()
+            lag = 0
+            for tp in consumer.assignment():
+                hw = consumer.highwater(tp)
+                if hw is not None:
+                    lag += max(0, int(hw) - 1 - offsets.get((tp.topic, tp.partition), -1))
+            self.metrics.lag.set(lag)
+        except Exception:  # noqa: BLE001 - lag is best effort
+            log.debug("lag update failed", exc_info=True)
+
+    def close(self) -> None:
+        self._exec.shutdown(wait=True)
+        if self.learner is not None:
+            self.learner.stop()
+        self.producer.close()
+        self.store.close()
+
+
+def run_worker(settings: Settings, *, learn: bool = True) -> None:
+    """``flywheel worker``: consume feedback until SIGTERM/SIGINT (the broker and topics must exist).
+
+    ``learn=False`` ingests only (labels, reputations, dead letters; no models): for tests of delivery.
+    """
+    from streams.app import make_app, run_app
+
+    worker = Worker(settings, learn=learn)
+    # The learner refits at most every linear_refit_s: ticking at half that (within 0.2-1 s) keeps it on time.
+    app = make_app(settings.streams(), worker, tick_s=max(0.2, min(1.0, settings.linear_refit_s / 2)))
+    log.info("worker starting", feedback=worker.topics.feedback, metrics_port=settings.worker_port,
+             labels=worker.store.label_counts(), learn=learn)
+    try:
+        run_app(app, loglevel=settings.log_level)
+    finally:
+        worker.close()
+
+
+def main() -> None:
+    """``python -m services.worker`` (what the tests start and ``kill -9``)."""
+    from services.logging import configure
+    from services.settings import get_settings
+
+    s = get_settings()
+    configure(s.log_level, s.log_json)
+    run_worker(s, learn="--ingest-only" not in sys.argv[1:])

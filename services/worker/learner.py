@@ -1,0 +1,811 @@
+"""The models side of the worker: two training clocks, the gate, lineage, promotion.
+
+* **Fast clock (linear).** Whenever the store's ``data_version`` has moved and ``linear_refit_s`` seconds have
+  passed since the last refit, the linear model is refit on the base corpus plus every trusted consensus label
+  (:mod:`models.learning`): cross-fitted, bagged, calibrated out of sample, with its regularisation and flag
+  weight re-chosen by validation whenever the flags have doubled since the last choice.
+* **Slow clock (PyTorch).** :class:`~models.learning.RetrainSchedule` decides: early and often while flags keep
+  arriving on mail the champion gets wrong, less often as the data grows. It trains in its own thread, off the
+  ingest path and off the fast clock.
+* **The gate** (:func:`models.gate.decide`) compares challenger and champion on the same flags, each scored out
+  of sample: a model's cross-fitted (or validation) scores on the flags it trained on, its plain scores on flags
+  it never saw. These are stored per version under ``<state>/worker/oof/``, so a restarted worker judges the
+  champion as before. The corpus's held-out part tops the set up while flags are few and serves as the clean
+  reference set. Every decision goes to the registry's decisions log, the model-events topic and the metrics.
+
+Trust. A label is learned (and used to judge) unless it contradicts a very sure base model while its reporters
+are not reliable (:func:`models.consensus.trusted`); a learned flag weighs its :func:`~models.consensus.confidence`:
+what its reporters' record says it is worth (0.6 for a newcomer, nearly 1 for a proven reporter, 0.4 for one
+whose flags are 30% wrong, nothing for a hostile one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import structlog
+
+from models.base import Scorer, SpamModel
+from models.consensus import SURE_HIGH, SURE_LOW, confidence, model_evidence, trusted
+from models.features import FeatureBatch, FeatureConfig
+from models.gate import EvalItem, GatePolicy, GateResult, ScoredModel, compose_eval_set, decide
+from models.learning import (
+    LinearChoice,
+    RetrainSchedule,
+    TrainingSet,
+    calibrate,
+    cross_fit_linear,
+    fit_neural,
+    refit_linear,
+    select_linear,
+    subset,
+)
+from models.metrics import recall_at_fpr, roc_auc
+from services.worker.store import LabelStore, Labelled
+
+if TYPE_CHECKING:
+    from models.classifier import Calibration
+    from models.linear import LinearModel
+    from models.registry import LoadedModel, Registry
+    from models.rules import RuleEngine, RuleResult
+    from services.settings import Settings
+    from services.worker.metrics import WorkerMetrics
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["Candidate", "CorpusData", "Learner", "corpus_data"]
+
+SELF_CHECK_MESSAGES = 4
+SELECT_FIRST = 100
+SELECT_GROWTH = 4
+"""The linear model's configuration is re-chosen by validation once 100 flags are in, then each time the flags
+have grown fourfold (a choice costs four cross-fits; the refits in between reuse it)."""
+NEURAL_NICE = 10
+"""The slow clock's thread runs at a lower CPU priority: on a small machine the fast clock and serving go first."""
+
+
+# ============================================================================================ corpus
+@dataclass(slots=True)
+class CorpusData:
+    """What the worker takes from the corpus.
+
+    ``base``: trained on by every model (the earlier collection minus its held-out part); ``reference``: the
+    corpus's held-out part (both collections, hard ham included), never trained on: the gate's top-up and clean
+    reference set, and the fixed quality set of the metrics. Entries are (message id, raw, is spam, group).
+    """
+
+    base: list[tuple[str, bytes, bool, str]] = field(default_factory=list)
+    reference: list[tuple[str, bytes, bool, str]] = field(default_factory=list)
+
+
+def corpus_data(settings: Settings) -> CorpusData:
+    """The corpus split for the worker (empty without a corpus: the gate then judges on flags alone).
+
+    ``eval_exclude_file`` lists message ids the worker must never use from the corpus (a benchmark keeps its
+    test half out this way); with ``worker_base_corpus`` off there is no base (the replay learns from flags alone).
+    """
+    from models.consensus import is_holdout
+    from models.corpus import CorpusError, load_corpus, split_p1
+    from streams.events import message_id_for
+
+    try:
+        msgs = load_corpus(settings.downloads, settings.corpus_dir)
+    except (CorpusError, OSError) as exc:
+        log.warning("no corpus: the gate judges on flags alone", error=str(exc))
+        return CorpusData()
+    excluded: set[str] = set()
+    if settings.eval_exclude_file is not None:
+        excluded = {ln.strip() for ln in settings.eval_exclude_file.read_text().splitlines() if ln.strip()}
+    train, test = split_p1(msgs)
+    later = {id(m) for m in test}
+    data = CorpusData()
+    for m in msgs:
+        mid = message_id_for(m.raw)
+        if mid in excluded:
+            continue
+        entry = (mid, m.raw, m.is_spam, m.group)
+        if is_holdout(mid):
+            data.reference.append(entry)
+        elif id(m) not in later and settings.worker_base_corpus:
+            data.base.append(entry)
+    del train
+    log.info("corpus for the worker", base=len(data.base), reference=len(data.reference), excluded=len(excluded))
+    return data
+
+
+# ============================================================================================ candidates
+@dataclass(slots=True)
+class Candidate:
+    """A trained challenger on its way through the gate.
+
+    ``oof`` maps the flags it trained on to out-of-sample logits (cross-fitted or validation); ``trained`` is
+    every flag it trained on (a trained flag without an ``oof`` entry cannot judge it).
+    """
+
+    kind: str
+    model: SpamModel
+    calibration: Calibration
+    oof: dict[str, float]
+    trained: set[str]
+    data_version: int
+    lineage: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    training_s: float
+    linear_state: LinearModel | None = None
+
+
+@dataclass(slots=True)
+class _Judge:
+    """A model as the gate sees it: a loaded version, its calibration and its out-of-sample record."""
+
+    version: str
+    kind: str
+    model: Scorer  # the version's ONNX graph
+    calibration: Calibration
+    oof: dict[str, float]
+    trained: set[str]
+    data_version: int
+    reference_held_out: bool = False  # never trained on the corpus's held-out part: the tripwire can judge it
+
+    def logit(self, batch: FeatureBatch) -> np.ndarray:
+        return np.asarray(self.model.decision_function(batch), dtype=np.float64).reshape(-1)
+
+
+def _oof_path(root: Path, version: str) -> Path:
+    return root / f"{version}.npz"
+
+
+def save_oof(root: Path, version: str, oof: dict[str, float], trained: set[str], data_version: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{version}.tmp.npz"
+    ids = sorted(oof)
+    np.savez(tmp, ids=np.array(ids, dtype=str), logits=np.array([oof[i] for i in ids], dtype=np.float64),
+             trained=np.array(sorted(trained), dtype=str), data_version=np.array([data_version]))
+    tmp.replace(_oof_path(root, version))
+
+
+def load_oof(root: Path, version: str) -> tuple[dict[str, float], set[str], int]:
+    """A version's out-of-sample record; a version without one (the seed, an imported model) trained on no flags."""
+    path = _oof_path(root, version)
+    if not path.exists():
+        return {}, set(), 0
+    with np.load(path, allow_pickle=False) as d:
+        return (dict(zip(d["ids"].tolist(), d["logits"].tolist(), strict=True)), set(d["trained"].tolist()),
+                int(d["data_version"][0]))
+
+
+# ============================================================================================ the learner
+class Learner:
+    """See the module docstring. One instance per worker; ``start`` runs its loop in a thread."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: LabelStore,
+        metrics: WorkerMetrics,
+        emit: Callable[[Any], None],
+        corpus: CorpusData,
+    ) -> None:
+        from models.registry import Registry
+        from models.rules import RuleEngine
+
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.emit = emit
+        self.corpus = corpus
+        self.registry: Registry = Registry(settings.registry)
+        self.dir = settings.state_dir / "worker"
+        self.oof_dir = self.dir / "oof"
+        (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.policy = GatePolicy(alpha=settings.gate_alpha, relative_margin=settings.gate_relative_margin,
+                                 margin_cap=settings.gate_margin_cap, fpr_tolerance=settings.gate_fpr_tolerance)
+        self.schedule = RetrainSchedule(first=settings.neural_first, growth=settings.neural_growth,
+                                        surprises=settings.neural_surprises)
+        self.features = FeatureConfig()
+        self.rules: RuleEngine = RuleEngine.default()
+        self._rules_mtime: float | None = None
+        self._rows: dict[str, tuple[FeatureBatch, float, RuleResult]] = {}
+        self._rows_lock = threading.Lock()
+        self.gate_lock = threading.Lock()
+        self.refresh_rules()
+        self.base_model = self._base_model()
+        self._base_prob: dict[str, float] = {}
+        self.current: LinearModel | None = None  # the latest linear refit (evidence: sure where base is sure too)
+        self.choice: LinearChoice | None = None
+        self._chosen_at_flags = 0
+        self._refit_at: int | None = None  # data_version of the last refit
+        self._last_refit = 0.0
+        self._neural_at_labels = sum(store.label_counts().values())  # after a restart, wait for new labels
+        self._neural_recency = store.newest_recency()  # newest flag when the last neural retrain started
+        self._surprise_ids: set[str] = set()
+        self._neural_busy = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._judges: dict[str, _Judge] = {}
+        self.anchor_version: str | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+
+    # -- features ----------------------------------------------------------------------------------------
+    def featurize(self, raws: Sequence[bytes]) -> tuple[FeatureBatch, list[RuleResult]]:
+        from models.features import featurize
+        from models.message import parse
+
+        msgs = [parse(r, max_bytes=self.settings.analyse_bytes) for r in raws]
+        results = [self.rules.evaluate(m) for m in msgs]
+        return featurize(msgs, results, self.features), results
+
+    def rows(self, items: Sequence[tuple[str, bytes]]) -> tuple[FeatureBatch, np.ndarray]:
+        """Feature rows and rule scores of (key, raw) pairs, cached by key: each message is parsed once per
+        process and per rule set (training sets, evaluation sets and evidence all reuse it)."""
+        with self._rows_lock:
+            cache = self._rows
+            todo = list({k: raw for k, raw in items if k not in cache}.items())
+        if todo:
+            for i in range(0, len(todo), 512):
+                chunk = todo[i : i + 512]
+                batch, results = self.featurize([raw for _, raw in chunk])
+                with self._rows_lock:
+                    if cache is self._rows:
+                        for j, (k, _) in enumerate(chunk):
+                            cache[k] = (batch.row(j), float(results[j].score), results[j])
+        with self._rows_lock:
+            got = [self._rows.get(k) for k, _ in items]
+        if any(g is None for g in got):  # the rules changed meanwhile: featurize with the new rules
+            return self.rows(items)
+        return (FeatureBatch.concat([g[0] for g in got if g is not None]),
+                np.array([g[1] for g in got if g is not None], dtype=np.float64))
+
+    def refresh_rules(self) -> bool:
+        """Follow the operators' rule changes (the API persists them to the rules file); True when reloaded.
+
+        Cached feature rows carry rule hits, so they are dropped: the next training and evaluation see the
+        current rules."""
+        from models.rules import RuleEngine, RuleError
+
+        path = self.settings.rules_file
+        mtime = path.stat().st_mtime if path.exists() else None
+        if mtime == self._rules_mtime:
+            return False
+        try:
+            rules = RuleEngine.load(path) if mtime is not None else RuleEngine.default()
+        except (OSError, RuleError) as exc:
+            log.warning("rules file refused; keeping the current rules", path=str(path), error=str(exc))
+            return False
+        with self._rows_lock:
+            self.rules = rules
+            self._rows = {}
+        self._rules_mtime = mtime
+        self.metrics.rules_active.set(rules.active_count)
+        return True
+
+    # -- the base model (evidence and trust) ----------------------------------------------------------------
+    def _base_model(self) -> LinearModel:
+        """Linear model of the base corpus, never touched by feedback: the anchor of reputation evidence and
+        of the trust filter (a poisoner cannot move it). Stored once in the worker's directory."""
+        from models.linear import LinearModel
+
+        path = self.dir / "linear_base.npz"
+        if path.exists():
+            return LinearModel.load(path)
+        model = LinearModel(self.features)
+        if self.corpus.base:
+            batch, _ = self.rows([(mid, raw) for mid, raw, _, _ in self.corpus.base])
+            model.fit(batch, np.array([int(s) for _, _, s, _ in self.corpus.base]))
+            model.save(path)
+        return model
+
+    def base_probability(self, items: Sequence[tuple[str, bytes]]) -> list[float | None]:
+        if not self.base_model.fitted:
+            return [None] * len(items)
+        todo = [(k, raw) for k, raw in items if k not in self._base_prob]
+        if todo:
+            batch, _ = self.rows(todo)
+            for (k, _), p in zip(todo, self.base_model.predict_proba(batch), strict=True):
+                self._base_prob[k] = float(p)
+        return [self._base_prob[k] for k, _ in items]
+
+    def evidence_probability(self, items: Sequence[tuple[str, bytes]]) -> list[float | None]:
+        """The models' opinion for reputation evidence: sure only where the base model AND the latest refit are
+        both sure, and then the less sure of the two (the refit follows drift, the base cannot be talked into
+        certainty by the reporters it judges)."""
+        base = self.base_probability(items)
+        current = self.current
+        if current is None:
+            return base
+        batch, _ = self.rows(items)
+        now = current.predict_proba(batch)
+        out: list[float | None] = []
+        for b, c in zip(base, now, strict=True):
+            if b is None:
+                out.append(float(c))
+                continue
+            lo, hi = min(b, float(c)), max(b, float(c))
+            out.append(lo if lo >= SURE_HIGH else hi if hi <= SURE_LOW else 0.5)
+        return out
+
+    def _judge_votes(self, chunk: int = 500) -> int:
+        """Model evidence for votes the ingest path recorded; returns how many were judged."""
+        pending = self.store.pending_evidence(chunk)
+        if not pending:
+            return 0
+        probs = self.evidence_probability([(mid, raw) for _, _, mid, _, raw in pending])
+        evidence = [(rep, model_evidence(label, p)) for (_, rep, _, label, _), p in zip(pending, probs, strict=True)]
+        self.store.apply_model_evidence(pending[-1][0], evidence)
+        return len(pending)
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Catch up: judge new votes, then refit or retrain when due. True when it did something.
+
+        Votes are judged first (their evidence moves reputations, and so what is trusted), but a steady stream of
+        flags must not starve the refits: one pass judges what is pending now, then the clocks run."""
+        did = False
+        for _ in range(4):  # bounded: under a flood the refit still comes round every few chunks
+            n = self._judge_votes()
+            did = did or n > 0
+            if n < 500:
+                break
+        if self.refresh_rules():
+            self.update_quality("rules")
+        if self.registry.champion() != self.metrics.champion_version:  # promoted or rolled back elsewhere
+            self.show_champion()
+            self.update_quality("promotion")
+        version = self.store.data_version
+        due = self._refit_at is None or version > self._refit_at
+        if due and time.monotonic() - self._last_refit >= self.settings.linear_refit_s:
+            self.refit()
+            did = True
+        self.maybe_retrain_neural()
+        return did
+
+    def start(self) -> None:
+        """Run :meth:`step` in a background thread, woken by :meth:`wake` after every ingested batch."""
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    if not self.step():
+                        self._wake.wait(0.5)
+                        self._wake.clear()
+                except Exception:  # noqa: BLE001 - keep learning alive; the store is the source of truth
+                    log.exception("learner step failed")
+                    self._stop.wait(1.0)
+
+        self._loop_thread = threading.Thread(target=loop, name="learner", daemon=True)
+        self._loop_thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        for t in [self._loop_thread, *self._threads]:
+            if t is not None:
+                t.join(max(0.0, deadline - time.monotonic()))
+
+    # -- training sets ----------------------------------------------------------------------------------------
+    def _trusted(self, labelled: Sequence[Labelled]) -> tuple[list[Labelled], int]:
+        probs = self.base_probability([(lb.message_id, lb.raw) for lb in labelled])
+        kept = [lb for lb, p in zip(labelled, probs, strict=True) if trusted(lb.label, p, lb.reliability)]
+        return kept, len(labelled) - len(kept)
+
+    def training_set(self, flags: Sequence[Labelled]) -> TrainingSet:
+        base = self.corpus.base
+        items = [(mid, raw) for mid, raw, _, _ in base] + [(lb.message_id, lb.raw) for lb in flags]
+        batch, rule_scores = self.rows(items)
+        labels = [int(s) for _, _, s, _ in base] + [int(lb.label == "spam") for lb in flags]
+        is_flag = [False] * len(base) + [True] * len(flags)
+        conf = [1.0] * len(base) + [confidence(lb.reliability) for lb in flags]
+        return TrainingSet(batch, np.array(labels), rule_scores, np.array(is_flag), np.array(conf))
+
+    @staticmethod
+    def _lineage(flags: Sequence[Labelled], train: TrainingSet, data_version: int, untrusted: int) -> dict[str, Any]:
+        from models.registry import training_set_hash
+
+        ranges: dict[str, list[int]] = {}
+        for lb in flags:
+            for t, p, o in lb.offsets:
+                r = ranges.setdefault(f"{t}:{p}", [o, o])
+                r[0], r[1] = min(r[0], o), max(r[1], o)
+        raws = [lb.raw for lb in flags]
+        return {
+            "reference_held_out": True,
+            "offsets": dict(sorted(ranges.items())),
+            "counts": train.counts(),
+            "flags": len(flags),
+            "untrusted_flags_left_out": untrusted,
+            "data_version": data_version,
+            "flags_hash": training_set_hash(raws, [lb.label == "spam" for lb in flags]),
+        }
+
+    # -- the fast clock -----------------------------------------------------------------------------------------
+    def refit(self) -> str | None:
+        """Refit the linear model on the base corpus plus every trusted label; gate it."""
+        self.metrics.training.labels(kind="linear").set(1)
+        data_version = self.store.data_version
+        try:
+            return self._refit(data_version)
+        finally:
+            self.metrics.training.labels(kind="linear").set(0)
+            self.metrics.judged_version.set(data_version)
+
+    def _refit(self, data_version: int) -> str | None:
+        started = time.monotonic()
+        self._refit_at = data_version
+        self._last_refit = started
+        labelled = self.store.labelled()
+        flags, untrusted = self._trusted(labelled)
+        if not flags and self.registry.champion() is not None:
+            return None  # nothing to learn that the champion lacks
+        train = self.training_set(flags)
+        if len(set(train.labels.tolist())) < 2:
+            log.info("refit skipped: one class only")
+            return None
+        n_flags = len(flags)
+        if self.choice is None or n_flags >= max(SELECT_GROWTH * self._chosen_at_flags, SELECT_FIRST):
+            self.choice = select_linear(train, features=self.features)
+            self._chosen_at_flags = max(n_flags, 1)
+        else:
+            self.choice.cross = cross_fit_linear(train, self.choice.config, self.choice.flag_weight,
+                                                 features=self.features)
+        choice = self.choice
+        model = refit_linear(train, choice, features=self.features)
+        cal, cal_source = calibrate(train, choice.oof, fpr_budget=self.settings.fpr_budget)
+        self.current = model
+        base_n = train.rows - n_flags
+        oof = {lb.message_id: float(z) for lb, z in zip(flags, choice.oof[base_n:], strict=True)}
+        lineage = {"source": "refit: base corpus + trusted consensus flags (cross-fitted, bagged)",
+                   **self._lineage(flags, train, data_version, untrusted), "calibration": cal_source}
+        hp = {**choice.config.to_dict(), "flag_weight": choice.flag_weight, "bag": len(choice.cross.models) + 1,
+              "selected_by": f"out-of-fold 1-AUC on {choice.judged_on}", "candidates": choice.report,
+              "flag_confidence": "2 * reliability - 1 (models.consensus.confidence)"}
+        training_s = time.monotonic() - started
+        self.metrics.refit_seconds.labels(kind="linear").set(training_s)
+        cand = Candidate("linear", model, cal, oof, set(oof), data_version, lineage, hp, training_s, linear_state=model)
+        return self.challenge(cand, flags)
+
+    # -- the slow clock -----------------------------------------------------------------------------------------
+    def maybe_retrain_neural(self, force: bool = False) -> bool:
+        if not self.settings.neural_retrain or self._neural_busy.is_set():
+            return False
+        labels_now = sum(self.store.label_counts().values())
+        if not force and not self.schedule.due(labels_now, self._neural_at_labels, len(self._surprise_ids)):
+            return False
+        self._neural_at_labels = labels_now
+        self._neural_recency = self.store.newest_recency()
+        self._surprise_ids = set()
+        self._neural_busy.set()
+        t = threading.Thread(target=self._retrain_neural, name="retrain-neural", daemon=True)
+        self._threads = [th for th in self._threads if th.is_alive()] + [t]
+        t.start()
+        return True
+
+    def _retrain_neural(self) -> None:
+        with contextlib.suppress(OSError):  # Linux: a thread's nice value is its own (per task id)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NEURAL_NICE)
+        self.metrics.training.labels(kind="neural").set(1)
+        try:
+            self.retrain_neural()
+        except Exception:  # noqa: BLE001 - a failed retrain must not stop the worker; the schedule retries
+            log.exception("neural retrain failed")
+        finally:
+            self._neural_busy.clear()
+            self.metrics.training.labels(kind="neural").set(0)
+
+    def retrain_neural(self) -> str | None:
+        """Train the PyTorch challenger on the same data as the linear refit (minus a stratified validation
+        share that chooses its configuration and calibrates it); gate it."""
+        started = time.monotonic()
+        data_version = self.store.data_version
+        flags, untrusted = self._trusted(self.store.labelled())
+        train = self.training_set(flags)
+        if len(set(train.labels.tolist())) < 2:
+            return None
+        fit = fit_neural(train, self.choice.flag_weight if self.choice else 1.0, features=self.features)
+        cal, cal_source = calibrate(subset(train, fit.validation), fit.logits, fpr_budget=self.settings.fpr_budget)
+        base_n = train.rows - len(flags)
+        oof = {flags[i - base_n].message_id: float(z) for i, z in zip(fit.validation, fit.logits, strict=True)
+               if i >= base_n}
+        trained = {lb.message_id for lb in flags}  # every flag: the validation ones judge through ``oof``
+        lineage = {"source": "PyTorch: base corpus + trusted consensus flags, minus a 15% validation share",
+                   **self._lineage(flags, train, data_version, untrusted), "calibration": cal_source,
+                   "validation_rows": int(fit.validation.size)}
+        hp = {**fit.config, "selected_by": "validation 1-AUC (15% stratified by source and class)",
+              "candidates": fit.report}
+        training_s = time.monotonic() - started
+        self.metrics.refit_seconds.labels(kind="neural").set(training_s)
+        cand = Candidate("neural", fit.model, cal, oof, trained, data_version, lineage, hp, training_s)
+        return self.challenge(cand, flags)
+
+    # -- the gate ---------------------------------------------------------------------------------------------------
+    def _judge(self, version: str) -> _Judge | None:
+        from models.classifier import Calibration
+        from models.registry import ModelRejected, RegistryError
+
+        judge = self._judges.get(version)
+        if judge is None:
+            try:
+                loaded: LoadedModel = self.registry.load(version, max_bytes=self.settings.analyse_bytes)
+            except (ModelRejected, RegistryError) as exc:
+                log.warning("cannot load a version for the gate", version=version, error=str(exc))
+                return None
+            oof, trained, dv = load_oof(self.oof_dir, version)
+            judge = _Judge(version, loaded.kind, loaded.model, Calibration.from_meta(loaded.calibration), oof, trained,
+                           dv, bool(loaded.meta.get("lineage", {}).get("reference_held_out")))
+            self._judges = {v: j for v, j in self._judges.items() if v in (self.anchor_version,)}
+            self._judges[version] = judge
+        return judge
+
+    def _reference(self) -> list[tuple[str, bytes, bool, str]]:
+        """The corpus's held-out part minus anything users flagged (flagged messages may be trained on)."""
+        ref = self.corpus.reference
+        known = self.store.known_messages([mid for mid, _, _, _ in ref])
+        return [r for r in ref if r[0] not in known]
+
+    @staticmethod
+    def _scores(judge_logit: Callable[[FeatureBatch], np.ndarray], batch: FeatureBatch) -> np.ndarray:
+        return judge_logit(batch) if batch.rows else np.zeros(0)
+
+    def _out_of_sample(self, flags: Sequence[Labelled], batch: FeatureBatch, oof: dict[str, float],
+                       trained: set[str], logit: Callable[[FeatureBatch], np.ndarray]) -> np.ndarray:
+        """A model's out-of-sample logit per flag (NaN where it trained on the flag without a held-out score)."""
+        out = np.full(len(flags), np.nan)
+        fresh = []
+        for i, lb in enumerate(flags):
+            if lb.message_id in oof:
+                out[i] = oof[lb.message_id]
+            elif lb.message_id not in trained:
+                fresh.append(i)
+        if fresh:
+            out[fresh] = logit(batch.take(fresh))
+        return out
+
+    def challenge(self, cand: Candidate, flags: Sequence[Labelled]) -> str:
+        """Save a challenger, gate it against the champion, promote or reject; returns its version id."""
+        from models.classifier import Calibration
+        from models.runtime import OnnxModel
+
+        onnx_path = self.dir / "tmp" / f"{cand.kind}-{int(time.time() * 1000)}.onnx"
+        cand.model.export_onnx(onnx_path)
+        served = OnnxModel(onnx_path, use_cuda=False)
+
+        def chall_logit(b: FeatureBatch) -> np.ndarray:
+            return np.asarray(served.decision_function(b), dtype=np.float64).reshape(-1)
+
+        with self.gate_lock:
+            champ_v = self.registry.champion()
+            champ = self._judge(champ_v) if champ_v else None
+            batch, rule_scores = self.rows([(lb.message_id, lb.raw) for lb in flags])
+            zc = self._out_of_sample(flags, batch, cand.oof, cand.trained, chall_logit)
+            zk = (self._out_of_sample(flags, batch, champ.oof, champ.trained, champ.logit) if champ is not None
+                  else np.zeros(len(flags)))
+            both = np.flatnonzero(~np.isnan(zc) & ~np.isnan(zk))
+            ref = self._reference()
+            corpus_items = [EvalItem(f"c{i}", s, "corpus", g) for i, (_, _, s, g) in enumerate(ref)]
+            order = np.random.default_rng(0).permutation(len(corpus_items))
+            corpus_items = [corpus_items[i] for i in order]
+            flag_items = [EvalItem(f"f{i}", flags[i].label == "spam", "flags", flags[i].label, flags[i].recency)
+                          for i in both]
+            sel = compose_eval_set(flag_items, corpus_items, min_per_class=self.settings.gate_eval_min_per_class,
+                                   max_per_class=self.settings.gate_eval_max_per_class)
+            ref_batch, ref_rules = self.rows([(mid, raw) for mid, raw, _, _ in ref])
+            ref_y = np.array([s for _, _, s, _ in ref], dtype=bool)
+            rc = chall_logit(ref_batch) if ref else np.zeros(0)
+            rk = champ.logit(ref_batch) if (ref and champ is not None) else np.zeros(len(ref))
+            fi = [int(it.key[1:]) for it in sel.items if it.key[0] == "f"]
+            ci = [int(it.key[1:]) for it in sel.items if it.key[0] == "c"]
+            y = np.concatenate([np.array([flags[i].label == "spam" for i in fi], dtype=bool), ref_y[ci]])
+            s_rules = np.concatenate([rule_scores[fi], ref_rules[ci]]) if (fi or ci) else np.zeros(0)
+            ec = np.concatenate([zc[fi], rc[ci]]) if (fi or ci) else np.zeros(0)
+            ek = np.concatenate([zk[fi], rk[ci]]) if (fi or ci) else np.zeros(0)
+
+            def scored(z: np.ndarray, cal: Calibration, rules: np.ndarray) -> ScoredModel:
+                return ScoredModel(z, cal.combined(z, rules) >= cal.threshold)
+
+            fresher = champ is None or cand.data_version > champ.data_version
+            anchor = None
+            if champ is not None and self.anchor_version not in (None, champ.version):
+                a = self._judge(self.anchor_version) if self.anchor_version else None
+                if a is not None:
+                    za = self._out_of_sample(flags, batch, a.oof, a.trained, a.logit)
+                    ra = a.logit(ref_batch) if ref else np.zeros(0)
+                    ea = np.concatenate([za[fi], ra[ci]]) if (fi or ci) else np.zeros(0)
+                    if not np.isnan(ea).any():
+                        anchor = scored(ea, a.calibration, s_rules)
+            result: GateResult = decide(
+                y, scored(ec, cand.calibration, s_rules),
+                scored(ek, champ.calibration, s_rules) if champ is not None else None,
+                fresher=fresher, policy=self.policy, anchor=anchor,
+                # A champion that trained on the reference set (an older seed) would look better there than it is.
+                reference=(ref_y, scored(rc, cand.calibration, ref_rules), scored(rk, champ.calibration, ref_rules))
+                if (ref and champ is not None and champ.reference_held_out) else None,
+            )
+            version = self._save(cand, onnx_path, champ_v, sel.composition, result)
+            self._record(cand, version, champ, result, sel.composition, y, ec, ek)
+            self._count_surprises(flags, zk, champ)
+            return version
+
+    def _count_surprises(self, flags: Sequence[Labelled], zk: np.ndarray, champ: _Judge | None) -> None:
+        """Remember flags, newer than the last neural retrain, on mail the champion got wrong (its model verdict,
+        out of sample): the slow clock retrains early while they pile up."""
+        if champ is None:
+            return
+        thr = champ.calibration.model_threshold_logit
+        for lb, z in zip(flags, zk, strict=True):
+            if lb.recency > self._neural_recency and not math.isnan(z) and (z >= thr) != (lb.label == "spam"):
+                self._surprise_ids.add(lb.message_id)
+
+    def _self_check(self, cand: Candidate) -> list[Any]:
+        from models.registry import SelfCheckVector
+
+        sample = [(mid, raw) for mid, raw, _, _ in (self.corpus.base or self.corpus.reference)[:SELF_CHECK_MESSAGES]]
+        if not sample:
+            sample = [("self-check", b"Subject: self-check\r\n\r\nhello\r\n")]
+        batch, results = self.featurize([raw for _, raw in sample])
+        expected = np.asarray(cand.model.predict_proba(batch), dtype=np.float64).reshape(-1)
+        return [SelfCheckVector(raw=raw, rule_result=rr, expected=float(p))
+                for (_, raw), rr, p in zip(sample, results, expected, strict=True)]
+
+    def _save(self, cand: Candidate, onnx_path: Path, parent: str | None, composition: dict[str, Any],
+              result: GateResult) -> str:
+        version = self.registry.save(
+            kind=cand.kind, model_path=onnx_path, features=self.features, self_check=self._self_check(cand),
+            metrics={"gate": _jsonable(result.figures), "evaluation_set": composition},
+            lineage={**cand.lineage, "training_s": round(cand.training_s, 3)},
+            hyperparameters=cand.hyperparameters, parent=parent, calibration=cand.calibration.to_dict(),
+        )
+        if cand.linear_state is not None:
+            cand.linear_state.save(self.registry.root / "versions" / version / "linear_state.npz")
+        save_oof(self.oof_dir, version, cand.oof, cand.trained, cand.data_version)
+        onnx_path.unlink(missing_ok=True)
+        return version
+
+    def _record(self, cand: Candidate, version: str, champ: _Judge | None, result: GateResult,
+                composition: dict[str, Any], y: np.ndarray, ec: np.ndarray, ek: np.ndarray) -> None:
+        from streams.events import ModelEvent
+
+        decision = "promoted" if result.promote else "rejected"
+
+        def side(z: np.ndarray) -> dict[str, Any]:
+            if not (y.any() and (~y).any()):
+                return {"one_minus_auc": None, "n_spam": int(y.sum()), "n_ham": int((~y).sum())}
+            return {"one_minus_auc": 1.0 - roc_auc(z, y), "recall_at_fpr_1pct": recall_at_fpr(z, y, 0.01),
+                    "n_spam": int(y.sum()), "n_ham": int((~y).sum())}
+
+        chall_m, champ_m = side(ec), side(ek) if champ is not None else None
+        self.registry.record_decision(
+            challenger=version, decision=decision, reason=result.reason, challenger_metrics=chall_m,
+            champion=champ.version if champ else None, champion_metrics=champ_m,
+            extra={"kind": cand.kind, "test": result.test, "evaluation_set": composition,
+                   "statistics": _jsonable(result.figures), "data_version": cand.data_version,
+                   "anchor": self.anchor_version},
+        )
+        if result.promote:
+            self.registry.promote(version, result.reason)
+            anchor_auc = result.figures.get("anchor_auc", {}).get("auc_champion")
+            mine = result.figures.get("auc", {}).get("auc_challenger")
+            if self.anchor_version is None or champ is None or anchor_auc is None or (
+                    mine is not None and mine >= anchor_auc):
+                self.anchor_version = version
+            self.metrics.promotions.labels(kind=cand.kind).inc()
+            self.show_champion()
+        self.metrics.decisions.labels(decision=decision, kind=cand.kind).inc()
+        if chall_m["one_minus_auc"] is not None:
+            self.metrics.one_minus_auc.labels(role="challenger", kind=cand.kind).set(chall_m["one_minus_auc"])
+        if champ_m is not None and champ_m["one_minus_auc"] is not None:
+            self.metrics.one_minus_auc.labels(role="champion", kind=champ.kind if champ else cand.kind).set(
+                champ_m["one_minus_auc"])
+        self.metrics.gate_eval.clear()
+        for src, groups in composition.items():
+            for g, n in groups.items():
+                self.metrics.gate_eval.labels(source=src, label=g).set(n)
+        self.emit(ModelEvent(kind=decision, version=version, previous=champ.version if champ else None,
+                             model_kind=cand.kind, reason=result.reason,
+                             metrics={"challenger": _finite(chall_m), "champion": _finite(champ_m or {}),
+                                      "test": result.test, "evaluation_set": composition}))
+        log.info("gate decision", kind=cand.kind, version=version, decision=decision, reason=result.reason,
+                 evaluation_set=composition)
+        pruned = self.registry.prune(keep=self.settings.registry_keep)
+        for v in pruned:
+            _oof_path(self.oof_dir, v).unlink(missing_ok=True)
+        if result.promote:
+            self.update_quality("promotion")
+
+    # -- the fixed quality set (metrics) -------------------------------------------------------------------------------
+    def show_champion(self) -> None:
+        """Set the champion's series from the registry (at start, and whoever promoted it: the gate, an
+        operator's promotion or rollback through the API)."""
+        version = self.registry.champion()
+        if version is None:
+            return
+        try:
+            info = self.registry.get(version)
+        except Exception:  # noqa: BLE001 - a champion pointer to a missing version: nothing to show
+            return
+        promoted = [h for h in self.registry.history() if h.get("version") == version]
+        at = time.time()
+        if promoted:
+            from datetime import datetime
+
+            at = datetime.fromisoformat(promoted[-1]["at"].replace("Z", "+00:00")).timestamp()
+        self.metrics.set_champion(version, info.kind, at)
+        counts = info.lineage.get("counts", {})
+        for src in ("flags", "corpus"):
+            part = counts.get(src, {})
+            self.metrics.examples.labels(source=src).set(sum(part.values()) if isinstance(part, dict) else 0)
+
+    def update_quality(self, cause: str = "start") -> dict[str, dict[str, float]]:
+        """Re-score the fixed quality set with the champion and the rules, set the gauges, and record a point of
+        the improvement curves: the model's after a promotion (x: flags behind the champion), the rules' after a
+        rule change (x: active rules). Champions and rule sets only: rejected challengers draw no curve."""
+        ref = self.corpus.reference
+        if not ref:
+            return {}
+        y = np.array([s for _, _, s, _ in ref], dtype=bool)
+        if not (y.any() and (~y).any()):
+            return {}
+        batch, rules = self.rows([(mid, raw) for mid, raw, _, _ in ref])
+        sides = {"rules": rules}
+        champ_v = self.registry.champion()
+        judge = self._judge(champ_v) if champ_v else None
+        if judge is not None:
+            z = judge.logit(batch)
+            sides["model"] = z
+            sides["served"] = judge.calibration.combined_logit(z, rules)
+        figures: dict[str, dict[str, float]] = {}
+        for name, sc in sides.items():
+            f = {"one_minus_auc": 1.0 - roc_auc(sc, y), "recall_at_fpr_0_1pct": recall_at_fpr(sc, y, 0.001),
+                 "recall_at_fpr_1pct": recall_at_fpr(sc, y, 0.01)}
+            figures[name] = f
+            self.metrics.quality_one_minus_auc.labels(side=name).set(f["one_minus_auc"])
+            self.metrics.quality_recall.labels(side=name, fpr="0.001").set(f["recall_at_fpr_0_1pct"])
+            self.metrics.quality_recall.labels(side=name, fpr="0.01").set(f["recall_at_fpr_1pct"])
+        self.metrics.quality_messages.labels(label="spam").set(int(y.sum()))
+        self.metrics.quality_messages.labels(label="ham").set(int((~y).sum()))
+        quality_set = {"spam": int(y.sum()), "ham": int((~y).sum())}
+        if cause == "start":  # a restart adds a point only where the curves do not already end on this state
+            last = {p["side"]: p for p in self.registry.curve_points()}
+            if last.get("rules", {}).get("x") == self.rules.active_count:
+                cause = "start-model"
+            if judge is not None and last.get("model", {}).get("version") == judge.version:
+                cause = "none" if cause == "start-model" else "rules"
+        if cause in ("start", "rules"):
+            self.registry.record_curve_point({"side": "rules", "x": self.rules.active_count, "cause": cause,
+                                              **figures["rules"], "quality_set": quality_set})
+        if cause in ("start", "start-model", "promotion") and judge is not None:
+            counts = self.registry.get(judge.version).lineage.get("counts", {})
+            flags = counts.get("flags", {}) if isinstance(counts.get("flags"), dict) else {}
+            self.registry.record_curve_point({
+                "side": "model", "x": int(sum(flags.values())), "cause": cause, "version": judge.version,
+                "kind": judge.kind, **figures["model"], "served": figures.get("served"), "quality_set": quality_set})
+        return figures
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, dict):
+        return {str(k): _jsonable(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+

@@ -1,0 +1,425 @@
+"""The worker's durable state: votes, labels, reputations, live verdict tallies and processed offsets.
+
+Delivery. Kafka delivers at least once; the store makes processing idempotent. Everything lives in one SQLite
+database (``<state_dir>/worker/labels.db``): votes, labels, reporter reputations, the messages, the served
+verdicts' live tallies *and the last processed offset of every partition*, all changed in ONE transaction per
+batch of records. A record whose offset is at or below the stored offset of its partition has already been
+applied and is skipped, whatever faust's committed offsets say (after a restart faust may re-deliver records
+it fetched before the crash; this filter makes that harmless). ``kill -9`` between two transactions loses
+nothing (the records are re-delivered) and counts nothing twice (the filter). Models are derived state: the
+learner refits them from the labels here.
+
+``data_version`` (a counter bumped in the same transactions) moves whenever what a model would learn can have
+changed (a label appeared, changed or went, or reputations moved): the learner refits when it moves, and a
+model's version of the data is its freshness at the gate.
+
+The rules of belief (weights, consensus, evidence) are pure functions in :mod:`models.consensus`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from models.consensus import RELIABLE, consensus, model_evidence, reliability, reporter_weight
+from streams.events import EventInvalid, FeedbackEvent, RetractionEvent, decode
+from streams.records import Record
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["BatchResult", "LabelStore", "Labelled"]
+
+OUTCOMES = ("tp", "fp", "tn", "fn")
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one applied batch changed; the caller dead-letters ``dead`` and updates metrics."""
+
+    processed: int = 0
+    skipped: int = 0  # re-delivered records already applied
+    flags: int = 0
+    accepted_flags: int = 0  # votes that counted (not duplicates, not dead-lettered)
+    duplicates: int = 0
+    retractions: int = 0
+    new_labels: dict[str, int] = field(default_factory=lambda: {"spam": 0, "ham": 0})
+    removed_labels: int = 0
+    live: dict[tuple[str, str], int] = field(default_factory=dict)  # (served version, outcome) -> count
+    dead: list[tuple[Record, str]] = field(default_factory=list)
+    touched_reporters: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class Labelled:
+    """A message with a consensus label under today's reputations, as the learner sees it.
+
+    ``reliability`` is the best reliability among the live votes that carry the label; ``recency`` orders
+    messages by first arrival (larger is newer); ``offsets`` are (topic, partition, offset) of those votes.
+    """
+
+    message_id: str
+    raw: bytes
+    label: str
+    reliability: float
+    recency: int
+    offsets: tuple[tuple[str, int, int], ...]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, offset INTEGER, PRIMARY KEY (topic, partition));
+CREATE TABLE IF NOT EXISTS messages (
+  message_id TEXT PRIMARY KEY, raw BLOB NOT NULL, topic TEXT, partition INTEGER, offset INTEGER);
+CREATE TABLE IF NOT EXISTS votes (
+  reporter TEXT, message_id TEXT, label TEXT, event_id TEXT, topic TEXT, partition INTEGER, offset INTEGER,
+  retracted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (reporter, message_id));
+CREATE INDEX IF NOT EXISTS votes_event ON votes (event_id);
+CREATE INDEX IF NOT EXISTS votes_message ON votes (message_id);
+CREATE TABLE IF NOT EXISTS labels (message_id TEXT PRIMARY KEY, label TEXT NOT NULL, margin REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS reporters (reporter TEXT PRIMARY KEY, agree REAL NOT NULL, disagree REAL NOT NULL, flags INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS vote_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, reporter TEXT, message_id TEXT, label TEXT);
+CREATE TABLE IF NOT EXISTS live (version TEXT, outcome TEXT, n INTEGER NOT NULL, PRIMARY KEY (version, outcome));
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class LabelStore:
+    """Votes, labels, reputations and processed offsets in one SQLite file; one writer (the worker's ingest)."""
+
+    def __init__(self, path: Path, *, min_weight: float = 1.0) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.min_weight = min_weight
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes (kill -9) in WAL mode
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._offsets: dict[tuple[str, int], int] = {
+            (t, p): o for t, p, o in self._db.execute("SELECT topic, partition, offset FROM offsets")
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._readers:
+                conn.close()
+            self._db.close()
+
+    # -- reads (a connection per thread: WAL readers see the last commit, never a transaction in flight) --
+    def _r(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self._local.conn = conn
+            self._readers.append(conn)
+        return conn
+
+    def last_offsets(self) -> dict[tuple[str, int], int]:
+        return dict(self._offsets)
+
+    def counter(self, name: str) -> int:
+        row = self._r().execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def counters(self) -> dict[str, int]:
+        return {n: int(v) for n, v in self._r().execute("SELECT name, value FROM counters")}
+
+    @property
+    def data_version(self) -> int:
+        return self.counter("data_version")
+
+    def label_counts(self) -> dict[str, int]:
+        out = {"spam": 0, "ham": 0}
+        for label, n in self._r().execute("SELECT label, COUNT(*) FROM labels GROUP BY label"):
+            out[label] = int(n)
+        return out
+
+    def labels(self) -> dict[str, str]:
+        return dict(self._r().execute("SELECT message_id, label FROM labels"))
+
+    def weights(self) -> dict[str, float]:
+        return {r: reporter_weight(a, d) for r, a, d in self._r().execute("SELECT reporter, agree, disagree FROM reporters")}
+
+    def reporters(self) -> list[tuple[str, float, int]]:
+        """(reporter, weight, flags) of every reporter."""
+        return [(r, reporter_weight(a, d), int(n))
+                for r, a, d, n in self._r().execute("SELECT reporter, agree, disagree, flags FROM reporters")]
+
+    def reporter_weight(self, reporter: str) -> float:
+        row = self._r().execute("SELECT agree, disagree FROM reporters WHERE reporter=?", (reporter,)).fetchone()
+        return reporter_weight(row[0], row[1]) if row else 1.0
+
+    def vote_count(self) -> int:
+        return int(self._r().execute("SELECT COUNT(*) FROM votes WHERE retracted=0").fetchone()[0])
+
+    def known_messages(self, ids: Sequence[str]) -> set[str]:
+        out: set[str] = set()
+        for i in range(0, len(ids), 500):
+            chunk = list(ids[i : i + 500])
+            q = f"SELECT message_id FROM messages WHERE message_id IN ({','.join('?' * len(chunk))})"
+            out.update(r[0] for r in self._r().execute(q, chunk))
+        return out
+
+    def newest_recency(self) -> int:
+        """The arrival rank of the newest message (``Labelled.recency`` of a message that arrives next is larger)."""
+        row = self._r().execute("SELECT COALESCE(MAX(rowid), 0) FROM messages").fetchone()
+        return int(row[0])
+
+    def live_tallies(self) -> dict[tuple[str, str], int]:
+        """(served version, outcome) -> count of flags that judged a served verdict (prequential quality)."""
+        return {(v, o): int(n) for v, o, n in self._r().execute("SELECT version, outcome, n FROM live")}
+
+    def labelled(self) -> list[Labelled]:
+        """Every message whose consensus with today's reputations reaches the bar, oldest first."""
+        record = {r: (a, d) for r, a, d in self._r().execute("SELECT reporter, agree, disagree FROM reporters")}
+        votes: dict[str, list[tuple[str, float, float, tuple[str, int, int]]]] = {}
+        for reporter, mid, label, t, p, o in self._r().execute(
+            "SELECT reporter, message_id, label, topic, partition, offset FROM votes WHERE retracted=0"
+        ):
+            a, d = record.get(reporter, (0.0, 0.0))
+            votes.setdefault(mid, []).append((label, reporter_weight(a, d), reliability(a, d), (t, int(p), int(o))))
+        out: list[Labelled] = []
+        for rowid, mid, raw in self._r().execute("SELECT rowid, message_id, raw FROM messages ORDER BY rowid"):
+            vs = votes.get(mid)
+            if not vs:
+                continue
+            label, _ = consensus(((lb, w) for lb, w, _, _ in vs), self.min_weight)
+            if label is None:
+                continue
+            carrying = [(q, off) for lb, _, q, off in vs if lb == label]
+            out.append(Labelled(mid, bytes(raw), label, max(q for q, _ in carrying), int(rowid),
+                                tuple(sorted(off for _, off in carrying))))
+        return out
+
+    def pending_evidence(self, limit: int = 500) -> list[tuple[int, str, str, str, bytes]]:
+        """Votes not yet judged against the models: (seq, reporter, message_id, label, raw), oldest first."""
+        done = self.counter("evidence_seq")
+        return [
+            (seq, rep, mid, label, bytes(raw))
+            for seq, rep, mid, label, raw in self._r().execute(
+                "SELECT v.seq, v.reporter, v.message_id, v.label, m.raw FROM vote_log v JOIN messages m USING (message_id) "
+                "WHERE v.seq > ? ORDER BY v.seq LIMIT ?",
+                (done, limit),
+            )
+        ]
+
+    def apply_model_evidence(self, upto_seq: int, evidence: Sequence[tuple[str, int]]) -> None:
+        """Add the models' verdicts on votes up to ``upto_seq`` to reputations (once: the watermark is in the
+        same transaction)."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                row = db.execute("SELECT value FROM counters WHERE name='evidence_seq'").fetchone()
+                if row is not None and upto_seq <= int(row[0]):
+                    db.execute("ROLLBACK")
+                    return
+                moved = False
+                for reporter, e in evidence:
+                    if e:
+                        moved = True
+                        db.execute(
+                            "UPDATE reporters SET agree=agree+?, disagree=disagree+? WHERE reporter=?",
+                            (1.0 if e > 0 else 0.0, 1.0 if e < 0 else 0.0, reporter),
+                        )
+                db.execute(
+                    "INSERT INTO counters VALUES ('evidence_seq', ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                    (upto_seq,),
+                )
+                if moved:
+                    self._bump("data_version", 1)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    # -- the one write path ----------------------------------------------------------------------------
+    def apply(
+        self,
+        records: Sequence[Record],
+        model_probability: Callable[[list[bytes]], list[float | None]] | None = None,
+    ) -> BatchResult:
+        """Apply a batch of records atomically (labels, reputations, tallies and offsets in one transaction)."""
+        res = BatchResult()
+        fresh: list[tuple[Record, FeedbackEvent | RetractionEvent | None]] = []
+        with self._lock:
+            high = dict(self._offsets)
+            for rec in records:
+                tp = (rec.topic, rec.partition)
+                if rec.offset <= high.get(tp, -1):
+                    res.skipped += 1
+                    continue
+                high[tp] = rec.offset
+                try:
+                    ev = decode(rec.value)
+                except EventInvalid as exc:
+                    res.dead.append((rec, exc.reason))
+                    fresh.append((rec, None))
+                    continue
+                if not isinstance(ev, FeedbackEvent | RetractionEvent):
+                    res.dead.append((rec, f"{ev.type} event on the feedback topic"))
+                    fresh.append((rec, None))
+                    continue
+                fresh.append((rec, ev))
+            if not fresh:
+                return res
+            probs = self._probabilities(fresh, model_probability)
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for rec, ev in fresh:
+                    res.processed += 1
+                    if isinstance(ev, FeedbackEvent):
+                        reason = self._flag(rec, ev, probs.get(ev.message_id), res)
+                        if reason is not None:
+                            res.dead.append((rec, reason))
+                    elif isinstance(ev, RetractionEvent):
+                        self._retract(ev, res)
+                    db.execute(
+                        "INSERT INTO offsets VALUES (?,?,?) ON CONFLICT(topic, partition) DO UPDATE SET offset=excluded.offset",
+                        (rec.topic, rec.partition, rec.offset),
+                    )
+                self._bump("events", res.processed)
+                self._bump("flags", res.flags)
+                self._bump("votes", res.accepted_flags)
+                self._bump("duplicates", res.duplicates)
+                self._bump("retractions", res.retractions)
+                self._bump("dead_letters", len(res.dead))
+                changed = sum(res.new_labels.values()) + res.removed_labels
+                self._bump("data_version", 1 if changed else 0)
+                for (version, outcome), n in res.live.items():
+                    db.execute("INSERT INTO live VALUES (?,?,?) ON CONFLICT(version, outcome) DO UPDATE SET n=n+excluded.n",
+                               (version, outcome, n))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._offsets = high
+        return res
+
+    @staticmethod
+    def _probabilities(
+        fresh: Iterable[tuple[Record, FeedbackEvent | RetractionEvent | None]],
+        model_probability: Callable[[list[bytes]], list[float | None]] | None,
+    ) -> dict[str, float | None]:
+        """The models' opinion of every flagged message with bytes, in one scoring call (or none)."""
+        if model_probability is None:
+            return {}
+        todo: dict[str, bytes] = {}
+        for _, ev in fresh:
+            if isinstance(ev, FeedbackEvent) and ev.message_id not in todo:
+                raw = ev.raw_bytes()
+                if raw is not None:
+                    todo[ev.message_id] = raw
+        if not todo:
+            return {}
+        try:
+            return dict(zip(todo, model_probability(list(todo.values())), strict=True))
+        except Exception:  # noqa: BLE001 - reputation then just lacks model evidence
+            log.exception("model scoring for reputation failed")
+            return {}
+
+    def _bump(self, name: str, n: int) -> None:
+        if n:
+            self._db.execute(
+                "INSERT INTO counters VALUES (?,?) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value", (name, n)
+            )
+
+    def _evidence(self, reporter: str, agree: float, disagree: float) -> None:
+        self._db.execute(
+            "INSERT INTO reporters VALUES (?,?,?,1) ON CONFLICT(reporter) DO UPDATE SET "
+            "agree=agree+excluded.agree, disagree=disagree+excluded.disagree, flags=flags+1",
+            (reporter, agree, disagree),
+        )
+
+    def _votes_on(self, message_id: str, exclude: str | None = None,
+                  proven_only: bool = False) -> list[tuple[str, float]]:
+        """(label, weight) of the live votes on a message; ``proven_only`` keeps reliable reporters' votes."""
+        rows = self._db.execute(
+            "SELECT v.reporter, v.label, COALESCE(r.agree, 0), COALESCE(r.disagree, 0) FROM votes v "
+            "LEFT JOIN reporters r USING (reporter) WHERE v.message_id=? AND v.retracted=0",
+            (message_id,),
+        ).fetchall()
+        return [(label, reporter_weight(a, d)) for rep, label, a, d in rows
+                if rep != exclude and (not proven_only or reliability(a, d) >= RELIABLE)]
+
+    def _flag(self, rec: Record, ev: FeedbackEvent, prob: float | None, res: BatchResult) -> str | None:
+        db = self._db
+        res.flags += 1
+        known = db.execute("SELECT 1 FROM messages WHERE message_id=?", (ev.message_id,)).fetchone()
+        if known is None:
+            raw = ev.raw_bytes()
+            if raw is None:
+                return "flag without message bytes for a message the worker has never seen"
+            db.execute("INSERT INTO messages (message_id, raw, topic, partition, offset) VALUES (?,?,?,?,?)",
+                       (ev.message_id, raw, rec.topic, rec.partition, rec.offset))
+        prev = db.execute(
+            "SELECT label, retracted FROM votes WHERE reporter=? AND message_id=?", (ev.reporter, ev.message_id)
+        ).fetchone()
+        if prev is not None and prev[0] == ev.label and not prev[1]:
+            res.duplicates += 1
+            return None
+        # Reputation evidence, judged before this vote counts. Agreeing with other reporters is evidence only
+        # when they are proven (reliable): otherwise a few colluding identities would vouch for each other.
+        others, _ = consensus(self._votes_on(ev.message_id, exclude=ev.reporter, proven_only=True), self.min_weight)
+        agree = disagree = 0.0
+        if others is not None:
+            agree, disagree = (1.0, 0.0) if others == ev.label else (0.0, 1.0)
+        m = model_evidence(ev.label, prob)
+        agree += m > 0
+        disagree += m < 0
+        weight_before = self._weight_of(ev.reporter)
+        self._evidence(ev.reporter, agree, disagree)
+        res.accepted_flags += 1
+        res.touched_reporters.add(ev.reporter)
+        db.execute(
+            "INSERT INTO votes VALUES (?,?,?,?,?,?,?,0) ON CONFLICT(reporter, message_id) DO UPDATE SET "
+            "label=excluded.label, event_id=excluded.event_id, topic=excluded.topic, partition=excluded.partition, "
+            "offset=excluded.offset, retracted=0",
+            (ev.reporter, ev.message_id, ev.label, ev.event_id, rec.topic, rec.partition, rec.offset),
+        )
+        if prob is None:  # the models' opinion is judged later, off the ingest path (see the learner)
+            db.execute("INSERT INTO vote_log (reporter, message_id, label) VALUES (?,?,?)", (ev.reporter, ev.message_id, ev.label))
+        if ev.served is not None and prev is None and weight_before >= 0.5 * self.min_weight:
+            # A free label for the verdict served earlier, from a reporter not shown hostile.
+            spam = ev.label == "spam"
+            outcome = ("tp" if ev.served.is_spam else "fn") if spam else ("fp" if ev.served.is_spam else "tn")
+            key = (ev.served.version, outcome)
+            res.live[key] = res.live.get(key, 0) + 1
+        self._relabel(ev.message_id, res)
+        return None
+
+    def _weight_of(self, reporter: str) -> float:
+        row = self._db.execute("SELECT agree, disagree FROM reporters WHERE reporter=?", (reporter,)).fetchone()
+        return reporter_weight(row[0], row[1]) if row else 1.0
+
+    def _retract(self, ev: RetractionEvent, res: BatchResult) -> None:
+        cur = self._db.execute(
+            "UPDATE votes SET retracted=1 WHERE event_id=? AND reporter=? AND retracted=0", (ev.retracts, ev.reporter)
+        )
+        if cur.rowcount:
+            res.retractions += 1
+            self._relabel(ev.message_id, res)
+
+    def _relabel(self, message_id: str, res: BatchResult) -> None:
+        db = self._db
+        label, margin = consensus(self._votes_on(message_id), self.min_weight)
+        row = db.execute("SELECT label FROM labels WHERE message_id=?", (message_id,)).fetchone()
+        old = row[0] if row else None
+        if label is None:
+            if old is not None:
+                db.execute("DELETE FROM labels WHERE message_id=?", (message_id,))
+                res.removed_labels += 1
+            return
+        db.execute(
+            "INSERT INTO labels VALUES (?,?,?) ON CONFLICT(message_id) DO UPDATE SET label=excluded.label, margin=excluded.margin",
+            (message_id, label, margin),
+        )
+        if label != old:
+            res.new_labels[label] += 1

@@ -1,0 +1,64 @@
+"""Reputation, consensus, held-out membership and the trust filter (models.consensus)."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.consensus import (
+    RELIABLE,
+    confidence,
+    consensus,
+    is_holdout,
+    message_id_for,
+    model_evidence,
+    reliability,
+    reporter_weight,
+    trusted,
+)
+from streams.events import message_id_for as event_message_id
+
+pytestmark = pytest.mark.unit
+
+
+def test_reputation_math() -> None:
+    assert reporter_weight(0, 0) == 1.0
+    assert reporter_weight(8, 0) == pytest.approx(2 * 10 / 12)
+    assert reporter_weight(0, 8) == pytest.approx(2 * 2 / 12)
+    assert reporter_weight(0, 1) == pytest.approx(0.8)
+    assert reporter_weight(100, 0) < 2.0
+    assert reliability(0, 0) == pytest.approx(0.8)  # a newcomer is presumed mostly right
+    assert confidence(reliability(0, 0)) == pytest.approx(0.6)
+    assert confidence(reliability(0, 50)) == 0.0 and confidence(reliability(500, 0)) > 0.95
+
+
+def test_consensus_needs_the_weighted_margin() -> None:
+    assert consensus([("spam", 1.0)], 1.0) == ("spam", 1.0)
+    assert consensus([("spam", 1.0), ("ham", 0.5)], 1.0)[0] is None
+    assert consensus([("spam", 1.8), ("ham", 0.2), ("ham", 0.3)], 1.0) == ("spam", pytest.approx(1.3))
+    assert consensus([("ham", 1.2)], 1.0)[0] == "ham"
+
+
+def test_model_evidence_only_where_the_model_is_very_sure() -> None:
+    assert model_evidence("spam", 0.995) == 1 and model_evidence("spam", 0.005) == -1
+    assert model_evidence("ham", 0.005) == 1 and model_evidence("ham", 0.995) == -1
+    assert model_evidence("ham", 0.5) == 0 and model_evidence("ham", None) == 0
+
+
+def test_trust_keeps_drift_from_reliable_reporters_and_drops_noise_from_others() -> None:
+    honest = reliability(150, 1)
+    noisy = reliability(105, 45)  # 30% of their flags contradicted the models
+    assert reliability(0, 0) < RELIABLE  # a newcomer is not proven
+    assert honest >= RELIABLE > noisy
+    # New spam the base model is sure is ham: learned from an honest reporter, not from a noisy one.
+    assert trusted("spam", 0.002, honest) and not trusted("spam", 0.002, noisy)
+    # Labels the model does not contradict are always learned.
+    assert trusted("spam", 0.5, noisy) and trusted("spam", 0.999, 0.0) and trusted("ham", None, 0.0)
+
+
+def test_holdout_is_stable_about_one_in_ten_and_ids_agree_with_the_events() -> None:
+    ids = [f"msg{i}" for i in range(2000)]
+    held = [m for m in ids if is_holdout(m)]
+    assert 150 <= len(held) <= 250
+    assert held == [m for m in ids if is_holdout(m)]
+    raw = b"Subject: x\r\n\r\nbody"
+    assert message_id_for(raw) == event_message_id(raw)

@@ -1,0 +1,211 @@
+"""The gate's statistics against known cases and simulated data: DeLong's test, the paired FPR bound, the
+decision rule (better / not worse / fresher), the reference tripwire and the evaluation set's composition."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.gate import EvalItem, GatePolicy, ScoredModel, compose_eval_set, decide, delong, paired_fpr
+from models.metrics import roc_auc
+
+pytestmark = pytest.mark.unit
+
+
+def _scores(rng: np.random.Generator, y: np.ndarray, separation: float, noise: float = 1.0) -> np.ndarray:
+    return separation * y + rng.normal(scale=noise, size=y.size)
+
+
+def _brute_force_auc(s: np.ndarray, y: np.ndarray) -> float:
+    pos, neg = s[y], s[~y]
+    wins = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(wins / (pos.size * neg.size))
+
+
+def test_delong_aucs_match_brute_force_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.random(120) < 0.4
+    a = np.round(_scores(rng, y, 1.5), 1)  # rounded: many ties
+    b = np.round(_scores(rng, y, 0.8), 1)
+    r = delong(a, b, y)
+    assert r.auc_a == pytest.approx(_brute_force_auc(a, y))
+    assert r.auc_b == pytest.approx(_brute_force_auc(b, y))
+    assert r.auc_a == pytest.approx(roc_auc(a, y))
+    assert r.se > 0
+
+
+def test_delong_variance_matches_the_spread_of_the_difference_over_resamples() -> None:
+    """The standard error predicts how much the AUC difference varies between independent samples."""
+    rng = np.random.default_rng(1)
+    diffs, ses = [], []
+    for _ in range(400):
+        y = rng.random(200) < 0.5
+        shared = _scores(rng, y, 1.0)
+        a = shared + rng.normal(scale=0.6, size=y.size) + 0.3 * y
+        b = shared + rng.normal(scale=0.6, size=y.size)
+        r = delong(a, b, y)
+        diffs.append(r.diff)
+        ses.append(r.se)
+    assert np.std(diffs) == pytest.approx(np.mean(ses), rel=0.15)
+
+
+def test_better_test_keeps_its_level_under_the_null() -> None:
+    """Two equally good models: "better" is claimed about alpha of the time, not more."""
+    rng = np.random.default_rng(2)
+    z = GatePolicy().z
+    hits = 0
+    n = 1500
+    for _ in range(n):
+        y = rng.random(150) < 0.5
+        base = _scores(rng, y, 1.5)
+        a = base + rng.normal(scale=0.7, size=y.size)
+        b = base + rng.normal(scale=0.7, size=y.size)
+        hits += delong(a, b, y).z_better() > z
+    assert hits / n < 0.05 + 3 * np.sqrt(0.05 * 0.95 / n)
+
+
+def _sm(z: np.ndarray, spam: np.ndarray | None = None) -> ScoredModel:
+    return ScoredModel(z, z > 0 if spam is None else spam)
+
+
+def test_a_challenger_better_by_a_resolvable_margin_is_promoted() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.random(800) < 0.45
+    champion = _scores(rng, y, 1.5)
+    challenger = _scores(rng, y, 3.0)
+    r = decide(y, _sm(challenger), _sm(champion), fresher=False, policy=GatePolicy())
+    assert r.promote and r.test == "better", r.reason
+
+
+def test_a_worse_challenger_is_rejected_even_with_fresher_data() -> None:
+    rng = np.random.default_rng(4)
+    y = rng.random(800) < 0.45
+    champion = _scores(rng, y, 3.0)
+    challenger = _scores(rng, y, 1.5)
+    r = decide(y, _sm(challenger), _sm(champion), fresher=True, policy=GatePolicy())
+    assert not r.promote and "not shown not worse" in r.reason
+
+
+def test_an_indistinguishable_challenger_needs_fresher_data() -> None:
+    """Same quality: without newer data there is nothing to gain; with newer data it is not worse."""
+    rng = np.random.default_rng(5)
+    y = rng.random(2000) < 0.45
+    base = _scores(rng, y, 3.0)
+    champion = base + rng.normal(scale=0.05, size=y.size)
+    challenger = base + rng.normal(scale=0.05, size=y.size)
+    stale = decide(y, _sm(challenger), _sm(champion), fresher=False, policy=GatePolicy())
+    assert not stale.promote and "better" in stale.reason
+    fresh = decide(y, _sm(challenger), _sm(champion), fresher=True, policy=GatePolicy())
+    assert fresh.promote and fresh.test == "not_worse", fresh.reason
+
+
+def test_not_worse_holds_its_level_at_the_margin() -> None:
+    """A challenger worse by more than the margin passes "not worse" at most about alpha of the time."""
+    rng = np.random.default_rng(6)
+    policy = GatePolicy(relative_margin=0.25, margin_cap=0.002, floor=1e-4)
+    passes = 0
+    n = 400
+    for _ in range(n):
+        y = rng.random(600) < 0.5
+        champion = _scores(rng, y, 2.2)
+        challenger = _scores(rng, y, 1.6)  # clearly more ranking errors than 1.25x the champion's
+        r = decide(y, _sm(challenger), _sm(champion), fresher=True, policy=policy)
+        passes += r.promote
+    assert passes / n <= 0.05
+
+
+def test_the_anchor_stops_a_chain_of_small_steps_down() -> None:
+    rng = np.random.default_rng(7)
+    y = rng.random(3000) < 0.45
+    anchor = _scores(rng, y, 3.2, noise=0.9)
+    champion = _scores(rng, y, 2.6, noise=0.9)
+    challenger = champion + rng.normal(scale=0.01, size=y.size)
+    r = decide(y, _sm(challenger), _sm(champion), fresher=True, policy=GatePolicy(), anchor=_sm(anchor))
+    assert not r.promote and "anchor" in r.reason
+
+
+def test_the_reference_tripwire_blocks_a_challenger_shown_worse_on_clean_labels() -> None:
+    rng = np.random.default_rng(8)
+    y = rng.random(600) < 0.5
+    champion = _scores(rng, y, 2.0)
+    challenger = champion + 0.01
+    ry = rng.random(600) < 0.5
+    ref_champion = _scores(rng, ry, 3.0)
+    ref_challenger = _scores(rng, ry, 1.0)  # poisoned: much worse on mail whose labels nobody could bend
+    r = decide(y, _sm(challenger), _sm(champion), fresher=True, policy=GatePolicy(),
+               reference=(ry, _sm(ref_challenger), _sm(ref_champion)))
+    assert not r.promote and "reference" in r.reason
+    ok = decide(y, _sm(challenger), _sm(champion), fresher=True, policy=GatePolicy(),
+                reference=(ry, _sm(ref_champion + 0.01), _sm(ref_champion)))
+    assert ok.promote, ok.reason
+
+
+def test_the_fpr_guard_keeps_its_level_when_the_rise_equals_the_tolerance() -> None:
+    """Simulated ham: a challenger whose FPR is higher by exactly the tolerance is blocked <= alpha of the time."""
+    rng = np.random.default_rng(9)
+    tol, alpha, n = 0.002, 0.05, 2000
+    blocked = 0
+    for _ in range(n):
+        champion = rng.random(500) < 0.01
+        challenger = champion | (rng.random(500) < tol)
+        blocked += paired_fpr(challenger, champion, alpha).lower > tol
+    assert blocked / n <= alpha
+
+
+def test_the_fpr_guard_blocks_a_clearly_worse_challenger() -> None:
+    rng = np.random.default_rng(10)
+    blocked = 0
+    for _ in range(200):
+        champion = rng.random(1000) < 0.01
+        challenger = champion | (rng.random(1000) < 0.04)
+        blocked += paired_fpr(challenger, champion, 0.05).lower > 0.002
+    assert blocked >= 190
+
+
+def test_one_extra_false_positive_among_a_few_hundred_ham_is_not_evidence() -> None:
+    """The case the old gate got wrong: a better model rejected for 1 false positive among ~250 ham."""
+    rng = np.random.default_rng(11)
+    y = np.zeros(500, dtype=bool)
+    y[:250] = True
+    champion = _scores(rng, y, 2.5)
+    challenger = _scores(rng, y, 4.0)
+    spam_k = y.copy()
+    spam_c = y.copy()
+    spam_c[300] = True  # one ham called spam by the challenger only
+    r = decide(y, ScoredModel(challenger, spam_c), ScoredModel(champion, spam_k), fresher=False, policy=GatePolicy())
+    assert r.promote, r.reason
+    assert r.figures["fpr"]["only_challenger"] == 1 and r.figures["fpr"]["lower_bound"] <= 0
+
+
+def test_the_fpr_guard_rejects_through_decide() -> None:
+    rng = np.random.default_rng(12)
+    y = rng.random(2000) < 0.3
+    z = _scores(rng, y, 3.0)
+    spam_k = z > 2.5
+    spam_c = spam_k | ((~y) & (rng.random(y.size) < 0.05))
+    r = decide(y, ScoredModel(z + 0.5 * y, spam_c), ScoredModel(z, spam_k), fresher=True, policy=GatePolicy())
+    assert not r.promote and "false positives" in r.reason
+
+
+def test_too_small_a_set_judges_nothing_and_no_champion_promotes() -> None:
+    y = np.array([True, False] * 10)
+    z = np.arange(20, dtype=float)
+    r = decide(y, _sm(z), _sm(z), fresher=True, policy=GatePolicy(min_per_class=30))
+    assert not r.promote and "too small" in r.reason
+    first = decide(y, _sm(z), None, fresher=True, policy=GatePolicy())
+    assert first.promote and first.test == "first"
+
+
+def test_compose_prefers_the_newest_flags_and_tops_up_from_every_corpus_group() -> None:
+    flags = [EvalItem(f"f{i}", i % 2 == 0, "flags", "x", recency=i) for i in range(40)]
+    groups = ["easy-ham-2", "hard-ham-1", "spam-2"]
+    corpus = [EvalItem(f"c{i}", groups[i % 3] == "spam-2", "corpus", groups[i % 3]) for i in range(300)]
+    sel = compose_eval_set(flags, corpus, min_per_class=30, max_per_class=15)
+    spam_flags = [it for it in sel.items if it.source == "flags" and it.is_spam]
+    assert [it.recency for it in spam_flags] == sorted((i for i in range(40) if i % 2 == 0), reverse=True)[:15]
+    assert sel.composition["flags"] == {"ham": 15, "spam": 15}
+    assert sel.composition["corpus"]["spam-2"] == 15
+    assert set(sel.composition["corpus"]) == {"easy-ham-2", "hard-ham-1", "spam-2"}  # hard ham is in
+    many = [EvalItem(f"f{i}", i % 2 == 0, "flags", "x", recency=i) for i in range(200)]
+    only_flags = compose_eval_set(many, corpus, min_per_class=30, max_per_class=1000)
+    assert set(only_flags.composition) == {"flags"}

@@ -1,0 +1,44 @@
+"""The worker's series stay bounded whatever clients invent: reporters and served versions."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.worker.metrics import WorkerMetrics
+
+pytestmark = pytest.mark.unit
+
+
+def _series(m: WorkerMetrics, name: str) -> list[dict[str, str]]:
+    return [s.labels for fam in m.registry.collect() for s in fam.samples if s.name == name]
+
+
+def test_reporter_weights_show_only_the_extremes_and_count_every_band() -> None:
+    m = WorkerMetrics(reporters_max=6)
+    reporters = [(f"r{i}", 0.05 + i * 0.02, 10) for i in range(100)]  # one invented identity per flag
+    m.set_reporters(reporters, bar=1.0)
+    shown = {s["reporter"] for s in _series(m, "flywheel_reporter_weight")}
+    assert shown == {"r0", "r1", "r2", "r97", "r98", "r99"}
+    bands = {s["band"]: m.registry.get_sample_value("flywheel_reporters", {"band": s["band"]})
+             for s in _series(m, "flywheel_reporters")}
+    assert sum(bands.values()) == 100 and bands["distrusted"] == 23  # weights below half the bar
+    m.set_reporters(reporters[:3], bar=1.0)  # gone reporters lose their series
+    assert {s["reporter"] for s in _series(m, "flywheel_reporter_weight")} == {"r0", "r1", "r2"}
+
+
+def test_live_verdict_series_keep_only_the_newest_versions() -> None:
+    m = WorkerMetrics(versions_max=3)
+    for v in range(10):
+        m.count_live({(f"v{v}", "fp"): 1, (f"v{v}", "tn"): 5})
+    versions = {s["version"] for s in _series(m, "flywheel_live_verdicts_total")}
+    assert versions == {"v7", "v8", "v9"}
+    assert m.registry.get_sample_value("flywheel_live_verdicts_total", {"version": "v9", "outcome": "tn"}) == 5
+    assert m.registry.get_sample_value("flywheel_live_verdicts_total", {"version": "v9", "outcome": "fn"}) == 0
+
+
+def test_the_champion_series_follows_the_champion() -> None:
+    m = WorkerMetrics()
+    m.set_champion("a", "linear", 100.0)
+    m.set_champion("b", "neural", 200.0)
+    assert [s["version"] for s in _series(m, "flywheel_champion_info")] == ["b"]
+    assert m.registry.get_sample_value("flywheel_champion_promoted_timestamp_seconds") == 200.0
