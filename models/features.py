@@ -23,6 +23,7 @@ import zlib
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from itertools import islice
 from typing import Any, Protocol
 
 import numpy as np
@@ -98,6 +99,10 @@ _VALUE_HEADERS: dict[str, str] = {
 }
 _CHARSET = re.compile(r'(?i)charset\s*=\s*"?([\w.:\-]+)')
 _DIGITS = re.compile(r"\d+")
+# Bounded work per message whatever the parser let through: the body is cut at ``body_max_chars``; the subject
+# at this many characters [the corpus's longest: 710], header value tokens at a few per header.
+_SUBJECT_MAX_CHARS = 2048
+_MAX_CHARSET_TOKENS = 8
 
 
 class _Message(Protocol):
@@ -283,7 +288,7 @@ def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> 
     artefacts = config.include_artefacts
     toks: list[str] = []
 
-    subject = msg.subject or ""
+    subject = (msg.subject or "")[:_SUBJECT_MAX_CHARS]
     body_orig = (msg.body_text or "")[: config.body_max_chars]
     subject_low = subject.lower()
     body = body_orig.lower()
@@ -328,11 +333,11 @@ def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> 
                 continue
             low = value.lower()
             if kind == "mailer":
-                toks.extend(["hv:" + name + ":" + t for t in _HEADER_VALUE_TOKEN.findall(low)[:8]])
+                toks.extend(["hv:" + name + ":" + m.group() for m in islice(_HEADER_VALUE_TOKEN.finditer(low), 8)])
             elif kind == "content-type":
                 toks.append("ct:" + low.split(";", 1)[0].strip())
-                for cs in _CHARSET.findall(low):
-                    toks.append("cs:" + cs)
+                for m in islice(_CHARSET.finditer(low), _MAX_CHARSET_TOKENS):
+                    toks.append("cs:" + m.group(1))
             elif kind == "content-transfer-encoding":
                 toks.append("cte:" + low.strip())
             elif kind == "message-id":
@@ -342,7 +347,7 @@ def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> 
                 if at > 0 and (artefacts or not _has_artefact(low)):
                     toks.append("midd:" + low[at + 1 :].rstrip(">").strip())
             elif artefacts:  # kind == "artefact": received, date
-                toks.extend(["hv:" + name + ":" + t for t in _HEADER_VALUE_TOKEN.findall(low)[:12]])
+                toks.extend(["hv:" + name + ":" + m.group() for m in islice(_HEADER_VALUE_TOKEN.finditer(low), 12)])
         toks.append("ho:" + prev + ">$")
         for fname, ctype in msg.attachments:
             toks.append("att:" + (ctype or "").lower())

@@ -6,10 +6,13 @@ added (the order rules were written is an axis of the improvement curve).
 
 All non-meta patterns of one target text (the body, the raw body, the URI list, the raw
 message, one header) are compiled into ONE hyperscan database, so a message costs one scan
-per target however many rules there are. Patterns hyperscan cannot compile (back
-references, look-arounds, ...) fall back to Python ``re``; ``RuleEngine.fallback_count``
-says how many did. Meta rules are boolean/arithmetic expressions over other rules, parsed
-into a small AST (never ``eval``).
+per target however many rules there are. Every pattern runs in bounded time: what hyperscan
+will not take runs on RE2 (linear time too), and what needs backtracking (look-arounds, back
+references) on a backtracking engine under a per-message time budget that stops it (see
+"Engines" below). A rule no engine can run within bounds is refused with the reason:
+``validate_rule`` is the check a rule passes before it is saved. Meta rules are
+boolean/arithmetic expressions over other rules, parsed into a small AST (never ``eval``),
+with limits on their size and depth.
 
 A ``RuleEngine`` is immutable once built: it is safe to share across threads (each thread
 gets its own hyperscan scratch), and every change returns a new engine so callers can swap
@@ -21,12 +24,15 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hyperscan
+import re2  # type: ignore[import-untyped]
+import regex as _bt_re  # type: ignore[import-untyped]
 import structlog
 import yaml
 
@@ -35,14 +41,22 @@ from models.message import ParsedMessage
 log = structlog.get_logger(__name__)
 
 __all__ = [
+    "BUDGET_MS_PER_KB",
+    "DEFAULT_BUDGET_MS",
     "DEFAULT_RULES_PATH",
     "KINDS",
+    "MAX_META_CHARS",
+    "MAX_META_DEPTH",
+    "MAX_META_TERMS",
     "Rule",
     "RuleEngine",
     "RuleError",
     "RuleHit",
+    "RuleRefused",
     "RuleResult",
     "import_spamassassin",
+    "strip_verbose",
+    "validate_rule",
 ]
 
 KINDS = ("header", "body", "rawbody", "uri", "full", "meta")
@@ -56,6 +70,12 @@ _COMPUTED_HEADERS = frozenset({"ALL", "ToCc", "MESSAGEID", "EnvelopeFrom", DEFEC
 
 class RuleError(ValueError):
     """A rule (or rule file) is invalid; the message says which rule and why."""
+
+
+class RuleRefused(RuleError):
+    """A rule is well formed but cannot be run within bounded work (no engine with bounded time runs its
+    pattern, its meta expression is too large or too deep, or it runs out of the time budget on the trial
+    messages). A rule file holding one still loads: the rule is kept, inactive, in ``RuleEngine.refused``."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -132,10 +152,14 @@ class RuleHit:
 
 @dataclass(slots=True)
 class RuleResult:
+    """The rules' verdict on one message. ``timed_out`` names the backtracking rules that the per-message time
+    budget stopped (counted as not hit); it is empty for all but hostile input."""
+
     score: float
     threshold: float
     is_spam: bool
     hits: list[RuleHit] = field(default_factory=list)
+    timed_out: list[str] = field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -284,6 +308,189 @@ def _utf8_escapes(regex: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# Engines that never backtrack without bound
+# ---------------------------------------------------------------------------------------
+#
+# Every pattern runs on one of three engines, chosen once when the rule set is built:
+#   hyperscan  (one database per target, linear time) - most patterns;
+#   RE2        (linear time, one pattern at a time) - what hyperscan will not take: large repeat counts,
+#              very long patterns, the verbose flag (its blanks and comments removed first);
+#   ``regex``  (a backtracking engine with a hard timeout) - look-arounds and back references, which no
+#              linear engine runs. These share a per-message time budget (``budget_ms`` plus
+#              ``BUDGET_MS_PER_KB`` per KB analysed, CPU time): a call is given what is left of it and is
+#              stopped when that runs out; the rule then counts as not hit and is named in
+#              ``RuleResult.timed_out``. A rule that stalls on the trial messages or on long runs of its own
+#              characters is refused when it is added (``validate_rule``) and at import.
+# A pattern none of them can run is refused, with the reason. (Flywheel's own rules stay far inside the
+# budget. SpamAssassin's imported look-around rules cost 5 ms on a median real message but up to half a
+# second on the largest: with them, about one real message in twenty has some of them stopped.)
+
+DEFAULT_BUDGET_MS = 20.0  # per message, plus
+BUDGET_MS_PER_KB = 0.2  # per KB of the message's analysed bytes (71 ms at the 256 KB default)
+_RE2, _BT = 1, 2  # fallback engines (hyperscan patterns live in the group's database)
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.encoding = re2.Options.Encoding.LATIN1  # bytes in, bytes matched: like hyperscan and re
+_RE2_OPTIONS.log_errors = False
+_BT_FLAGS = {"i": _bt_re.IGNORECASE, "m": _bt_re.MULTILINE, "s": _bt_re.DOTALL, "x": _bt_re.VERBOSE}
+_WHITESPACE = frozenset(" \t\n\r\v\f")  # what Python's verbose mode skips
+_REPEAT_RE = re.compile(r"\{(?!\})\d*(?:,\d*)?\}")
+
+
+def strip_verbose(pattern: str) -> str:
+    """A verbose-mode (``x`` flag) pattern as the same pattern without it: unescaped blanks and ``#``
+    comments outside character classes dropped, as Python's parser does, so that linear engines (which
+    lack the flag) can take it."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    in_class = False
+    body = 0  # where the current class's members start (a "]" there is a member)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            if pattern.startswith("N{", i + 1):  # a named character: its name keeps its blanks
+                j = pattern.find("}", i)
+                j = n if j < 0 else j + 1
+                out.append(pattern[i:j])
+                i = j
+                continue
+            out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            out.append(c)
+            if c == "]" and i > body:
+                in_class = False
+            i += 1
+            continue
+        if c == "[":
+            in_class = True
+            out.append(c)
+            i += 1
+            if pattern.startswith("^", i):
+                out.append("^")
+                i += 1
+            body = i
+            continue
+        if c == "{":
+            # a repeat only when "{m,n}" follows with no blank inside; otherwise Python reads a literal "{"
+            # (and drops the blanks after it), which must stay a literal once the blanks are gone
+            m = _REPEAT_RE.match(pattern, i)
+            if m is not None:
+                out.append(m.group(0))
+                i = m.end()
+            else:
+                out.append("\\{")
+                i += 1
+            continue
+        if c in _WHITESPACE:
+            i += 1
+            continue
+        if c == "#":
+            j = pattern.find("\n", i)
+            i = n if j < 0 else j + 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _re2_syntax(pattern: str, multiline: bool) -> str:
+    r"""The Python pattern in RE2's spelling: ``\Z`` is RE2's ``\z``; outside multi-line mode Python's
+    ``$`` also matches before a final newline, which RE2's does not (``(?:\n?\z)`` does)."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    in_class = False
+    body = 0
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            esc = pattern[i : i + 2]
+            out.append("\\z" if esc == "\\Z" and not in_class else esc)
+            i += 2
+            continue
+        if in_class:
+            if c == "]" and i > body:
+                in_class = False
+        elif c == "[":
+            in_class = True
+            out.append(c)
+            i += 1
+            if pattern.startswith("^", i):
+                out.append("^")
+                i += 1
+            body = i
+            continue
+        elif c == "$" and not multiline:
+            out.append("(?:\\n?\\z)")
+            i += 1
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+_RE2_CACHE: dict[tuple[str, str, bool], Any] = {}
+
+
+def _re2_compile(spec: _Spec) -> Any | None:
+    """The RE2 form of a pattern (on UTF-8 bytes read as Latin-1: byte for byte), or None. Memoised: an
+    imported rule's alternation can take a second to compile, and every rule change rebuilds the engine."""
+    spec = _plain(spec)
+    flags = spec.flags
+    multiline = "m" in flags or spec.target == "uri"
+    key = (spec.regex, flags, multiline)
+    if key in _RE2_CACHE:
+        return _RE2_CACHE[key]
+    inline = "".join(sorted({ch for ch in flags if ch in "ims"} | ({"m"} if multiline else set())))
+    try:
+        body = _re2_syntax(_utf8_escapes(spec.regex), multiline).encode("utf-8")
+        rx = re2.compile((b"(?" + inline.encode() + b")" if inline else b"") + body, _RE2_OPTIONS)
+    except (re2.error, UnicodeEncodeError, ValueError, TypeError):
+        rx = None
+    if len(_RE2_CACHE) < 10_000:
+        _RE2_CACHE[key] = rx
+    return rx
+
+
+def _bt_compile(spec: _Spec) -> Any | None:
+    """The budgeted backtracking form of a pattern (the ``regex`` module, ``re``'s syntax), or None."""
+    fl = _bt_re.V0
+    for ch in spec.flags:
+        fl |= _BT_FLAGS.get(ch, 0)
+    if spec.target == "uri":
+        fl |= _bt_re.MULTILINE
+    try:
+        return _bt_re.compile(_utf8_escapes(spec.regex).encode("utf-8"), fl)
+    except (_bt_re.error, OverflowError, RecursionError, ValueError, UnicodeEncodeError):
+        return None
+
+
+def _fallback(spec: _Spec, name: str) -> tuple[int, Any]:
+    """(engine, compiled) for a pattern hyperscan does not take: RE2 when it can, else the budgeted
+    backtracking engine; RuleError with the reason when neither can."""
+    rx = _re2_compile(spec)
+    if rx is not None:
+        return _RE2, rx
+    rx = _bt_compile(spec)
+    if rx is not None:
+        return _BT, rx
+    raise RuleError(
+        f"rule {name}: pattern {spec.regex[:80]!r} runs on none of the engines with bounded time "
+        "(hyperscan and RE2 refuse it, and the budgeted backtracking engine cannot compile it)"
+    )
+
+
+class _Budget:
+    """What is left of one message's time for backtracking patterns, and the rules it stopped."""
+
+    __slots__ = ("left", "timed_out")
+
+    def __init__(self, seconds: float) -> None:
+        self.left = seconds
+        self.timed_out: list[int] = []
+
+
+# ---------------------------------------------------------------------------------------
 # Meta expressions: tokenize -> Pratt parse -> closures
 # ---------------------------------------------------------------------------------------
 
@@ -324,10 +531,26 @@ def _tokenize(expr: str) -> list[tuple[str, str]]:
     return out
 
 
+#: Limits of one meta expression. A flat chain of thousands of terms, or parentheses nested hundreds deep, is
+#: refused: evaluating it would recurse past Python's stack on every message. [SpamAssassin's largest: 122
+#: terms, 1,786 characters, parentheses 3 deep.]
+MAX_META_TERMS = 512
+MAX_META_CHARS = 16_384
+MAX_META_DEPTH = 64  # nested operators and parentheses, as parse levels
+_CHAINS = ("&&", "||", "+")  # associative: a run of one of them is evaluated as one flat loop
+
+
 class _MetaParser:
     def __init__(self, expr: str, resolve: Callable[[str], int]) -> None:
-        self.toks = _tokenize(expr)
+        if len(expr) <= 16 * MAX_META_CHARS:  # (a larger one is not even tokenized)
+            self.toks = _tokenize(expr)
+            terms = sum(1 for kind, _ in self.toks if kind != "op")
+            if terms > MAX_META_TERMS:
+                raise RuleRefused(f"expression of {terms} terms (at most {MAX_META_TERMS})")
+        if len(expr) > MAX_META_CHARS:
+            raise RuleRefused(f"expression of {len(expr)} characters (at most {MAX_META_CHARS})")
         self.i = 0
+        self.depth = 0
         self.resolve = resolve
         self.refs: set[str] = set()
 
@@ -339,8 +562,16 @@ class _MetaParser:
             raise RuleError(f"unexpected {self.toks[self.i][1]!r}")
         return fn
 
+    def _enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_META_DEPTH:
+            raise RuleRefused(f"expression nested deeper than {MAX_META_DEPTH} levels")
+
     def _expr(self, min_prec: int) -> Evaluator:
+        self._enter()
         left = self._unary()
+        chain_op: str | None = None
+        chain: list[Evaluator] = []
         while self.i < len(self.toks):
             kind, val = self.toks[self.i]
             if kind != "op" or val not in _BINARY:
@@ -350,12 +581,31 @@ class _MetaParser:
                 break
             self.i += 1
             right = self._expr(prec + 1)
-            left = _combine(val, op, left, right)
+            if val == chain_op:
+                chain.append(right)
+                continue
+            if chain_op is not None:
+                left = _chain(chain_op, chain)
+                chain_op = None
+            if val in _CHAINS:
+                chain_op, chain = val, [left, right]
+            else:
+                left = _combine(val, op, left, right)
+        if chain_op is not None:
+            left = _chain(chain_op, chain)
+        self.depth -= 1
         return left
 
     def _unary(self) -> Evaluator:
         if self.i >= len(self.toks):
             raise RuleError("expression ends early")
+        self._enter()
+        try:
+            return self._unary_inner()
+        finally:
+            self.depth -= 1
+
+    def _unary_inner(self) -> Evaluator:
         kind, val = self.toks[self.i]
         self.i += 1
         if kind == "num":
@@ -396,6 +646,46 @@ def _combine(op_name: str, op: Callable[[float, float], float], left: Evaluator,
     return lambda h: op(left(h), right(h))
 
 
+def _chain(op_name: str, operands: list[Evaluator]) -> Evaluator:
+    """``a op b op c ...`` (left to right, as the nested form gives) as one closure over the list: one call
+    level whatever the length."""
+    if len(operands) == 2:
+        return _combine(op_name, _BINARY[op_name][1], operands[0], operands[1])
+    fs = tuple(operands)
+    if op_name == "&&":
+
+        def all_of(h: Sequence[float]) -> float:
+            for f in fs:
+                if not f(h):
+                    return 0
+            return 1
+
+        return all_of
+    if op_name == "||":
+
+        def any_of(h: Sequence[float]) -> float:
+            for f in fs:
+                if f(h):
+                    return 1
+            return 0
+
+        return any_of
+    first, rest = fs[0], fs[1:]
+
+    def total(h: Sequence[float]) -> float:
+        v = first(h)
+        for f in rest:
+            v = v + f(h)
+        return v
+
+    return total
+
+
+def _never(h: Sequence[float]) -> float:
+    """The evaluator of a refused meta rule."""
+    return 0
+
+
 def meta_references(expr: str) -> set[str]:
     """Rule names an expression refers to (for dependency checks and import)."""
     return {v for k, v in _tokenize(expr) if k == "id"}
@@ -407,9 +697,12 @@ def meta_references(expr: str) -> set[str]:
 
 
 class _Group:
-    """Every pattern of one target text: one hyperscan database plus ``re`` fallbacks."""
+    """Every pattern of one target text: one hyperscan database plus RE2 and budgeted fallbacks."""
 
-    __slots__ = ("target", "hname", "hmod", "plain", "unset", "db", "hs_ids", "fallback", "gate", "gated", "empty_hits", "_local")
+    __slots__ = (
+        "target", "hname", "hmod", "plain", "unset", "db", "hs_ids", "fallback", "gate", "gated", "empty_hits",
+        "refused", "_local",
+    )
 
     def __init__(self, target: str, specs: list[_Spec], rules: Sequence[Rule]) -> None:
         self.target = target
@@ -419,47 +712,56 @@ class _Group:
         self.unset: str | None = unset if sep else None
         # an ordinary header without modifier: its text is the header map's entry
         self.plain = not self.hmod and self.hname not in _COMPUTED_HEADERS
-        self.fallback: list[tuple[int, re.Pattern[bytes]]] = []
+        self.fallback: list[tuple[int, int, Any]] = []  # (rule index, engine, compiled)
+        self.refused: dict[int, str] = {}  # rule index -> why no engine runs it
         self.db: hyperscan.Database | None = None
         self._local = threading.local()
+        by_index = {spec.index: spec for spec in specs}
+
+        def fall_back(idx: int) -> None:
+            try:
+                engine, rx = _fallback(by_index[idx], rules[idx].name)
+            except RuleError as exc:
+                self.refused[idx] = str(exc)
+                return
+            self.fallback.append((idx, engine, rx))
+
         exprs: list[bytes] = []
         ids: list[int] = []
         flags: list[int] = []
         for spec in specs:
-            pyre = _py_compile(spec, rules[spec.index].name)  # validates every pattern
+            _py_compile(spec, rules[spec.index].name)  # validates every pattern (``re`` is the rule language)
             hs = _hs_pattern(spec)
             if hs is None:
-                self.fallback.append((spec.index, pyre))
+                fall_back(spec.index)
                 continue
             exprs.append(hs[0])
             flags.append(hs[1])
             ids.append(spec.index)
         if exprs and not _hs_try(exprs, ids, flags):
-            # some pattern is beyond hyperscan: test each alone (cached), send those to ``re``
+            # some pattern is beyond hyperscan: test each alone (cached), send the others to a fallback
             keep = [k for k in range(len(exprs)) if _hs_single_ok(exprs[k], flags[k])]
+            keep_set = set(keep)
             for k in range(len(exprs)):
-                if k not in set(keep):
-                    idx = ids[k]
-                    spec = next(s for s in specs if s.index == idx)
-                    self.fallback.append((idx, _py_compile(spec, rules[idx].name)))
+                if k not in keep_set:
+                    fall_back(ids[k])
             exprs = [exprs[k] for k in keep]
             ids = [ids[k] for k in keep]
             flags = [flags[k] for k in keep]
             while exprs and not _hs_try(exprs, ids, flags):  # only together too large: shed
-                idx = ids.pop()
                 exprs.pop()
                 flags.pop()
-                spec = next(s for s in specs if s.index == idx)
-                self.fallback.append((idx, _py_compile(spec, rules[idx].name)))
+                fall_back(ids.pop())
         if exprs:
             self.db = _hs_try(exprs, ids, flags)
         self.hs_ids = ids
-        # A fallback whose pattern hyperscan can approximate in prefilter mode (a superset of its matches, e.g.
-        # with back references ignored) only runs ``re`` when that approximation matched: same hits, fewer scans.
+        # A budgeted fallback whose pattern hyperscan can approximate in prefilter mode (a superset of its
+        # matches, e.g. with back references ignored) only runs when that approximation matched: same hits,
+        # fewer calls on the budget.
         self.gate: hyperscan.Database | None = None
         self.gated: frozenset[int] = frozenset()
-        by_index = {spec.index: spec for spec in specs}
-        pre = [(k, _hs_prefilter_pattern(by_index[idx])) for k, (idx, _) in enumerate(self.fallback)]
+        pre = [(k, _hs_prefilter_pattern(by_index[idx])) for k, (idx, engine, _) in enumerate(self.fallback)
+               if engine == _BT]
         pre_ok = [(k, p) for k, p in pre if p is not None and _hs_single_ok(p[0], p[1])]
         if pre_ok:
             self.gate = _hs_try([p[0] for _, p in pre_ok], [k for k, _ in pre_ok], [p[1] for _, p in pre_ok])
@@ -468,7 +770,7 @@ class _Group:
         # What an empty text matches (``/^\s*$/`` does) is fixed: found once here, so evaluation skips the scans
         # of the many header targets a message lacks.
         probe = bytearray(len(rules))
-        self.match(b"", probe)
+        self.match(b"", probe, _Budget(1.0))
         self.empty_hits: tuple[int, ...] = tuple(i for i, v in enumerate(probe) if v)
 
     def scratch(self) -> hyperscan.Scratch:
@@ -485,7 +787,7 @@ class _Group:
             self._local.gate_scratch = s
         return s
 
-    def match(self, data: bytes, hits: bytearray) -> None:
+    def match(self, data: bytes, hits: bytearray, budget: _Budget) -> None:
         """Set ``hits[i] = 1`` for every rule ``i`` of this group whose pattern matches ``data``."""
         if self.db is not None:
             self.db.scan(data, match_event_handler=_on_match, context=hits, scratch=self.scratch())
@@ -495,9 +797,24 @@ class _Group:
         if self.gate is not None:
             self.gate.scan(data, match_event_handler=_on_match, context=passed, scratch=self.gate_scratch())
         gated = self.gated
-        for k, (idx, rx) in enumerate(self.fallback):
-            if (passed[k] or k not in gated) and rx.search(data) is not None:
-                hits[idx] = 1
+        for k, (idx, engine, rx) in enumerate(self.fallback):
+            if engine == _RE2:
+                if rx.search(data) is not None:
+                    hits[idx] = 1
+                continue
+            if not passed[k] and k in gated:
+                continue
+            if budget.left <= 0.0:
+                budget.timed_out.append(idx)
+                continue
+            t0 = time.thread_time()
+            try:
+                if rx.search(data, timeout=budget.left) is not None:
+                    hits[idx] = 1
+            except TimeoutError:
+                budget.timed_out.append(idx)
+            finally:
+                budget.left -= time.thread_time() - t0
 
 
 def _on_match(pid: int, start: int, end: int, flags: int, hits: bytearray) -> None:
@@ -515,12 +832,20 @@ _GROUP_REPEAT_RE = re.compile(r"\)\{(?:[3-9]|\d\d)")
 _GROUP_REPEAT_MIN_LEN = 200  # a short pattern may repeat a group; long ones explode  # larger bounded repeats make hyperscan's compile explode; ``re`` copes
 
 
+def _plain(spec: _Spec) -> _Spec:
+    """``spec`` without the verbose flag (its blanks and comments removed): what hyperscan and RE2 take."""
+    if "x" not in spec.flags:
+        return spec
+    return dataclasses.replace(spec, regex=strip_verbose(spec.regex), flags=spec.flags.replace("x", ""))
+
+
 def _hs_pattern(spec: _Spec) -> tuple[bytes, int] | None:
     """hyperscan expression and flags for a spec, or None when it must use ``re``.
 
     Byte mode (no HS_FLAG_UTF8): the same semantics as the ``re`` fallback on UTF-8 bytes,
     and far cheaper to compile for the big character-class alternations of imported rules."""
-    if "x" in spec.flags or _HS_UNSUPPORTED_RE.search(spec.regex) is not None:
+    spec = _plain(spec)
+    if _HS_UNSUPPORTED_RE.search(spec.regex) is not None:
         return None
     if any(int(m.group(1)) > _HS_MAX_REPEAT for m in _BIG_REPEAT_RE.finditer(spec.regex)):
         return None
@@ -531,8 +856,9 @@ def _hs_pattern(spec: _Spec) -> tuple[bytes, int] | None:
 def _hs_prefilter_pattern(spec: _Spec) -> tuple[bytes, int] | None:
     """hyperscan prefilter-mode expression for a pattern that uses constructs hyperscan lacks (back references,
     look-arounds, ...), or None. Prefilter mode matches a superset of the pattern's matches, so it can only rule a
-    text out; other fallbacks (verbose flag, huge repeats) are left to ``re`` alone."""
-    if "x" in spec.flags or _HS_UNSUPPORTED_RE.search(spec.regex) is None:
+    text out."""
+    spec = _plain(spec)
+    if _HS_UNSUPPORTED_RE.search(spec.regex) is None:
         return None
     # (bounded repeats are fine: prefilter mode may widen them)
     return _hs_expression(
@@ -574,7 +900,7 @@ def _hs_try(exprs: list[bytes], ids: list[int], flags: list[int]) -> hyperscan.D
     except hyperscan.error:
         db = None
     with _HS_LOCK:
-        if len(_HS_CACHE) > 64:
+        if len(_HS_CACHE) > 256:  # two rule sets the size of SpamAssassin's (116 targets) stay compiled
             _HS_CACHE.clear()
         _HS_CACHE[key] = db
     return db
@@ -596,20 +922,52 @@ def _hs_single_ok(expr: bytes, flag: int) -> bool:
 
 
 
-_ADDR_RE = re.compile(r"<\s*([^<>\s]*@[^<>\s]*)\s*>|([\w.!#$%&'*+/=?^`{|}~-]+@[\w.-]+)")
-_NAME_RE_HDR = re.compile(r"^\s*\"?([^\"<]*?)\"?\s*<")
+# The ``:addr`` of a header: each address in <...> (one run without blanks or angle brackets that holds an @), or a
+# bare local@domain, left to right. As one plain regex (``<\s*([^<>\s]*@[^<>\s]*)\s*>|(ATEXT+@[\w.-]+)``) it
+# rescanned an address-character run from each of its characters (and each "@" of a bracketed run): quadratic. Here
+# the runs are possessive (a run cannot give back an "@" it never holds) and a bare address only starts where no
+# address character precedes it, or exactly where the previous match ended (tried anchored there first): the
+# same matches in linear time.
+_ATEXT = r"[\w.!#$%&'*+/=?^`{|}~-]"
+_ADDR_SCAN_RE = re.compile(r"<\s*+([^<>\s@]*+@[^<>\s]*+)\s*+>|(?<!" + _ATEXT + r")(" + _ATEXT + r"++@[\w.-]+)")
+_ADDR_AT_RE = re.compile(r"<\s*+([^<>\s@]*+@[^<>\s]*+)\s*+>|(" + _ATEXT + r"++@[\w.-]+)")
 
 
 def _addresses(text: str) -> str:
-    return "\n".join(m.group(1) or m.group(2) for m in _ADDR_RE.finditer(text))
+    out: list[str] = []
+    m = _ADDR_SCAN_RE.search(text)
+    while m is not None:
+        out.append(m.group(1) or m.group(2))
+        pos = m.end()
+        m2 = _ADDR_AT_RE.match(text, pos)
+        while m2 is not None:
+            out.append(m2.group(1) or m2.group(2))
+            pos = m2.end()
+            m2 = _ADDR_AT_RE.match(text, pos)
+        m = _ADDR_SCAN_RE.search(text, pos)
+    return "\n".join(out)
+
+
+def _display_name(line: str) -> str | None:
+    r"""What ``^\s*"?([^"<]*?)"?\s*<`` captures from ``line`` (None when it does not match), without that
+    regex's lazy group, which tried the rest of a blank run at every step (quadratic)."""
+    s = line.lstrip()
+    i = 1 if s.startswith('"') else 0
+    q, a = s.find('"', i), s.find("<", i)
+    j = a if q < 0 else q if a < 0 else min(q, a)
+    if j < 0:
+        return None
+    if s[j] == "<" or s[j + 1 :].lstrip().startswith("<"):
+        return s[i:j]
+    return None
 
 
 def _display_names(text: str) -> str:
     out = []
     for line in text.split("\n"):
-        m = _NAME_RE_HDR.match(line)
-        if m is not None and m.group(1).strip():
-            out.append(m.group(1).strip())
+        name = _display_name(line)
+        if name is not None and name.strip():
+            out.append(name.strip())
         elif "(" in line and ")" in line:  # old form: addr (Name)
             out.append(line[line.index("(") + 1 : line.rindex(")")].strip())
     return "\n".join(out)
@@ -659,12 +1017,22 @@ def _header_value(msg: ParsedMessage, name: str, mod: str, hmap: dict[str, str])
 class RuleEngine:
     """A compiled, immutable rule set (see module docstring)."""
 
-    def __init__(self, rules: Iterable[Rule], threshold: float = 5.0) -> None:
+    def __init__(
+        self, rules: Iterable[Rule], threshold: float = 5.0, *, budget_ms: float = DEFAULT_BUDGET_MS,
+        strict: bool = False,
+    ) -> None:
+        """Build (compile) a rule set. A malformed rule raises RuleError. A well-formed rule that cannot run
+        within bounded work raises RuleRefused when ``strict``; otherwise it is kept in the set but inactive,
+        with its reason in ``refused`` and a logged warning (so a rule file saved before a limit existed still
+        loads, and saving it back keeps the rule for its author to fix)."""
         self._rules: tuple[Rule, ...] = tuple(dataclasses.replace(r) for r in rules)
         try:
             self._threshold = float(threshold)
+            self._budget_s = float(budget_ms) / 1000.0
         except (TypeError, ValueError) as exc:
-            raise RuleError("threshold must be a number") from exc
+            raise RuleError("threshold and budget_ms must be numbers") from exc
+        self._strict = strict
+        self._refused: dict[str, str] = {}
         self._index: dict[str, int] = {}
         for i, r in enumerate(self._rules):
             if not isinstance(r.name, str) or _NAME_RE.match(r.name) is None:
@@ -690,6 +1058,16 @@ class RuleEngine:
                 try:
                     parser = _MetaParser(r.pattern, self._resolver(r.name))
                     fn = parser.parse()
+                except RuleRefused as exc:
+                    try:  # its references still resolve (an unknown name or a cycle is an error as ever)
+                        refs = meta_references(r.pattern)
+                        for ref in refs:
+                            self._resolver(r.name)(ref)
+                    except RuleError as bad:
+                        raise RuleError(f"rule {r.name}: bad meta expression: {bad}") from None
+                    self._refuse(i, f"rule {r.name}: meta expression refused: {exc}")
+                    metas.append((i, _never, refs))
+                    continue
                 except RuleError as exc:
                     raise RuleError(f"rule {r.name}: bad meta expression: {exc}") from None
                 metas.append((i, fn, parser.refs))
@@ -708,19 +1086,33 @@ class RuleEngine:
                 negated.append(i)
             specs.setdefault(spec.target, []).append(spec)
         self._groups = [_Group(t, s, self._rules) for t, s in specs.items()]
+        for g in self._groups:
+            for i, why in g.refused.items():
+                self._refuse(i, why)
+        refused = {self._index[name] for name in self._refused}
         self._exists = exists
-        self._negated = negated
-        self._metas = self._order_metas(metas)
-        self._active = sum(1 for r in self._rules if r.enabled)
+        self._negated = [i for i in negated if i not in refused]
+        self._metas = [(i, fn) for i, fn in self._order_metas(metas) if i not in refused]
+        self._active = sum(1 for i, r in enumerate(self._rules) if r.enabled and i not in refused)
         self._weights = [r.weight if r.enabled else 0.0 for r in self._rules]
         # Per rule: None when disabled, else (weight, the RuleHit it reports or None for a "__" sub-rule). RuleHit is
         # frozen, so one instance per rule is shared by every result.
         self._hit_table: list[tuple[float, RuleHit | None] | None] = [
             (r.weight, None if r.name.startswith("__") else RuleHit(r.name, r.weight, r.description))
-            if r.enabled
+            if r.enabled and i not in refused
             else None
-            for r in self._rules
+            for i, r in enumerate(self._rules)
         ]
+
+    def _refuse(self, i: int, why: str) -> None:
+        """Rule ``i`` cannot run within bounded work: raise (strict) or keep it inactive, logged."""
+        name = self._rules[i].name
+        if self._strict:
+            raise RuleRefused(why)
+        if not self._rules[i].enabled:
+            return  # a disabled rule never runs: nothing to refuse until it is enabled
+        self._refused[name] = why
+        log.warning("rule_refused", rule=name, reason=why)
 
     def _resolver(self, owner: str) -> Callable[[str], int]:
         def resolve(name: str) -> int:
@@ -734,28 +1126,40 @@ class RuleEngine:
         return resolve
 
     def _order_metas(self, metas: list[tuple[int, Evaluator, set[str]]]) -> list[tuple[int, Evaluator]]:
-        by_idx = {i: (fn, refs) for i, fn, refs in metas}
+        """Metas in dependency order (each after the metas it reads); RuleError on a cycle. Iterative: a chain
+        of metas thousands long must not exhaust the stack."""
+        by_idx = {i: (fn, sorted(refs)) for i, fn, refs in metas}
         order: list[tuple[int, Evaluator]] = []
-        state: dict[int, int] = {}
-
-        def visit(i: int, path: list[str]) -> None:
-            st = state.get(i, 0)
-            if st == 2:
-                return
-            if st == 1:
-                raise RuleError(f"rule {self._rules[i].name}: meta rules form a cycle: {' -> '.join(path)}")
-            state[i] = 1
-            fn, refs = by_idx[i]
-            for ref in sorted(refs):
-                j = self._index[ref]
-                if j in by_idx:
-                    visit(j, [*path, ref])
-            state[i] = 2
-            if self._rules[i].enabled:
-                order.append((i, fn))
-
-        for i in by_idx:
-            visit(i, [self._rules[i].name])
+        state: dict[int, int] = {}  # 1: on the current path, 2: done
+        for root in by_idx:
+            if state.get(root):
+                continue
+            state[root] = 1
+            path = [self._rules[root].name]
+            stack: list[tuple[int, int]] = [(root, 0)]  # (meta, next reference to look at)
+            while stack:
+                i, k = stack[-1]
+                refs = by_idx[i][1]
+                if k < len(refs):
+                    stack[-1] = (i, k + 1)
+                    j = self._index[refs[k]]
+                    if j not in by_idx:
+                        continue
+                    st = state.get(j, 0)
+                    if st == 1:
+                        raise RuleError(
+                            f"rule {self._rules[j].name}: meta rules form a cycle: {' -> '.join([*path, refs[k]])}"
+                        )
+                    if st == 0:
+                        state[j] = 1
+                        path.append(refs[k])
+                        stack.append((j, 0))
+                    continue
+                stack.pop()
+                path.pop()
+                state[i] = 2
+                if self._rules[i].enabled:
+                    order.append((i, by_idx[i][0]))
         return order
 
     @classmethod
@@ -764,20 +1168,21 @@ class RuleEngine:
         return cls.load(DEFAULT_RULES_PATH)
 
     @classmethod
-    def load(cls, path: Path | str) -> RuleEngine:
-        """Load a YAML rule file (``threshold`` + ``rules``)."""
+    def load(cls, path: Path | str, *, budget_ms: float = DEFAULT_BUDGET_MS) -> RuleEngine:
+        """Load a YAML rule file (``threshold`` + ``rules``). A rule in it that cannot run within bounded work
+        is kept inactive with its reason (``refused``), not an error: see the constructor."""
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError) as exc:
             raise RuleError(f"cannot read rule file {path}: {exc}") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(data, budget_ms=budget_ms)
 
     @classmethod
-    def from_dict(cls, data: Any) -> RuleEngine:
+    def from_dict(cls, data: Any, *, budget_ms: float = DEFAULT_BUDGET_MS) -> RuleEngine:
         if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
             raise RuleError("a rule file is a mapping with a 'rules' list")
         rules = [Rule.from_dict(d) for d in data["rules"]]
-        return cls(rules, threshold=data.get("threshold", 5.0))
+        return cls(rules, threshold=data.get("threshold", 5.0), budget_ms=budget_ms)
 
     def to_dict(self) -> dict[str, Any]:
         return {"threshold": self._threshold, "rules": [r.to_dict() for r in self._rules]}
@@ -809,8 +1214,26 @@ class RuleEngine:
 
     @property
     def fallback_count(self) -> int:
-        """Active patterns matched with Python ``re`` because hyperscan could not compile them."""
+        """Active patterns hyperscan does not take (run by RE2 or, budgeted, by a backtracking engine)."""
         return sum(len(g.fallback) for g in self._groups)
+
+    @property
+    def re2_count(self) -> int:
+        return sum(1 for g in self._groups for _, engine, _ in g.fallback if engine == _RE2)
+
+    @property
+    def budgeted_count(self) -> int:
+        """Active patterns that need backtracking and run under the per-message time budget."""
+        return sum(1 for g in self._groups for _, engine, _ in g.fallback if engine == _BT)
+
+    @property
+    def budget_ms(self) -> float:
+        return self._budget_s * 1000.0
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """Rules kept in the set but not run, each with the reason (see RuleRefused)."""
+        return dict(self._refused)
 
     @property
     def hyperscan_count(self) -> int:
@@ -825,20 +1248,28 @@ class RuleEngine:
 
     # -- changes (each returns a new engine) ------------------------------------------
 
+    def _derive(self, rules: Iterable[Rule], threshold: float | None = None) -> RuleEngine:
+        return RuleEngine(rules, self._threshold if threshold is None else threshold, budget_ms=self.budget_ms)
+
     def with_rule(self, rule: Rule) -> RuleEngine:
-        """Add ``rule``, or replace the rule of the same name."""
+        """Add ``rule``, or replace the rule of the same name. RuleRefused when ``rule`` itself cannot run within
+        bounded work (rules refused before stay as they are); ``validate_rule`` also gives it a trial run."""
         rules = list(self._rules)
         idx = self._index.get(rule.name)
         if idx is None:
             rules.append(rule)
         else:
             rules[idx] = rule
-        return RuleEngine(rules, self._threshold)
+        engine = self._derive(rules)
+        why = engine._refused.get(rule.name)
+        if why is not None:
+            raise RuleRefused(why)
+        return engine
 
     def without_rule(self, name: str) -> RuleEngine:
         if name not in self._index:
             raise RuleError(f"no rule named {name!r}")
-        return RuleEngine([r for r in self._rules if r.name != name], self._threshold)
+        return self._derive([r for r in self._rules if r.name != name])
 
     def with_enabled(self, name: str, enabled: bool) -> RuleEngine:
         idx = self._index.get(name)
@@ -846,10 +1277,14 @@ class RuleEngine:
             raise RuleError(f"no rule named {name!r}")
         rules = list(self._rules)
         rules[idx] = dataclasses.replace(rules[idx], enabled=bool(enabled))
-        return RuleEngine(rules, self._threshold)
+        engine = self._derive(rules)
+        why = engine._refused.get(name)
+        if enabled and why is not None:
+            raise RuleRefused(why)
+        return engine
 
     def with_threshold(self, threshold: float) -> RuleEngine:
-        return RuleEngine(self._rules, threshold)
+        return self._derive(self._rules, threshold)
 
     def order_added(self) -> list[str]:
         """Rule names in the order they were written (``added`` date, then file order)."""
@@ -863,7 +1298,7 @@ class RuleEngine:
         (a disabled rule counts as not hit)."""
         keep = set(self.order_added()[: max(0, int(n))])
         rules = [r if r.name in keep else dataclasses.replace(r, enabled=False) for r in self._rules]
-        return RuleEngine(rules, self._threshold)
+        return self._derive(rules)
 
     # -- evaluation ----------------------------------------------------------------------
 
@@ -871,6 +1306,7 @@ class RuleEngine:
         """Score one parsed message: the sum of the weights of the rules that hit."""
         hits = bytearray(len(self._rules))
         hmap = _header_map(msg)
+        budget = _Budget(self._budget_s + BUDGET_MS_PER_KB / 1000.0 * len(msg.raw) / 1024.0)
         for g in self._groups:
             t = g.target
             if t == "full":
@@ -888,7 +1324,7 @@ class RuleEngine:
                         text = g.unset  # SpamAssassin's [if-unset: STR]
                 data = text.encode("utf-8", "surrogatepass")
             if data:
-                g.match(data, hits)
+                g.match(data, hits, budget)
             else:
                 for i in g.empty_hits:
                     hits[i] = 1
@@ -920,7 +1356,136 @@ class RuleEngine:
                     out.append(entry[1])
             i = find(1, i + 1)
         score = round(score, 6)
-        return RuleResult(score=score, threshold=self._threshold, is_spam=score >= self._threshold, hits=out)
+        result = RuleResult(score=score, threshold=self._threshold, is_spam=score >= self._threshold, hits=out)
+        if budget.timed_out:
+            result.timed_out = [self._rules[i].name for i in budget.timed_out]
+        return result
+
+
+# ---------------------------------------------------------------------------------------
+# Validation before a rule is saved
+# ---------------------------------------------------------------------------------------
+
+_TRIAL_SIZE = 32 * 1024
+_TRIAL_MESSAGES: list[ParsedMessage] = []
+_TRIAL_LOCK = threading.Lock()
+_LITERAL_CHARS_RE = re.compile(r"\\.|[^\\[\](){}?*+|^$.]")
+
+
+def _trial_messages() -> list[ParsedMessage]:
+    """Messages a new rule is tried on: plain mail and hostile shapes (long runs of one letter, of blanks, of
+    words and of tags, floods of headers and URLs), parsed once per process."""
+    with _TRIAL_LOCK:
+        if not _TRIAL_MESSAGES:
+            from models import hostile
+            from models.message import parse
+
+            plain = (
+                b"From: Alice <alice@example.test>\nTo: bob@example.test\nSubject: lunch on friday\n"
+                b"Date: Mon, 1 Jul 2024 10:00:00 +0000\nMessage-ID: <1@example.test>\n\n"
+                b"Hi Bob, are we still on for lunch? See http://example.test/menu for the menu.\n"
+            )
+            _TRIAL_MESSAGES.append(parse(plain))
+            for name in ("long_line_char", "lookalike_run", "from_blanks", "header_long", "long_line_words",
+                         "long_line_punct", "html_nesting", "html_links", "url_glued", "header_flood",
+                         "encoded_subject", "mime_wide", "binary_junk"):
+                _TRIAL_MESSAGES.append(parse(hostile.build(name, _TRIAL_SIZE)))
+        return list(_TRIAL_MESSAGES)
+
+
+def _trial_texts(pattern: str) -> list[bytes]:
+    """Texts that make a backtracking pattern show an exponential or polynomial blow-up: long runs of the
+    pattern's own literal characters (one at a time, and all of them in turn), of letters, blanks and digits,
+    each with and without a last character that spoils the match."""
+    lits: list[str] = []
+    for m in _LITERAL_CHARS_RE.finditer(pattern):
+        tok = m.group(0)
+        ch = {"\\s": " ", "\\d": "7", "\\w": "w", "\\S": "x", "\\W": "-", "\\D": "d"}.get(tok, tok[-1])
+        if ch not in lits and ch.isprintable():
+            lits.append(ch)
+        if len(lits) >= 12:
+            break
+    units = [*lits, "".join(lits), "a", " ", "0", "a ", "ab", "<a>"]
+    out: list[bytes] = []
+    for unit in dict.fromkeys(u for u in units if u):
+        run = (unit * (_TRIAL_SIZE // (4 * len(unit)) + 1)).encode("utf-8", "surrogatepass")[: _TRIAL_SIZE // 4]
+        out.append(run)
+        out.append(run + b"\x00")
+    return out
+
+
+def validate_rule(
+    engine: RuleEngine, rule: Rule | dict[str, Any], samples: Sequence[bytes] | None = None
+) -> RuleEngine:
+    """The one check a rule passes before it is saved anywhere: ``engine`` with ``rule`` added (or replacing
+    the rule of its name), or RuleError (RuleRefused for a well-formed rule that cannot run within bounded
+    work) whose message says why.
+
+    Steps: the rule's fields (``Rule.from_dict`` for a mapping); its pattern compiled by the rule language
+    (``re``) and by an engine with bounded time (hyperscan, RE2, or the budgeted backtracking engine); a meta
+    expression within MAX_META_TERMS / MAX_META_CHARS / MAX_META_DEPTH, whose references resolve without a
+    cycle; then a trial run: the rule alone evaluated on the trial messages (and on ``samples``, raw messages,
+    when given) within the engine's time budget, and a backtracking pattern run on long runs of its own
+    characters, each of which must finish within half of that budget.
+    """
+    from models.message import parse
+
+    if not isinstance(rule, Rule):
+        rule = Rule.from_dict(dict(rule))
+    try:
+        candidate = engine.with_rule(rule)
+    except RecursionError:
+        raise RuleRefused(f"rule {rule.name}: expression too deeply nested to compile") from None
+    # the rule and what it depends on, alone: its time is its own
+    needed: dict[str, Rule] = {}
+    stack = [rule]
+    while stack:
+        r = stack.pop()
+        if r.name in needed:
+            continue
+        needed[r.name] = r
+        if r.kind == "meta":
+            for ref in meta_references(r.pattern):
+                dep = candidate.get(ref)
+                if dep is not None:
+                    stack.append(dep)
+    alone = RuleEngine([dataclasses.replace(r, enabled=True) for r in needed.values()],
+                       candidate.threshold, budget_ms=candidate.budget_ms, strict=True)
+    half = alone._budget_s / 2.0
+    msgs = _trial_messages() + [parse(raw) for raw in (samples or ())]
+    for k, msg in enumerate(msgs):
+        try:
+            result = alone.evaluate(msg)
+        except (RecursionError, MemoryError, ValueError, TypeError, ZeroDivisionError) as exc:
+            raise RuleRefused(f"rule {rule.name}: fails on trial message {k}: {exc!r}"[:300]) from None
+        if rule.name in result.timed_out:
+            raise RuleRefused(
+                f"rule {rule.name}: ran out of the {alone.budget_ms:g} ms time budget on trial message {k} "
+                f"({msg.subject[:40]!r}); its pattern backtracks too much"
+            )
+    for g in alone._groups:
+        for idx, kind, rx in g.fallback:
+            why = _stalls(rx, alone._rules[idx].pattern, half) if kind == _BT else None
+            if why is not None:
+                raise RuleRefused(f"rule {alone._rules[idx].name}: {why}")
+    return candidate
+
+
+def _stalls(rx: Any, pattern: str, limit_s: float) -> str | None:
+    """Why the budgeted pattern ``rx`` stalls (more than ``limit_s`` CPU seconds on one of its trial texts),
+    or None."""
+    for text in _trial_texts(pattern):
+        t0 = time.thread_time()
+        try:
+            rx.search(text, timeout=limit_s)
+        except TimeoutError:
+            spent = limit_s
+        else:
+            spent = time.thread_time() - t0
+        if spent >= limit_s:
+            return (f"needs more than {limit_s * 1000:g} ms (half the time budget) on a {len(text)}-byte run of "
+                    f"{text[:8]!r}...; its pattern backtracks too much")
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1179,7 +1744,7 @@ class _SAImporter:
             "source": "spamassassin",
         }
         if kind == "meta":
-            meta_references(body)  # syntax check (tokens)
+            _MetaParser(body, lambda ref: 0).parse()  # syntax and size limits (references are checked later)
             return Rule(name=name, kind="meta", pattern=body, **common)
         if kind == "header":
             m = _EXISTS_RE.match(body)
@@ -1202,6 +1767,16 @@ class _SAImporter:
             rule = Rule(name=name, kind=kind, pattern=f"/{perl_to_python_regex(regex)}/{fl}", **common)
         spec = _rule_spec(0, rule)
         _py_compile(spec, name)
+        if _re2_compile(spec) is None:
+            bt = _bt_compile(spec)
+            if bt is None:
+                hs = _hs_pattern(spec)
+                if hs is None or not _hs_single_ok(*hs):
+                    raise RuleRefused("runs on no engine with bounded time (hyperscan, RE2, budgeted backtracking)")
+            elif _HS_UNSUPPORTED_RE.search(_plain(spec).regex) is not None:
+                why = _stalls(bt, spec.regex, DEFAULT_BUDGET_MS / 2000.0)  # it will run under the budget
+                if why is not None:
+                    raise RuleRefused(why)
         return rule
 
     def _build(self) -> tuple[list[Rule], list[tuple[str, str]]]:

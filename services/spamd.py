@@ -3,8 +3,18 @@
 Mail servers that already talk to SpamAssassin (spamc, spamass-milter, Exim, Haraka) use Flywheel
 unchanged: ``PING``, ``CHECK``, ``SYMBOLS``, ``REPORT``, ``REPORT_IFSPAM``, ``PROCESS``, ``HEADERS``,
 ``SKIP`` and ``TELL`` (``Message-class: spam|ham`` with ``Set: local`` -> a feedback event, ``Remove: local``
--> a retraction of the reporter's last flag on that message). The reporter is the ``User:`` header spamc
-sends (or "spamc").
+-> a retraction of the reporter's last flag on that message).
+
+``TELL`` teaches the filter, so like spamd's ``--allow-tell`` it is off unless ``spamd_allow_tell`` is set, and
+then accepted only from ``spamd_tell_clients`` (addresses or networks) or from a client that sends the shared
+``spamd_tell_secret`` in a ``Secret:`` header; the refusal is decided on the headers, before the body is read.
+The reporter is the ``User:`` header spamc sends, in its own namespace (``spamd:<user>``), so a spamd client can
+never flag, relabel or retract as a user of the HTTP API; flags are rate-limited per reporter and per client
+address like HTTP feedback (services.api.limits).
+
+Messages are scored on the process's bounded classification pool, off the event loop; a full pool answers
+EX_TEMPFAIL. Each worker serves at most ``spamd_max_connections`` connections at once; one more is answered
+``SPAMD/1.0 75 Too many connections`` and closed.
 
 One request per connection, like spamd. Every read has a deadline; a malformed request gets the protocol's
 error reply (``SPAMD/1.0 76 Bad header line: ...``) and the connection is closed, the server goes on.
@@ -14,8 +24,12 @@ The listener runs inside each API worker (see services/api/app.py) and serves th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
+import ipaddress
 import re
 import socket
+import sqlite3
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +37,8 @@ import structlog
 
 from services.api import metrics
 from services.api.convert import message_id_for, spamd_score
+from services.api.offload import Busy
+from services.api.safety import RELAY_USER, SPAMD_NAMESPACE
 
 if TYPE_CHECKING:
     from services.api.state import ServingState
@@ -35,12 +51,14 @@ EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75
 EX_PROTOCOL = 76
+EX_NOPERM = 77
 EX_TIMEOUT = 79
 
 _REQUEST_LINE = re.compile(rb"^([A-Z_]{1,20}) SPAMC/(\d+)\.(\d+)$")
 _HEADER_LINE = re.compile(rb"^([A-Za-z][A-Za-z0-9-]{0,63}) *: *(.*)$")
 _COMMANDS = frozenset({"PING", "CHECK", "SYMBOLS", "REPORT", "REPORT_IFSPAM", "PROCESS", "HEADERS", "SKIP", "TELL"})
 _MAX_LINE = 8192
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 _MAX_HEADERS = 64
 
 
@@ -59,26 +77,73 @@ async def start_spamd(state: ServingState, host: str, port: int, *, timeout_s: f
     )
 
 
+def _peer_ip(writer: asyncio.StreamWriter) -> _IP | None:
+    peer = writer.get_extra_info("peername")
+    try:
+        ip = ipaddress.ip_address(peer[0])
+    except (TypeError, IndexError, ValueError):
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 class SpamdServer:
     def __init__(self, state: ServingState, *, timeout_s: float) -> None:
         self.state = state
         self.timeout_s = timeout_s
+        s = state.settings
+        self.allow_tell = s.spamd_allow_tell
+        self.tell_networks = [ipaddress.ip_network(n, strict=False) for n in s.spamd_tell_clients]
+        secret = s.spamd_tell_secret.get_secret_value() if s.spamd_tell_secret is not None else ""
+        self.tell_secret = secret.encode("utf-8")
+        self.max_connections = s.spamd_max_connections
+        self.active = 0
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.max_connections:
+            await self._refuse_connection(reader, writer)
+            return
+        self.active += 1
+        try:
+            await self._handle(reader, writer)
+        finally:
+            self.active -= 1
+
+    async def _refuse_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Over the cap: say so and close, after a short bounded drain (closing with unread input would reset
+        the connection and could lose the reply before the client reads it)."""
+        metrics.SPAMD_REQUESTS.labels("connection", "too_many_connections").inc()
+        try:
+            writer.write(f"SPAMD/1.0 {EX_TEMPFAIL} Too many connections\r\n".encode())
+            async with asyncio.timeout(0.5):
+                await writer.drain()
+                if writer.can_write_eof():
+                    writer.write_eof()
+                await reader.read(64 * 1024)
+        except (OSError, TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError, ConnectionError):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         command = "?"
         try:
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = _peer_ip(writer)
             try:
                 async with asyncio.timeout(self.timeout_s):
-                    command, headers, body = await self._read_request(reader)
+                    command, headers, body = await self._read_request(reader, peer)
             except TimeoutError:
                 raise ProtocolError(EX_TIMEOUT, "Timeout reading request") from None
             if command == "SKIP":
                 metrics.SPAMD_REQUESTS.labels(command, "ok").inc()
                 return
-            reply = await self._dispatch(command, headers, body)
+            reply = await self._dispatch(command, headers, body, peer)
             writer.write(reply)
             await asyncio.wait_for(writer.drain(), self.timeout_s)
             metrics.SPAMD_REQUESTS.labels(command, "ok").inc()
@@ -92,6 +157,12 @@ class SpamdServer:
                 pass
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             metrics.SPAMD_REQUESTS.labels(command if command in _COMMANDS else "invalid", "disconnected").inc()
+        except Exception:  # noqa: BLE001 - a failure on one message answers EX_SOFTWARE, the listener goes on
+            log.exception("spamd request failed", command=command)
+            metrics.SPAMD_REQUESTS.labels(command if command in _COMMANDS else "invalid", "error").inc()
+            with contextlib.suppress(OSError, TimeoutError, ConnectionError):
+                writer.write(f"SPAMD/1.0 {EX_SOFTWARE} Internal error\r\n".encode())
+                await asyncio.wait_for(writer.drain(), 2.0)
         finally:
             writer.close()
             try:
@@ -113,7 +184,23 @@ class SpamdServer:
             raise ProtocolError(EX_PROTOCOL, "Line too long")
         return line.rstrip(b"\r\n")
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, dict[str, str], bytes]:
+    def _check_tell(self, headers: dict[str, str], peer: _IP | None) -> None:
+        """Refuse a TELL that is not enabled, or from a client neither listed nor holding the secret."""
+        if not self.allow_tell:
+            raise ProtocolError(EX_UNAVAILABLE, "TELL commands are not enabled, set FLYWHEEL_SPAMD_ALLOW_TELL")
+        presented = headers.get("secret")
+        if presented is not None and self.tell_secret:
+            if hmac.compare_digest(presented.encode("utf-8", "surrogateescape"), self.tell_secret):
+                return
+            raise ProtocolError(EX_NOPERM, "TELL refused: wrong secret")
+        if peer is not None and any(peer in net for net in self.tell_networks):
+            return
+        raise ProtocolError(EX_NOPERM,
+                            f"TELL not permitted from {peer} (FLYWHEEL_SPAMD_TELL_CLIENTS, or a Secret header)")
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, peer: _IP | None = None
+    ) -> tuple[str, dict[str, str], bytes]:
         first = await self._readline(reader)
         m = _REQUEST_LINE.match(first)
         if m is None:
@@ -141,6 +228,8 @@ class SpamdServer:
             headers[hm.group(1).decode("ascii").lower()] = hm.group(2).decode("utf-8", "replace").strip()
         if command == "SKIP":
             return command, headers, b""
+        if command == "TELL":
+            self._check_tell(headers, peer)  # before reading a body a refused client would make us hold
         limit = self.state.settings.max_message_bytes
         length_text = headers.get("content-length")
         if length_text is not None:
@@ -173,19 +262,23 @@ class SpamdServer:
         return command, headers, body
 
     # ------------------------------------------------------------------ answering
-    async def _dispatch(self, command: str, headers: dict[str, str], body: bytes) -> bytes:
+    async def _dispatch(
+        self, command: str, headers: dict[str, str], body: bytes,
+        peer: _IP | None = None,
+    ) -> bytes:
         if command == "PING":
             return b"SPAMD/1.5 0 PONG\r\n"
         if command == "TELL":
-            return await self._tell(headers, body)
+            return await self._tell(headers, body, peer)
         if not body.strip():
             raise ProtocolError(EX_DATAERR, "Empty message")
         served = self.state.current()
-        v = served.classifier.classify(body)
-        from services.api.routes import record_verdict
+        from services.api.routes import classify_and_remember
 
-        record_verdict(v)
-        self.state.messages.put(message_id_for(body), body)
+        try:
+            v, _ = await self.state.classify_pool.run(classify_and_remember, self.state, served, body)
+        except Busy:
+            raise ProtocolError(EX_TEMPFAIL, "Server busy, retry later") from None
         score, threshold = spamd_score(v)
         spam_line = f"Spam: {'True' if v.is_spam else 'False'} ; {score:.1f} / {threshold:.1f}\r\n"
         if command == "CHECK":
@@ -201,7 +294,10 @@ class SpamdServer:
             return _reply(spam_line, _rewrite(body, processed_headers, headers_only=True))
         return _reply(spam_line, _rewrite(body, processed_headers, headers_only=False))  # PROCESS
 
-    async def _tell(self, headers: dict[str, str], body: bytes) -> bytes:
+    async def _tell(
+        self, headers: dict[str, str], body: bytes,
+        peer: _IP | None = None,
+    ) -> bytes:
         from streams.events import FeedbackEvent, RetractionEvent
         from streams.topics import BrokerUnavailable
 
@@ -214,10 +310,23 @@ class SpamdServer:
             raise ProtocolError(EX_PROTOCOL, "Bad Message-class: " + klass[:40])
         if not body.strip():
             raise ProtocolError(EX_DATAERR, "Empty message")
-        reporter = (headers.get("user") or "spamc")[:256]
+        user = headers.get("user")
+        if user is not None and not RELAY_USER.fullmatch(user):
+            raise ProtocolError(EX_PROTOCOL, "Bad User: 1..128 characters of A-Z a-z 0-9 . _ @ + -")
+        reporter = f"{SPAMD_NAMESPACE}:{user}" if user else SPAMD_NAMESPACE
         mid = message_id_for(body)
         loop = asyncio.get_running_loop()
         state = self.state
+        try:
+            refusal = await loop.run_in_executor(None, lambda: state.limiter.check(
+                reporter, f"{SPAMD_NAMESPACE}@{peer}", new_reporter_allowed=bool(sets)))
+        except sqlite3.Error as exc:  # fail closed, as over HTTP
+            log.error("feedback limiter unavailable", error=str(exc))
+            raise ProtocolError(EX_TEMPFAIL, "Feedback cannot be rate-limited now, not recorded") from None
+        if refusal is not None:
+            metrics.FEEDBACK.labels("refused", refusal.reason).inc()
+            log.info("spamd feedback refused", reason=refusal.reason, reporter=reporter, peer=str(peer))
+            raise ProtocolError(EX_TEMPFAIL, f"Feedback refused: {refusal.detail}")
         out_headers: list[str] = []
         try:
             if removes:
@@ -229,7 +338,8 @@ class SpamdServer:
                     metrics.FEEDBACK.labels("retracted", "").inc()
                     out_headers.append("DidRemove: " + ",".join(sorted(removes)))
             if sets:
-                fb = FeedbackEvent.create(message_id=mid, label=klass, reporter=reporter, raw=body)  # type: ignore[arg-type]
+                fb = FeedbackEvent.create(message_id=mid, label=klass, reporter=reporter, raw=body,  # type: ignore[arg-type]
+                                          served=self.state.messages.served(mid))
                 await loop.run_in_executor(None, state.producer.send, state.topics.feedback, mid, fb)
                 state.remember_feedback(fb.event_id, mid, reporter)
                 metrics.FEEDBACK.labels("accepted", "").inc()
