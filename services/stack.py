@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from services.daemon import Daemon, DaemonError, port_free, port_open, rss_bytes, terminate, wait_for
+from streams.daemon import Daemon, DaemonError, port_free, port_open, rss_bytes, terminate, wait_for
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -321,10 +321,12 @@ def run_stack(
     children: Sequence[Child] | None = None,
     stop_event: threading.Event | None = None,
     install_signal_handlers: bool = True,
+    after_start: Callable[[threading.Event], bool] | None = None,
 ) -> int:
     """Run the whole stack until Ctrl-C/SIGTERM (exit 0) or until a child dies (exit 1).
 
-    ``children`` replaces the API and worker (tests); ``stop_event`` stops the stack from another thread.
+    ``children`` replaces the API and worker (tests); ``stop_event`` stops the stack from another thread;
+    ``after_start`` runs once everything is up (the replay) and says whether the stack keeps running after it.
     """
     from streams import broker
 
@@ -338,13 +340,14 @@ def run_stack(
     exit_code = 0
     try:
         # --- servers (each stopped at the end only if this run started it)
-        if settings.manages_kafka:
-            was_running = broker.is_running(settings)
-            broker.start(settings)
+        kafka = settings.streams()
+        if kafka.manages_kafka:
+            was_running = broker.is_running(kafka)
+            broker.start(kafka)
             if not was_running:
-                teardown.append(("kafka", lambda: broker.stop(settings)))
+                teardown.append(("kafka", lambda: broker.stop(kafka)))
         else:
-            broker.start(settings)  # only checks the external cluster answers
+            broker.start(kafka)  # only checks the external cluster answers
         _ensure_project_topics(settings)
         if stop.is_set():
             return 0
@@ -365,6 +368,10 @@ def run_stack(
             _wait_child_ready(child, settings, stop)
         if stop.is_set():
             return 0
+        if after_start is not None:
+            keep = after_start(stop)
+            if not keep or stop.is_set():
+                return 0
         _print_addresses(settings, kids)
         # --- wait for Ctrl-C or a child's death
         while not stop.wait(0.5):
@@ -379,6 +386,8 @@ def run_stack(
     except (StackError, PrometheusError, broker.BrokerError, DaemonError) as exc:
         _progress(f"error: {exc}")
         exit_code = 1
+    except KeyboardInterrupt:
+        _progress("\n==> interrupted; stopping the stack")
     finally:
         for name, fn in reversed(teardown):
             try:
@@ -401,7 +410,7 @@ def _ensure_project_topics(settings: Settings) -> None:
     except ImportError:  # the worker's modules may be absent in a partial checkout
         log.warning("streams.topics not importable; no topics created")
         return
-    broker.ensure_topics(settings, topic_specs(settings))
+    broker.ensure_topics(settings.streams(), topic_specs(settings.streams()))
 
 
 def _wait_child_ready(child: Child, settings: Settings, stop: threading.Event) -> None:

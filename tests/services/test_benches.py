@@ -1,0 +1,61 @@
+"""Every benchmark runs for real, briefly, and reports its figures with their ratios to the targets: a benchmark
+that no test runs is one that silently stops working. (The figures quoted in the notes come from full runs.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import DOWNLOADS
+from services.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_models_bench_on_a_sample(tmp_path: Path) -> None:
+    from models.bench import run_models_bench
+
+    out = tmp_path / "models.json"
+    r = run_models_bench(downloads_dir=DOWNLOADS, corpus_dir=None, json_path=out, limit=300)
+    assert json.loads(out.read_text())["single_msgs_per_s"] == r["single_msgs_per_s"] > 0
+    assert r["ratio_to_target"]["single_msgs_per_s"] > 0 and r["train_neural_s"] > 0
+
+
+def test_api_bench_briefly(kafka: Settings, tmp_path: Path) -> None:
+    from services.bench import run_api_bench
+
+    out = tmp_path / "api.json"
+    r = run_api_bench(kafka.model_copy(update={"state_dir": tmp_path}), out, duration_s=1.0)
+    assert r["classify_rps"] > 0 and r["classify"]["failed"] == 0
+    assert r["swap_ok"] and r["swap_failed_requests"] == 0
+    assert set(r["ratios_to_targets"]) == {"classify_rps", "p99_ms_at_500rps", "batch_msgs_per_s"}
+    assert json.loads(out.read_text())["classify_rps"] == r["classify_rps"]
+
+
+def test_loop_bench_briefly(kafka: Settings, tmp_path: Path) -> None:
+    from services.loopbench import run_loop_bench
+
+    out = tmp_path / "loop.json"
+    r = run_loop_bench(kafka.model_copy(update={"state_dir": tmp_path}), out, flags=2, ingest_events=300,
+                       neural=False)
+    assert r["ingest_events_per_s"] > 0 and r["ingest_events"] == 300
+    assert len(r["flag_to_serving_s"]) + r["flag_to_serving_not_served"] == 2
+    assert json.loads(out.read_text())["targets"] == r["targets"]
+
+
+def test_flywheel_bench_on_a_quarter_of_the_later_mail(kafka: Settings, tmp_path: Path) -> None:
+    from services.flywheelbench import run_flywheel_bench
+
+    out = tmp_path / "flywheel.json"
+    r = run_flywheel_bench(kafka.model_copy(update={"state_dir": tmp_path, "neural_retrain": False}), out,
+                           noisy_run=False, every=4)
+    assert r["after_one_minus_auc_pct"] < r["before_one_minus_auc_pct"]  # flags on new mail helped unflagged mail
+    assert r["flagged"] + r["unflagged"] > 600 and r["clean"]["decisions"]["promoted"] >= 1
+    for key in ("before_one_minus_auc_pct", "after_one_minus_auc_pct", "offline_one_minus_auc_pct",
+                "after_recall_at_fpr_0_1pct", "offline_recall_at_fpr_0_1pct", "seconds_to_effect",
+                "before_fpr_at_verdict", "after_fpr_at_verdict", "after_recall_at_verdict"):
+        assert key in r
+    assert all({"value", "bound", "ratio", "met"} <= set(c) for c in r["checks"].values())
+    assert json.loads(out.read_text())["after_one_minus_auc_pct"] == r["after_one_minus_auc_pct"]
