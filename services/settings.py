@@ -10,10 +10,18 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, computed_field
+from pydantic import Field, SecretStr, computed_field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.config import StreamsConfig
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class SettingsError(RuntimeError):
+    """A setting that cannot be used as given; the message names it (shown as one line by the CLI)."""
+
+    user_facing = True
 
 
 class Settings(BaseSettings):
@@ -73,16 +81,112 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(2.0, description="Fallback interval at which the API checks the champion pointer.")
     message_cache_size: int = Field(100_000, description="Recent /classify messages kept for feedback by message id.")
 
+    # --- serving under hostile traffic: keys, feedback identity, limits ------------------------------
+    api_keys_file: Path | None = Field(
+        None,
+        description='A JSON file {"key": "identity"} (a Docker/systemd secret) whose keys replace api_keys.',
+    )
+    relay_identities: list[str] = Field(
+        default_factory=list,
+        description="Identities (of api_keys) that relay flags for their own users: they may send X-Flywheel-User,"
+        " and the reporter becomes '<relay>:<user>'.",
+    )
+    classify_threads: int = Field(
+        2, ge=0, description="Classification threads per API worker (off the event loop); 0 classifies inline."
+    )
+    classify_queue: int = Field(
+        64, ge=0, description="Messages that may wait for a classification thread; beyond that 503 + Retry-After."
+    )
+    feedback_identity_rate: float = Field(1.0, gt=0, description="Flags per second each reporter earns (token bucket).")
+    feedback_identity_burst: int = Field(300, ge=1, description="Flags a reporter may send at once (bucket size).")
+    feedback_source_rate: float = Field(
+        20.0, gt=0,
+        description="Flags per second per source: an API key (all users of a relay), or a spamd client address.",
+    )
+    feedback_source_burst: int = Field(3000, ge=1, description="Flags a source may send at once (bucket size).")
+    feedback_new_reporters: int = Field(
+        100, ge=1, description="New reporters a source may introduce per feedback_new_reporters_window_s; then 429."
+    )
+    feedback_new_reporters_window_s: float = Field(3600.0, gt=0, description="Window of feedback_new_reporters.")
+    message_spool_bytes: int = Field(
+        1024**3, ge=1024 * 1024, description="Bytes the shared message spool (workers > 1) may hold on disk."
+    )
+    spamd_allow_tell: bool = Field(False, description="Accept spamd TELL (spamc -L) at all, like spamd --allow-tell.")
+    spamd_tell_clients: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1", "::1"],
+        description="Addresses or networks (CIDR) whose TELL is accepted without a secret (when TELL is allowed).",
+    )
+    spamd_tell_secret: SecretStr | None = Field(
+        None, description="A client sending this in a 'Secret:' spamd header may TELL from any address."
+    )
+    spamd_max_connections: int = Field(
+        64, ge=1, description="Concurrent spamd connections per API worker; more are answered 75 and closed."
+    )
+
+    @model_validator(mode="after")
+    def _keys_from_file(self) -> Settings:
+        """Keys from ``api_keys_file`` replace ``api_keys``: a mounted secret never mixes with the defaults.
+
+        A missing or malformed file raises ``SettingsError`` (not a validation error): every command then stops
+        with one line naming the setting instead of starting with keys nobody chose.
+        """
+        if self.api_keys_file is not None:
+            import json
+
+            try:
+                data = json.loads(self.api_keys_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise SettingsError(f"FLYWHEEL_API_KEYS_FILE {self.api_keys_file}: {exc}") from None
+            if not isinstance(data, dict) or not data or not all(
+                isinstance(k, str) and k and isinstance(v, str) and v for k, v in data.items()
+            ):
+                raise SettingsError(f"FLYWHEEL_API_KEYS_FILE {self.api_keys_file}: expected a JSON object "
+                                    '{"key": "identity", ...} of non-empty strings')
+            self.api_keys = data
+        return self
+
+    # --- operator page -------------------------------------------------------------------------------
+    operator_identities: list[str] = Field(
+        default_factory=list,
+        description="Identities (of api_keys) that may read the operator page's data besides admin_identities: "
+        "read-only operators (it names reporters and lineage, so other keys get 403).",
+    )
+
     # --- worker --------------------------------------------------------------------------------------
     worker_port: int = Field(6066, description="Port of the worker's metrics page.")
-    linear_publish_every: int = Field(50, description="The incremental model publishes a candidate every N labels.")
-    linear_publish_s: float = Field(2.0, description="... or every T seconds when labels arrived.")
-    neural_retrain_every: int = Field(1000, description="The PyTorch model retrains every N new labels.")
+    linear_refit_s: float = Field(
+        2.0, description="The linear model refits on every current label at most this often while labels change."
+    )
+    neural_retrain: bool = Field(True, description="Train PyTorch challengers (on the schedule below).")
+    neural_first: int = Field(200, description="PyTorch: first retrain after this many labels, then as they double.")
+    neural_growth: float = Field(1.0, description="PyTorch: retrain when labels grew by this share since the last.")
+    neural_surprises: int = Field(
+        50, description="PyTorch: retrain early once this many new flags are on mail the champion got wrong."
+    )
     consensus_min_weight: float = Field(1.0, description="Reporter weight needed before a flag becomes a label.")
     registry_keep: int = Field(
         20, description="Registry housekeeping: keep the last N champions (rollback targets) and N other versions."
     )
-    gate_fpr_tolerance: float = Field(0.002, description="A challenger may raise FPR by at most this much.")
+    fpr_budget: float = Field(0.001, description="Operating thresholds: highest FPR allowed on calibration data.")
+    gate_alpha: float = Field(0.05, description="Significance of every one-sided test of the gate.")
+    gate_relative_margin: float = Field(
+        0.25, description="Gate: a fresher challenger's ranking error may exceed the champion's by this share ..."
+    )
+    gate_margin_cap: float = Field(0.002, description="... but by at most this many AUC points.")
+    gate_fpr_tolerance: float = Field(
+        0.002, description="Gate: a challenger is blocked when its FPR rise is shown (at gate_alpha) to exceed this."
+    )
+    gate_eval_min_per_class: int = Field(
+        50, description="Gate: flags per class below which the corpus's held-out part tops the evaluation set up."
+    )
+    gate_eval_max_per_class: int = Field(2000, description="Gate: newest flags per class in the evaluation set.")
+    eval_exclude_file: Path | None = Field(
+        None, description="Message ids (one per line) the worker never uses from the corpus (benchmark test halves)."
+    )
+    reporter_metrics_max: int = Field(20, description="Reporters shown by flywheel_reporter_weight (bounded series).")
+    worker_base_corpus: bool = Field(
+        True, description="Train on the corpus's earlier collection besides the flags (off: learn from flags alone)."
+    )
 
     # --- logging -------------------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Log level of every process.")
@@ -106,15 +210,31 @@ class Settings(BaseSettings):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def bootstrap_servers(self) -> str:
-        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+        return self.streams().bootstrap_servers
 
     @property
     def manages_kafka(self) -> bool:
         """False when the user pointed Flywheel at their own Kafka."""
-        return self.kafka_bootstrap is None
+        return self.streams().manages_kafka
 
     def topic(self, name: str) -> str:
-        return f"{self.topic_prefix}.{name}"
+        return self.streams().topic(name)
+
+    # --- streams: the event plumbing's own config ----------------------------------------------------
+    def streams(self) -> StreamsConfig:
+        """What the topics, the producer, the faust app and the local broker take (``streams`` reads no Settings)."""
+        return StreamsConfig(
+            topic_prefix=self.topic_prefix,
+            feedback_partitions=self.feedback_partitions,
+            kafka_bootstrap=self.kafka_bootstrap,
+            kafka_port=self.kafka_port,
+            kafka_controller_port=self.kafka_controller_port,
+            kafka_version=self.kafka_version,
+            kafka_heap=self.kafka_heap,
+            kafka_start_timeout_s=self.kafka_start_timeout_s,
+            state_dir=self.state_dir,
+            downloads=self.downloads,
+        )
 
 
 @lru_cache

@@ -71,6 +71,20 @@ class _Event(BaseModel):
             raise ValueError("event_id must be a UUID") from exc
 
 
+class ServedVerdict(BaseModel):
+    """What the API answered when it classified the flagged message earlier: a free label for that answer.
+
+    Every flag on a message the API classified is evidence about the champion of the time (prequential
+    quality): the worker counts the served version's live false positives and false negatives from it.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    version: str = Field(min_length=1, max_length=128)
+    is_spam: bool
+    probability: float = Field(ge=0.0, le=1.0)
+
+
 class FeedbackEvent(_Event):
     """A user's flag: this message is spam (or ham). Keyed by ``message_id`` on the feedback topic."""
 
@@ -81,6 +95,7 @@ class FeedbackEvent(_Event):
     raw: str | None = Field(None, description="base64 of the message bytes (first MAX_RAW_BYTES)")
     idempotency_key: str | None = Field(None, max_length=256)
     received_at: datetime = Field(default_factory=_now)
+    served: ServedVerdict | None = Field(None, description="the API's verdict on this message, when it gave one")
 
     @field_validator("raw")
     @classmethod
@@ -105,6 +120,7 @@ class FeedbackEvent(_Event):
         raw: bytes | None = None,
         idempotency_key: str | None = None,
         received_at: datetime | None = None,
+        served: ServedVerdict | None = None,
     ) -> FeedbackEvent:
         """Build a flag from raw bytes (base64-encoding and truncating them); message_id defaults to their hash."""
         if message_id is None:
@@ -118,6 +134,7 @@ class FeedbackEvent(_Event):
             raw=None if raw is None else base64.b64encode(raw[:MAX_RAW_BYTES]).decode("ascii"),
             idempotency_key=idempotency_key,
             received_at=received_at or _now(),
+            served=served,
         )
 
     def raw_bytes(self) -> bytes | None:
@@ -231,6 +248,7 @@ __all__ = [
     "Event",
     "EventInvalid",
     "FeedbackEvent",
+    "ServedVerdict",
     "RetractionEvent",
     "ModelEvent",
     "RuleChangeEvent",

@@ -7,6 +7,17 @@ from services.logging import configure
 from services.settings import Settings
 
 if __name__ == "__main__":
-    settings = Settings()
-    configure(settings.log_level, settings.log_json)
-    serve(settings)
+    import sys
+
+    from pydantic import ValidationError
+
+    from services.api.safety import UnsafeSettings
+    from services.settings import SettingsError
+
+    try:
+        settings = Settings()
+        configure(settings.log_level, settings.log_json)
+        serve(settings)
+    except (UnsafeSettings, SettingsError, ValidationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)

@@ -19,23 +19,46 @@ import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
 from services.api import metrics
 from services.api.deps import ORJSONResponse
 from services.api.middleware import GuardedHttpToolsProtocol, GuardMiddleware
+from services.api.safety import check_serving_settings
 from services.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 _BODY_SCHEMAS = ("ClassifyJSON", "BatchJSON", "FeedbackIn", "PromoteIn", "RuleIn")
 
+DESCRIPTION = """
+Every answer shows both deciders: the rule baseline and the learned model.
+
+**Keys.** Feedback, model and rule calls need an API key (`X-API-Key`, or `Authorization: Bearer`), from the
+setting `api_keys` (`FLYWHEEL_API_KEYS`, JSON) or `api_keys_file` (`FLYWHEEL_API_KEYS_FILE`, a JSON file such as
+a mounted secret). The identity tied to the key is the reporter of its flags. The server refuses to start on a
+non-loopback address while the development keys are configured.
+
+**Relay identities.** A key whose identity is listed in `relay_identities` (`FLYWHEEL_RELAY_IDENTITIES`) belongs
+to a relay that reports for its own users, such as an IMAP server's Junk-folder hook. On `POST /feedback` and
+`DELETE /feedback/{event_id}` it may send `X-Flywheel-User: <name>` (1..128 characters of `A-Z a-z 0-9 . _ @ + -`);
+the reporter is then `<relay>:<name>`, and only the same relay naming the same user (or an administrator) may
+retract that flag. Without the header the reporter is the relay itself. Any other identity sending the header
+gets 403.
+
+**Limits.** Flags are rate-limited per reporter and per key (429 with `Retry-After`), and a key may introduce
+only `feedback_new_reporters` new reporters per window. Classification runs on a bounded pool; when it is full
+the answer is 503 with `Retry-After`.
+"""
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI application (uvicorn calls this as a factory in every worker)."""
     from starlette.concurrency import run_in_threadpool
 
+    from services.api.operator import router as operator_router
     from services.api.routes import router
     from services.api.state import ServingState
     from services.spamd import start_spamd
@@ -61,11 +84,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Flywheel",
         version="1.0",
         summary="Spam filter: a rule baseline and a learned model side by side, improved by users' flags.",
+        description=DESCRIPTION,
         lifespan=lifespan,
         default_response_class=ORJSONResponse,
     )
     app.state.settings = settings
     app.include_router(router)
+    app.include_router(operator_router)
     app.add_middleware(GuardMiddleware, max_body=settings.max_message_bytes, timeout_s=settings.client_timeout_s)
 
     @app.exception_handler(RequestValidationError)
@@ -76,7 +101,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary,
+                             description=app.description, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         from services.api import schemas as s
 
@@ -102,13 +128,18 @@ def create_worker_app() -> FastAPI:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """``FLYWHEEL_*`` variables that reproduce ``settings`` in a child process (uvicorn workers, tests)."""
+    """``FLYWHEEL_*`` variables that reproduce ``settings`` in a child process (uvicorn workers, tests).
+
+    With ``api_keys_file`` the keys stay in the file (the child reads it), not in every process's environment.
+    """
     env: dict[str, str] = {}
     for name in Settings.model_fields:
         value = getattr(settings, name)
-        if value is None:
+        if value is None or (name == "api_keys" and settings.api_keys_file is not None):
             continue
-        if isinstance(value, dict | list):
+        if isinstance(value, SecretStr):
+            text = value.get_secret_value()
+        elif isinstance(value, dict | list):
             text = json.dumps(value)
         elif isinstance(value, bool):
             text = "true" if value else "false"
@@ -136,11 +167,12 @@ def serve(settings: Settings) -> None:
     from services.api.state import ensure_champion
     from streams.topics import topic_specs
 
+    check_serving_settings(settings)  # before anything binds, trains or touches Kafka
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     version = ensure_champion(settings)  # a fresh install classifies from the first message
     log.info("serving", champion=version, host=settings.api_host, port=settings.api_port,
              spamd_port=settings.spamd_port, workers=settings.workers)
-    _ensure_topics(settings, topic_specs(settings))
+    _ensure_topics(settings, topic_specs(settings.streams()))
     os.environ.update(settings_env(settings))
     prepare_metrics_dir(settings)
     uvicorn.run(
@@ -156,6 +188,9 @@ def serve(settings: Settings) -> None:
         log_config=None,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=10,
+        # A worker loading onnxruntime and the champion on a busy machine can miss the supervisor's default 5 s
+        # health ping and be killed mid-start, again and again.
+        timeout_worker_healthcheck=30,
         limit_concurrency=2048,
         backlog=2048,
         h11_max_incomplete_event_size=64 * 1024,
@@ -168,6 +203,6 @@ def _ensure_topics(settings: Settings, specs: list[tuple[str, int]]) -> None:
     from streams.broker import ensure_topics
 
     try:
-        ensure_topics(settings, specs, timeout_s=10.0)
+        ensure_topics(settings.streams(), specs, timeout_s=10.0)
     except Exception as exc:  # noqa: BLE001 - Kafka down at start is allowed; /readyz reports it
         log.warning("topics not created (Kafka unreachable?)", error=str(exc))

@@ -93,6 +93,7 @@ def verdict_dict(v: Verdict, message_id: str, policy: str) -> dict[str, Any]:
         "verdict": "spam" if v.is_spam else "ham",
         "is_spam": bool(v.is_spam),
         "probability": float(v.probability),
+        "score": float(v.score),
         "threshold": float(v.threshold),
         "decided_by": v.decided_by,
         "policy": policy,

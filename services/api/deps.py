@@ -2,18 +2,24 @@
 
 Keys are compared with ``hmac.compare_digest`` against every configured key (no early exit that would
 leak which prefix matched) and are never logged; the identity tied to the key is the feedback reporter.
+A *relay identity* (``settings.relay_identities``: a mail server or IMAP hook that reports for its own users)
+may name the user in ``X-Flywheel-User``; the reporter is then ``<relay>:<user>``, a namespace no other key
+and no spamd client can write to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from services.api.safety import RELAY_USER
 
 if TYPE_CHECKING:
     from services.api.state import ServingState
@@ -31,10 +37,6 @@ class ORJSONResponse(JSONResponse):
 
 def get_state(request: Request) -> ServingState:
     return request.app.state.serving  # type: ignore[no-any-return]
-
-
-def get_settings_dep(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
 
 
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from settings.api_keys.")
@@ -74,6 +76,41 @@ def require_admin(request: Request, ident: Annotated[str, Depends(require_identi
     if ident not in request.app.state.settings.admin_identities:
         raise HTTPException(403, f"identity {ident!r} may not administer")
     return ident
+
+
+RELAY_USER_HEADER = "X-Flywheel-User"
+
+
+@dataclass(frozen=True, slots=True)
+class Reporter:
+    """Who a flag is attributed to (``name``) and the authenticated key identity that vouches for it (``source``)."""
+
+    name: str
+    source: str
+
+
+_relay_user = Header(
+    alias=RELAY_USER_HEADER,
+    description="Only for relay identities (setting relay_identities): the user the relay reports for, 1..128 "
+    "characters of A-Z a-z 0-9 . _ @ + -; the reporter becomes '<relay>:<user>'. Any other identity gets 403.",
+    json_schema_extra={"pattern": RELAY_USER.pattern, "maxLength": 128},
+)
+
+
+def require_reporter(
+    request: Request,
+    ident: Annotated[str, Depends(require_identity)],
+    user: Annotated[str | None, _relay_user] = None,
+) -> Reporter:
+    """The reporter of a feedback call: the key's identity, or ``<relay>:<user>`` for a relay naming its user."""
+    if user is None:
+        return Reporter(ident, ident)
+    if ident not in request.app.state.settings.relay_identities:
+        raise HTTPException(403, f"identity {ident!r} is not a relay identity and may not send {RELAY_USER_HEADER}; "
+                            "flags are attributed to the key's own identity")
+    if not RELAY_USER.fullmatch(user):
+        raise HTTPException(422, f"{RELAY_USER_HEADER} must be 1..128 characters of A-Z a-z 0-9 . _ @ + -")
+    return Reporter(f"{ident}:{user}", ident)
 
 
 def classify_access(

@@ -1,8 +1,10 @@
 """HTTP routes: classification, feedback, model and rule administration, health and metrics.
 
-/classify runs inline on the event loop: parse + rules + one ONNX row is a few hundred microseconds of
-CPU-bound work under the GIL, so a thread hop would only add latency. Anything that blocks on I/O (Kafka
-acknowledgements, registry loads, hyperscan compiles) goes to the thread pool.
+Classification runs on the process's bounded classification pool (services.api.offload), never on the event
+loop, so one large or crafted message cannot hold up /healthz, /readyz, /metrics or spamd; a full pool answers
+503 with Retry-After. Anything that blocks on I/O (Kafka acknowledgements, registry loads, hyperscan compiles,
+the feedback limiter) goes to the thread pool. Feedback is attributed to a reporter (the key's identity, or
+``<relay>:<user>`` for a relay) and limited per reporter and per source (services.api.limits).
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from starlette.concurrency import run_in_threadpool
 from services.api import metrics
 from services.api.convert import NotAMessage, assemble, check_message, message_id_for, verdict_dict
 from services.api.deps import (
+    classify_access,
     ORJSONResponse,
+    Reporter,
     get_state,
     parse_json,
     read_body,
     require_admin,
     require_identity,
+    require_reporter,
 )
+from services.api.offload import Busy
 from services.api.schemas import (
     BatchJSON,
     BatchResponse,
@@ -53,6 +59,7 @@ log = structlog.get_logger(__name__)
 router = APIRouter()
 
 Identity = Annotated[str, Depends(require_identity)]
+ReporterDep = Annotated[Reporter, Depends(require_reporter)]
 Admin = Annotated[str, Depends(require_admin)]
 State = Annotated[ServingState, Depends(get_state)]
 
@@ -87,16 +94,35 @@ def record_verdict(v: Any) -> None:
         metrics.rule_hits(h.name).inc()
 
 
-def _require_classify_key(request: Request) -> None:
-    settings = request.app.state.settings
-    if not settings.classify_requires_key:
-        return
-    from services.api.deps import identity_for
+def served_record(v: Any) -> dict[str, Any]:
+    """What the message cache keeps of an answer: the free label a later flag gives it (prequential quality)."""
+    return {"version": v.model.version, "is_spam": bool(v.is_spam), "probability": float(v.probability)}
 
-    auth = request.headers.get("authorization", "")
-    presented = request.headers.get("x-api-key") or (auth[7:].strip() if auth[:7].lower() == "bearer " else None)
-    if identity_for(presented, settings.api_keys) is None:
-        raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
+
+def classify_and_remember(state: ServingState, served: Any, raw: bytes) -> tuple[Any, str]:
+    """Score one message, record its metrics and keep it for feedback by id (on a classification thread:
+    hashing, the spool write and the metrics stay off the event loop too). Shared with spamd."""
+    v = served.classifier.classify(raw)
+    mid = message_id_for(raw)
+    state.messages.put(mid, raw, served_record(v))
+    record_verdict(v)
+    return v, mid
+
+
+def _classify_batch(state: ServingState, served: Any, raws: list[bytes]) -> list[dict[str, Any]]:
+    verdicts = served.classifier.classify_batch(raws)
+    out = []
+    policy = served.classifier.policy
+    for raw, v in zip(raws, verdicts, strict=True):
+        mid = message_id_for(raw)
+        state.messages.put(mid, raw, served_record(v))
+        record_verdict(v)
+        out.append(verdict_dict(v, mid, policy))
+    return out
+
+
+def _busy(exc: Busy) -> HTTPException:
+    return HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
 
 
 def _media_type(request: Request) -> str:
@@ -133,18 +159,18 @@ async def _one_message(request: Request) -> bytes:
     response_model=ClassifyResponse,
     summary="Classify one message (raw RFC 822, or JSON)",
     openapi_extra=_body("ClassifyJSON", raw_message=True),
-    responses={400: _ERR, 401: _ERR, 408: _ERR, 413: _ERR, 415: _ERR, 422: _ERR},
+    responses={400: _ERR, 401: _ERR, 408: _ERR, 413: _ERR, 415: _ERR, 422: _ERR, 503: _ERR},
     tags=["classify"],
+    dependencies=[Depends(classify_access)],
 )
 async def classify(request: Request) -> Response:
-    _require_classify_key(request)
     raw = await _one_message(request)
     state: ServingState = request.app.state.serving
     served = state.current()
-    v = served.classifier.classify(raw)
-    mid = message_id_for(raw)
-    state.messages.put(mid, raw)
-    record_verdict(v)
+    try:
+        v, mid = await state.classify_pool.run(classify_and_remember, state, served, raw)
+    except Busy as exc:
+        raise _busy(exc) from None
     return ORJSONResponse(verdict_dict(v, mid, served.classifier.policy))
 
 
@@ -153,11 +179,11 @@ async def classify(request: Request) -> Response:
     response_model=BatchResponse,
     summary="Classify many messages in one call (one batched model inference)",
     openapi_extra=_body("BatchJSON"),
-    responses={400: _ERR, 401: _ERR, 408: _ERR, 413: _ERR, 415: _ERR, 422: _ERR},
+    responses={400: _ERR, 401: _ERR, 408: _ERR, 413: _ERR, 415: _ERR, 422: _ERR, 503: _ERR},
     tags=["classify"],
+    dependencies=[Depends(classify_access)],
 )
 async def classify_batch(request: Request) -> Response:
-    _require_classify_key(request)
     settings = request.app.state.settings
     body = await read_body(request, settings.max_message_bytes, settings.client_timeout_s)
     mt = _media_type(request)
@@ -176,14 +202,10 @@ async def classify_batch(request: Request) -> Response:
         raws.append(raw)
     state: ServingState = request.app.state.serving
     served = state.current()
-    verdicts = await run_in_threadpool(served.classifier.classify_batch, raws)
-    out = []
-    policy = served.classifier.policy
-    for raw, v in zip(raws, verdicts, strict=True):
-        mid = message_id_for(raw)
-        state.messages.put(mid, raw)
-        record_verdict(v)
-        out.append(verdict_dict(v, mid, policy))
+    try:
+        out = await state.classify_pool.run(_classify_batch, state, served, raws)
+    except Busy as exc:
+        raise _busy(exc) from None
     return ORJSONResponse({"results": out})
 
 
@@ -199,11 +221,16 @@ def _refuse(reason: str, status: int, detail: str, headers: dict[str, str] | Non
     response_model=FeedbackAccepted,
     summary="Flag a message as spam or ham (acknowledged by Kafka before the answer)",
     openapi_extra=_body("FeedbackIn"),
-    responses={400: _ERR, 401: _ERR, 404: _ERR, 409: _ERR, 413: _ERR, 422: _ERR, 503: _ERR},
+    responses={400: _ERR, 401: _ERR, 403: _ERR, 404: _ERR, 409: _ERR, 413: _ERR, 422: _ERR, 429: _ERR, 503: _ERR},
     tags=["feedback"],
 )
-async def feedback(request: Request, ident: Identity, state: State) -> Response:
+async def feedback(request: Request, reporter: ReporterDep, state: State) -> Response:
+    """The reporter is the key's identity; a relay identity may name its user in ``X-Flywheel-User`` (the
+    reporter is then ``<relay>:<user>``). Flags are limited per reporter and per key (429 with Retry-After),
+    and a key may introduce only so many new reporters per window."""
     settings = state.settings
+    await _check_limits(state, reporter, new_reporter_allowed=True)
+    ident = reporter.name
     body = await read_body(request, settings.max_message_bytes, settings.client_timeout_s)
     try:
         fb: FeedbackIn = _validate(FeedbackIn, parse_json(body))
@@ -239,7 +266,8 @@ async def feedback(request: Request, ident: Identity, state: State) -> Response:
         from streams.events import FeedbackEvent
         from streams.topics import BrokerUnavailable
 
-        event = FeedbackEvent.create(message_id=mid, label=fb.label, reporter=ident, raw=raw, idempotency_key=key)
+        event = FeedbackEvent.create(message_id=mid, label=fb.label, reporter=ident, raw=raw, idempotency_key=key,
+                                     served=state.messages.served(mid))
         try:
             partition, offset = await run_in_threadpool(state.producer.send, state.topics.feedback, mid, event)
         except BrokerUnavailable as exc:
@@ -259,6 +287,21 @@ async def feedback(request: Request, ident: Identity, state: State) -> Response:
     metrics.FEEDBACK.labels("accepted", "").inc()
     log.info("feedback accepted", event_id=event.event_id, message_id=mid, label=fb.label, reporter=ident)
     return ORJSONResponse(answer, status_code=202)
+
+
+async def _check_limits(state: ServingState, reporter: Reporter, *, new_reporter_allowed: bool) -> None:
+    import sqlite3
+
+    try:
+        refusal = await run_in_threadpool(state.limiter.check, reporter.name, reporter.source,
+                                          new_reporter_allowed=new_reporter_allowed)
+    except sqlite3.Error as exc:  # fail closed: a flag that cannot be counted is not taken
+        log.error("feedback limiter unavailable", error=str(exc))
+        raise _refuse("limiter_unavailable", 503, "feedback cannot be rate-limited right now; the flag was NOT "
+                      "recorded, retry later", {"Retry-After": _RETRY_AFTER_S}) from None
+    if refusal is not None:
+        log.info("feedback refused", reason=refusal.reason, reporter=reporter.name, source=reporter.source)
+        raise _refuse(refusal.reason, 429, refusal.detail, {"Retry-After": str(refusal.retry_after_s)})
 
 
 async def _idempotent_replay(state: ServingState, store_key: str, fingerprint: str) -> Response | None:
@@ -289,12 +332,15 @@ async def _idempotent_replay(state: ServingState, store_key: str, fingerprint: s
     status_code=202,
     response_model=RetractionAccepted,
     summary="Retract an earlier flag (produces a retraction event)",
-    responses={401: _ERR, 403: _ERR, 404: _ERR, 503: _ERR},
+    responses={401: _ERR, 403: _ERR, 404: _ERR, 422: _ERR, 429: _ERR, 503: _ERR},
     tags=["feedback"],
 )
 async def retract(
-    event_id: Annotated[str, Path(max_length=64)], ident: Identity, state: State
+    event_id: Annotated[str, Path(max_length=64)], reporter: ReporterDep, state: State
 ) -> Response:
+    """Only the flag's reporter may retract it (a relay names the user in ``X-Flywheel-User``, as when it
+    flagged), or an administrator."""
+    await _check_limits(state, reporter, new_reporter_allowed=False)
     try:
         event_id = str(uuid.UUID(event_id))
     except ValueError:
@@ -302,7 +348,7 @@ async def retract(
     rec = state.feedback_record(event_id)
     if rec is None:
         raise HTTPException(404, f"unknown feedback event {event_id}")
-    if rec["reporter"] != ident and ident not in state.settings.admin_identities:
+    if rec["reporter"] != reporter.name and reporter.name not in state.settings.admin_identities:
         raise HTTPException(403, "only the reporter (or an administrator) may retract a flag")
     from streams.events import RetractionEvent
     from streams.topics import BrokerUnavailable
@@ -449,13 +495,63 @@ async def _change_rule(state: ServingState, ident: str, action: str, rule_ref: A
 async def add_rule(request: Request, ident: Admin, state: State) -> Response:
     from datetime import UTC, datetime
 
-    from models.rules import Rule
+    from models.rules import Rule, validate_rule
 
     body = await read_body(request, 64 * 1024, state.settings.client_timeout_s)
     rin: RuleIn = _validate(RuleIn, parse_json(body))
     rule = Rule(name=rin.name, kind=rin.kind, pattern=rin.pattern, weight=rin.weight, description=rin.description,
                 added=datetime.now(UTC).date().isoformat(), enabled=rin.enabled, header=rin.header, source="api")
-    return await _change_rule(state, ident, "add", rule.to_dict(), lambda e: e.with_rule(rule))
+    # validate_rule: compile, size and depth limits, and a trial under the time budget of the rule alone;
+    # trial_run: then the whole changed rule set once on plain mail. A refusal never reaches rules.yaml.
+    return await _change_rule(state, ident, "add", rule.to_dict(),
+                              lambda e: trial_run(lambda: validate_rule(e, rule), rule.name))
+
+
+_TRIAL_MESSAGES = (
+    b"From: \"Sender\" <sender@example.org>\r\nTo: user@example.com\r\nSubject: Lunch on Friday?\r\n"
+    b"Date: Mon, 1 Jan 2024 10:00:00 +0000\r\nMessage-ID: <a1@example.org>\r\n\r\n"
+    b"Hi, are we still on for lunch? See http://example.org/menu\r\n",
+    b"From: Prize Team <win@prizes.example>\r\nTo: you@example.com\r\nSubject: =?utf-8?B?V0lOIE5PVw==?=\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=b1\r\n\r\n--b1\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n\r\nClaim your FREE prize now!!! http://prizes.example/c\r\n"
+    b"--b1\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><body><a href=\"http://prizes.example/c\">"
+    b"CLAIM</a><img src=\"http://prizes.example/p.gif\"></body></html>\r\n--b1--\r\n",
+)
+_TRIAL_BUDGET_S = 1.0
+"""A new rule set that takes longer than this on one small sample message would stall every replica."""
+
+
+def trial_run(build: Any, name: str) -> Any:
+    """Build a changed rule set and evaluate it whole on sample messages before it is saved; any failure
+    (including one the build itself raises, such as RecursionError) refuses the change with a RuleError, so
+    such a rule never reaches rules.yaml, Kafka or another replica.
+    """
+    from models.message import parse
+    from models.rules import RuleError
+
+    try:
+        engine = build()
+    except RuleError:
+        raise
+    except (RecursionError, MemoryError) as exc:
+        raise RuleError(f"rule {name} cannot be compiled ({type(exc).__name__}): the expression is too deep or "
+                        "too large") from None
+    for raw in _TRIAL_MESSAGES:
+        t0 = time.perf_counter()
+        try:
+            engine.evaluate(parse(raw))
+        except RuleError:
+            raise
+        except (RecursionError, MemoryError) as exc:
+            raise RuleError(f"rule {name} cannot be evaluated ({type(exc).__name__}): the expression is too "
+                            "deep or too large") from None
+        except Exception as exc:  # noqa: BLE001 - any failure on a plain message refuses the rule
+            raise RuleError(f"rule {name} fails on a sample message: {type(exc).__name__}: {exc}") from None
+        took = time.perf_counter() - t0
+        if took > _TRIAL_BUDGET_S:
+            raise RuleError(f"rule {name} is too slow: {took:.2f} s on a small sample message "
+                            f"(budget {_TRIAL_BUDGET_S:g} s)")
+    return engine
 
 
 _RULE_NAME = Path(min_length=1, max_length=100)
@@ -470,7 +566,8 @@ async def disable_rule(name: Annotated[str, _RULE_NAME], ident: Admin, state: St
 @router.post("/rules/{name}/enable", response_model=RuleChangeOut, responses={401: _ERR, 403: _ERR, 404: _ERR},
              tags=["rules"])
 async def enable_rule(name: Annotated[str, _RULE_NAME], ident: Admin, state: State) -> Response:
-    return await _change_rule(state, ident, "enable", name, lambda e: e.with_enabled(name, True))
+    return await _change_rule(state, ident, "enable", name,
+                              lambda e: trial_run(lambda: e.with_enabled(name, True), name))
 
 
 # --------------------------------------------------------------------------------------------- health

@@ -75,6 +75,8 @@ class ClassifyResponse(BaseModel):
     verdict: Label
     is_spam: bool
     probability: float = Field(ge=0.0, le=1.0, description="Served spam probability.")
+    score: float = Field(description="Log-odds of the served probability, unbounded: rank messages by this (the "
+                                     "probability saturates at 0 and 1).")
     threshold: float = Field(description="Probability threshold of the deciding side.")
     decided_by: str = Field(description="Which side decided under the policy (rules, model, combined, either).")
     policy: str

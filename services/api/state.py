@@ -1,4 +1,5 @@
-"""The serving state of one API process: the current Classifier, its hot reload, and the small caches.
+"""The serving state of one API process: the current Classifier, its hot reload, the small caches, the bounded
+classification pool (services.api.offload) and the feedback limiter (services.api.limits).
 
 Swapping is one attribute assignment (``self.classifier = new``), atomic under the GIL: a request reads the
 reference once at its start and finishes on that object even if a reload lands meanwhile. Every load, rule
@@ -52,14 +53,22 @@ class FileStore:
 
     Writes are temp-file + ``os.replace`` so a reader sees a whole record or none; ``claim`` is an
     ``O_EXCL`` create so exactly one process wins a race (used to make idempotent retries produce once).
+
+    Bounded in entries and, with ``max_bytes``, in bytes: each process prunes (oldest first) after every tenth
+    of the entry bound it wrote, or every sixteenth of the byte bound, and once when it opens the store, so
+    the directory exceeds ``max_bytes`` by at most one sixteenth per writing process.
     """
 
-    def __init__(self, root: Path, max_entries: int) -> None:
+    def __init__(self, root: Path, max_entries: int, max_bytes: int | None = None) -> None:
         self.root = root
         self.max_entries = max(16, max_entries)
+        self.max_bytes = max_bytes
         self._writes = 0
+        self._written = 0
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
+        if max_bytes is not None:
+            self.prune()  # a spool left by an earlier run (maybe under a larger bound)
 
     @staticmethod
     def key(*parts: str) -> str:
@@ -84,7 +93,7 @@ class FileStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        self._count_write()
+        self._count_write(len(value))
 
     def put_if_absent(self, key: str, value: bytes) -> None:
         if not self._path(key).exists():
@@ -107,70 +116,114 @@ class FileStore:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key + ".claim"))
 
-    def _count_write(self) -> None:
+    def _count_write(self, size: int) -> None:
         with self._lock:
             self._writes += 1
+            self._written += size
             due = self._writes % max(64, self.max_entries // 10) == 0
+            if self.max_bytes is not None and self._written > self.max_bytes // 16:
+                due = True
+            if due:
+                self._written = 0
         if due:
             self.prune()
 
     def prune(self) -> None:
-        """Drop the oldest records beyond ``max_entries`` (by modification time)."""
+        """Drop the oldest records (by modification time) beyond ``max_entries`` and ``max_bytes``."""
+        entries: list[tuple[float, int, str]] = []
         try:
-            entries = [e for e in os.scandir(self.root) if e.is_file() and not e.name.startswith(".")]
+            with os.scandir(self.root) as it:
+                for e in it:
+                    if e.name.startswith(".") or not e.is_file():
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        st = e.stat()
+                        entries.append((st.st_mtime, st.st_size, e.path))
         except FileNotFoundError:
             return
-        excess = len(entries) - self.max_entries
-        if excess <= 0:
+        total = sum(size for _, size, _ in entries)
+        limit = self.max_bytes if self.max_bytes is not None else float("inf")
+        if len(entries) <= self.max_entries and total <= limit:
             return
-        entries.sort(key=lambda e: e.stat().st_mtime)
-        for e in entries[:excess]:
+        entries.sort()
+        n = len(entries)
+        for _, size, path in entries:
+            if n <= self.max_entries and total <= limit:
+                break
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(e.path)
+                os.unlink(path)
+            n -= 1
+            total -= size
+
+    def size(self) -> tuple[int, int]:
+        """(records, bytes) on disk now."""
+        n = total = 0
+        with os.scandir(self.root) as it:
+            for e in it:
+                if not e.name.startswith("."):
+                    with contextlib.suppress(FileNotFoundError):
+                        total += e.stat().st_size
+                        n += 1
+        return n, total
 
 
 # --------------------------------------------------------------------------------------------- message cache
 class MessageCache:
     """Recent classified messages by id (bounded LRU by count and bytes), for feedback by message id.
 
-    With several workers every entry is also spooled to a shared ``FileStore`` so another worker finds it.
+    Each entry also keeps the verdict served for it (version, spam or not, probability), so a later flag on
+    the message carries a free label for that answer (see ``streams.events.ServedVerdict``). With several
+    workers every entry is also spooled to a shared ``FileStore`` so another worker finds it.
     """
 
     def __init__(self, max_entries: int, max_bytes: int, spool: FileStore | None) -> None:
         self._max_entries = max(1, max_entries)
         self._max_bytes = max_bytes
         self._bytes = 0
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: OrderedDict[str, tuple[bytes, bytes | None]] = OrderedDict()
         self._lock = threading.Lock()
         self._spool = spool
 
-    def put(self, message_id: str, raw: bytes) -> None:
+    def put(self, message_id: str, raw: bytes, served: dict[str, Any] | None = None) -> None:
         raw = raw[:MAX_CACHED_RAW_BYTES]
+        verdict = orjson.dumps(served) if served is not None else None
         with self._lock:
             old = self._items.pop(message_id, None)
             if old is not None:
-                self._bytes -= len(old)
-            self._items[message_id] = raw
+                self._bytes -= len(old[0])
+            self._items[message_id] = (raw, verdict)
             self._bytes += len(raw)
             while self._items and (len(self._items) > self._max_entries or self._bytes > self._max_bytes):
-                _, dropped = self._items.popitem(last=False)
+                _, (dropped, _) = self._items.popitem(last=False)
                 self._bytes -= len(dropped)
             fresh = old is None
-        if fresh and self._spool is not None:
+        if self._spool is not None:
             try:
-                self._spool.put_if_absent(message_id, raw)
+                if fresh:
+                    self._spool.put_if_absent(message_id, raw)
+                if verdict is not None:
+                    self._spool.put(FileStore.key("served", message_id), verdict)
             except OSError as exc:  # a full disk must not fail /classify; feedback by raw still works
                 log.warning("message spool write failed", error=str(exc))
 
     def get(self, message_id: str) -> bytes | None:
         with self._lock:
-            raw = self._items.get(message_id)
-            if raw is not None:
+            item = self._items.get(message_id)
+            if item is not None:
                 self._items.move_to_end(message_id)
-                return raw
+                return item[0]
         if self._spool is not None and _is_hex(message_id):
             return self._spool.get(message_id)
         return None
+
+    def served(self, message_id: str) -> dict[str, Any] | None:
+        """The verdict last served for ``message_id`` (``version``, ``is_spam``, ``probability``), if known."""
+        with self._lock:
+            item = self._items.get(message_id)
+        data = item[1] if item is not None else None
+        if data is None and self._spool is not None:
+            data = self._spool.get(FileStore.key("served", message_id))
+        return orjson.loads(data) if data else None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -203,15 +256,21 @@ class ServingState:
 
         self.settings = settings
         self.registry: Registry = Registry(settings.registry)
-        self.topics = Topics.from_settings(settings)
-        self.producer: EventProducer = EventProducer(settings, client_id=f"flywheel-api-{os.getpid()}")
+        self.topics = Topics.from_config(settings.streams())
+        self.producer: EventProducer = EventProducer(settings.streams(), client_id=f"flywheel-api-{os.getpid()}")
         api_dir = settings.state_dir / "api"
         shared = settings.workers > 1
         self.messages = MessageCache(
             settings.message_cache_size,
             max_bytes=256 * 1024 * 1024,
-            spool=FileStore(api_dir / "messages", settings.message_cache_size) if shared else None,
+            spool=FileStore(api_dir / "messages", settings.message_cache_size, settings.message_spool_bytes)
+            if shared else None,
         )
+        from services.api.limits import FeedbackLimiter
+        from services.api.offload import ClassifyPool
+
+        self.classify_pool = ClassifyPool(settings.classify_threads, settings.classify_queue)
+        self.limiter = FeedbackLimiter.from_settings(api_dir / "limits.sqlite3", settings)
         # Idempotency keys and feedback records are always on disk: low rate, and they must survive a worker
         # restart between a client's attempt and its retry.
         self.idempotency = FileStore(api_dir / "idempotency", 10_000)
@@ -276,7 +335,9 @@ class ServingState:
         self._wake.set()
         for t in self._threads:
             t.join(timeout=3.0)
+        self.classify_pool.shutdown()
         self.producer.close(timeout_s=1.0)
+        self.limiter.close()
 
     # ------------------------------------------------------------------ building / swapping
     def _build(self, engine: RuleEngine, model: LoadedModel) -> Classifier:

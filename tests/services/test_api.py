@@ -1,11 +1,13 @@
 """The API over real HTTP against running servers: both sides in every answer, feedback into the real broker,
-promotions reaching two running API processes, refusal of a corrupt artifact, rules at run time, every bad
-input's 4xx, slow clients, metrics, and no torch in the serving processes."""
+promotions reaching two running API processes, refusal of a corrupt artifact, rules at run time (and a rule
+that would recurse refused before it is saved), every bad input's 4xx, slow clients, metrics, no torch in the
+serving processes, keys from a file, relay identities, and feedback limits shared by the workers."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import shutil
 import socket
 import subprocess
@@ -22,24 +24,38 @@ import pytest
 from services.api.testing import ApiProcess
 from services.settings import REPO_ROOT, Settings
 from conftest import consume_all
-from services.daemon import free_port, wait_until
+from streams.daemon import free_port, wait_until
 
 ADMIN = {"X-API-Key": "test-admin-key"}
 USER = {"Authorization": "Bearer test-user-key"}
-KEYS = {"test-admin-key": "admin", "test-user-key": "alice", "test-bob-key": "bob"}
+RELAY = {"X-API-Key": "test-relay-key"}
+KEYS = {"test-admin-key": "admin", "test-user-key": "alice", "test-bob-key": "bob", "test-relay-key": "mx",
+        "test-relay2-key": "mx2", "test-dave-key": "dave"}
+BURST = 20  # flags a reporter may send at once in these replicas
+NEW_REPORTERS = 4  # new reporters a key may introduce per hour
 
 
 # --------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def api_base(kafka: Settings, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """Settings of this module's API replicas: own state dir (registry, rules), the session's broker/topics."""
+    """Settings of this module's API replicas: own state dir (registry, rules), the session's broker/topics; the
+    keys come from a file (as a mounted secret would), two of them relays."""
+    state = tmp_path_factory.mktemp("api-state")
+    keys_file = state / "api-keys.json"
+    keys_file.write_text(json.dumps(KEYS))
     return kafka.model_copy(update={
-        "state_dir": tmp_path_factory.mktemp("api-state"),
+        "state_dir": state,
         "downloads_dir": kafka.downloads,
         "api_keys": KEYS,
+        "api_keys_file": keys_file,
+        "relay_identities": ["mx", "mx2"],
         "admin_identities": ["admin"],
         "client_timeout_s": 2.0,
         "max_message_bytes": 256 * 1024,
+        "feedback_identity_burst": BURST,
+        "feedback_identity_rate": 0.01,
+        "feedback_new_reporters": NEW_REPORTERS,
+        "message_spool_bytes": 2 * 1024 * 1024,
     })
 
 
@@ -358,7 +374,7 @@ def test_promotion_reaches_two_api_processes_and_corrupt_artifact_is_refused(
     from streams.topics import EventProducer
 
     Registry(api_base.registry).promote(bad, "simulated bad push")
-    with EventProducer(api_base) as prod:
+    with EventProducer(api_base.streams()) as prod:
         prod.send(api_base.topic("model-events"), bad, ModelEvent(kind="promoted", version=bad))
 
     def rejected(rep: ApiProcess) -> float:
@@ -467,3 +483,108 @@ def test_start_with_a_refused_champion_serves_the_previous_one(api_base: Setting
     model = state._first_servable(versions["bad"])
     assert model.version == before
     assert "sha256" in state.rejected[versions["bad"]]
+
+
+# --------------------------------------------------------------------------------------------- hostile traffic
+@pytest.mark.integration
+def test_relay_identities_name_their_users(api: httpx.Client, api_base: Settings, samples: dict[str, bytes]) -> None:
+    raw = samples["ham"].replace(b"Subject:", b"Subject: [relay]", 1)
+    mid = api.post("/classify", content=raw, headers={"Content-Type": "message/rfc822"}).json()["message_id"]
+    body = {"message_id": mid, "label": "ham"}
+    r = api.post("/feedback", json=body, headers={**RELAY, "X-Flywheel-User": "dora@example.org"})
+    assert r.status_code == 202, r.text
+    assert r.json()["reporter"] == "mx:dora@example.org"
+    ev = find_event(api_base, api_base.topic("feedback"), r.json()["event_id"])
+    assert ev["reporter"] == "mx:dora@example.org" and ev["label"] == "ham"
+    plain = api.post("/feedback", json=body, headers=RELAY)  # no header: the relay itself
+    assert plain.status_code == 202 and plain.json()["reporter"] == "mx"
+
+    denied = api.post("/feedback", json=body, headers={**USER, "X-Flywheel-User": "dora@example.org"})
+    assert denied.status_code == 403 and "not a relay identity" in denied.json()["detail"], denied.text
+    for bad in ("", "a" * 129, "dora:x", "do ra", "dóra"):
+        r2 = api.post("/feedback", json=body, headers={**RELAY, "X-Flywheel-User": bad.encode("utf-8")})
+        assert r2.status_code == 422 and "X-Flywheel-User" in r2.json()["detail"], (bad, r2.text)
+
+    ev_id = r.json()["event_id"]
+    for who in ({**RELAY, "X-Flywheel-User": "erin"}, RELAY, USER):  # another user of the relay, the relay, alice
+        assert api.delete(f"/feedback/{ev_id}", headers=who).status_code == 403
+    assert api.delete(f"/feedback/{ev_id}", headers={**USER, "X-Flywheel-User": "dora@example.org"}).status_code == 403
+    rr = api.delete(f"/feedback/{ev_id}", headers={**RELAY, "X-Flywheel-User": "dora@example.org"})
+    assert rr.status_code == 202 and rr.json()["reporter"] == "mx:dora@example.org", rr.text
+    ret = find_event(api_base, api_base.topic("feedback"), rr.json()["event_id"])
+    assert ret["type"] == "retraction" and ret["retracts"] == ev_id and ret["reporter"] == "mx:dora@example.org"
+
+    doc = api.get("/openapi.json").json()
+    assert "X-Flywheel-User" in doc["info"]["description"]
+    params = {p["name"] for p in doc["paths"]["/feedback"]["post"]["parameters"]}
+    assert "X-Flywheel-User" in params
+
+
+@pytest.mark.integration
+def test_feedback_flood_gets_429_across_both_workers(replicas: tuple[ApiProcess, ApiProcess], api_base: Settings,
+                                                    samples: dict[str, bytes]) -> None:
+    """Replica A has two workers; each request on its own connection lands on either. The limit is one bucket
+    for the reporter however the requests are spread (per-worker buckets would let 2 x BURST through)."""
+    a = replicas[0]
+    raw = samples["ham"].decode("latin-1")
+    answers = [httpx.post(a.base_url + "/feedback", json={"raw": raw, "label": "ham"}, timeout=30,
+                          headers={"X-API-Key": "test-dave-key", "Connection": "close"}) for _ in range(BURST + 15)]
+    codes = [r.status_code for r in answers]
+    assert set(codes) == {202, 429}, codes
+    assert codes.count(202) == BURST, codes  # the rate refills 0.01/s: not one more within the test
+    assert codes[:BURST] == [202] * BURST
+    refused = [r for r in answers if r.status_code == 429]
+    assert all(int(r.headers["Retry-After"]) >= 1 and "too many flags from reporter 'dave'" in r.json()["detail"]
+               for r in refused)
+    text = httpx.get(a.base_url + "/metrics", timeout=10).text
+    assert _metric(text, 'flywheel_feedback_total{outcome="refused",reason="rate_limited"}') >= 15
+    assert len(a.worker_pids()) == 2
+
+
+@pytest.mark.integration
+def test_a_relay_cannot_invent_reporters_without_bound(api: httpx.Client, samples: dict[str, bytes]) -> None:
+    body = {"raw": samples["spam"].decode("latin-1"), "label": "spam"}
+    relay2 = {"X-API-Key": "test-relay2-key"}
+    codes = [api.post("/feedback", json=body, headers={**relay2, "X-Flywheel-User": f"sock{i}"})
+             for i in range(NEW_REPORTERS + 2)]
+    assert [r.status_code for r in codes] == [202] * NEW_REPORTERS + [429, 429], [r.text for r in codes]
+    assert "new reporters" in codes[-1].json()["detail"] and int(codes[-1].headers["Retry-After"]) > 60
+    known = api.post("/feedback", json=body, headers={**relay2, "X-Flywheel-User": "sock0"})
+    assert known.status_code == 202  # a reporter it already has is still welcome
+
+
+@pytest.mark.integration
+def test_a_rule_that_would_recurse_is_refused_and_never_saved(replicas: tuple[ApiProcess, ApiProcess],
+                                                             api: httpx.Client, api_base: Settings) -> None:
+    before = api_base.rules_file.read_text()
+    base_rule = api.get("/rules", headers=USER).json()["rules"][0]["name"]
+    depth = (4990 - len(base_rule)) // 2  # within the 5000 characters a pattern may have
+    for name, pattern in (("DEEP_META", "(" * depth + base_rule + ")" * depth),
+                          ("NOT_META", "!" * 2 * depth + base_rule)):
+        r = api.post("/rules", json={"name": name, "kind": "meta", "pattern": pattern, "weight": 1.0},
+                     headers=ADMIN)
+        assert r.status_code == 422, (name, r.status_code, r.text[:300])
+        assert name in r.json()["detail"], r.text[:300]
+    assert api_base.rules_file.read_text() == before
+    for rep in replicas:
+        names = {x["name"] for x in httpx.get(rep.base_url + "/rules", headers=USER, timeout=30).json()["rules"]}
+        assert not names & {"DEEP_META", "NOT_META"}
+    events = consume_all(api_base, api_base.topic("rule-changes"))
+    assert not [e for e in events if isinstance(e.get("rule"), dict) and e["rule"].get("name") in
+                ("DEEP_META", "NOT_META")]
+    assert api.get("/healthz").status_code == 200
+
+
+@pytest.mark.integration
+def test_the_message_spool_of_two_workers_is_bounded_in_bytes(replicas: tuple[ApiProcess, ApiProcess],
+                                                              api_base: Settings) -> None:
+    a = replicas[0]
+    spool = api_base.state_dir / "api" / "messages"
+    bound = api_base.message_spool_bytes
+    for i in range(60):  # 60 distinct messages of ~100 KB: 6 MB through a 2 MB spool
+        raw = b"Subject: spool %d\r\n\r\n" % i + (b"word%d " % i) * 16_000
+        r = httpx.post(a.base_url + "/classify", content=raw, timeout=30,
+                       headers={"Content-Type": "message/rfc822", "Connection": "close"})
+        assert r.status_code == 200
+    total = sum(f.stat().st_size for f in spool.iterdir() if f.is_file())
+    assert total <= bound * (1 + 2 / 16) + 256 * 1024, total  # one sixteenth per writing worker, one message

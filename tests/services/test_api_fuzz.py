@@ -13,7 +13,7 @@ import pytest
 
 from services.api.testing import ApiProcess
 from services.settings import REPO_ROOT, Settings
-from services.daemon import free_port
+from streams.daemon import free_port
 
 
 @pytest.fixture(scope="module")

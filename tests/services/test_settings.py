@@ -37,3 +37,25 @@ def test_environment_prefix_and_derived_paths(monkeypatch: pytest.MonkeyPatch, t
 def test_every_setting_is_documented() -> None:
     missing = [name for name, f in Settings.model_fields.items() if not f.description]
     assert missing == []
+
+
+def test_serving_limits_and_secrets_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_RELAY_IDENTITIES", '["mx1", "mx2"]')
+    monkeypatch.setenv("FLYWHEEL_SPAMD_TELL_CLIENTS", '["192.0.2.0/24"]')
+    monkeypatch.setenv("FLYWHEEL_SPAMD_TELL_SECRET", "a-long-shared-secret-value")
+    monkeypatch.setenv("FLYWHEEL_SPAMD_ALLOW_TELL", "true")
+    s = Settings(_env_file=None)
+    assert s.relay_identities == ["mx1", "mx2"] and s.spamd_tell_clients == ["192.0.2.0/24"] and s.spamd_allow_tell
+    assert s.spamd_tell_secret is not None and s.spamd_tell_secret.get_secret_value() == "a-long-shared-secret-value"
+    assert "a-long-shared-secret-value" not in repr(s)  # never in a log line that prints the settings
+    from services.api.app import settings_env
+
+    assert settings_env(s)["FLYWHEEL_SPAMD_TELL_SECRET"] == "a-long-shared-secret-value"  # workers get the value
+
+
+def test_serving_defaults_are_the_safe_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("FLYWHEEL_SPAMD_ALLOW_TELL", "FLYWHEEL_RELAY_IDENTITIES", "FLYWHEEL_API_HOST"):
+        monkeypatch.delenv(key, raising=False)
+    s = Settings(_env_file=None)
+    assert s.spamd_allow_tell is False and s.relay_identities == [] and s.api_host == "127.0.0.1"
+    assert s.classify_threads >= 1 and s.classify_queue >= 1 and s.spamd_max_connections >= 1
