@@ -6,9 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FLYWHEEL := $(VENV)/bin/flywheel
 STAMP := $(VENV)/.installed
+UV := $(VENV)/bin/uv
 PYTEST_ARGS ?=
 
-.PHONY: run test setup venv system-deps lock bench eval clean help
+.PHONY: run test setup venv system-deps lock bench eval dashboards clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,22 +23,28 @@ test: setup  ## every test: unit, integration (real Kafka, Prometheus, spamc), e
 setup: venv system-deps  ## venv + system packages + Kafka jars + corpus + seed model
 	$(FLYWHEEL) setup
 
-venv: $(STAMP)
+venv: $(STAMP)  ## the full Python environment (every extra, from requirements.lock); idempotent
 
-$(STAMP): pyproject.toml requirements.lock
-	@echo "==> Python environment in $(VENV) (first time: torch's CUDA build, ~5 GB)"
+$(UV):
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@test -x $(VENV)/bin/uv || $(PY) -m pip install --quiet --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --python $(PY) -r requirements.lock
-	$(VENV)/bin/uv pip install --python $(PY) --no-deps -e .
+	@$(PY) -m pip install --quiet --disable-pip-version-check uv
+
+$(STAMP): pyproject.toml requirements.lock | $(UV)
+	@echo "==> Python environment in $(VENV): every role's packages from requirements.lock (first time: torch's CUDA build, ~6 GB)"
+	$(UV) pip install --python $(PY) -r requirements.lock
+	$(UV) pip install --python $(PY) --no-deps -e .
 	@touch $(STAMP)
 
 system-deps:  ## Debian packages: Java (broker), Maven (jars), npm (corpus), Prometheus, spamc, SpamAssassin rules
 	@bash deploy/system-deps.sh
 
-lock:  ## re-resolve the pinned dependency files after editing pyproject.toml
-	$(VENV)/bin/uv pip compile pyproject.toml --extra train --extra test --python-version 3.11 -o requirements.lock
-	$(VENV)/bin/uv pip compile pyproject.toml --python-version 3.11 -o requirements-serve.lock
+lock: | $(UV)  ## re-pin after editing pyproject.toml: the full lock, then each role's lock as a subset of it
+	$(UV) pip compile pyproject.toml --all-extras --python-version 3.11 -o requirements.lock
+	$(UV) pip compile pyproject.toml --python-version 3.11 -c requirements.lock -o requirements-serve.lock
+	$(UV) pip compile pyproject.toml --extra gpu --python-version 3.11 -c requirements.lock -o requirements-serve-gpu.lock
+
+dashboards: venv  ## regenerate the Grafana dashboards' JSON (monitoring/grafana/dashboards/) from monitoring/grafana/dashboards.py
+	$(PY) monitoring/grafana/dashboards.py
 
 eval: setup  ## offline evaluation on both protocols, with the improvement curves
 	$(FLYWHEEL) eval --protocol P1 --curves --json out/eval-P1.json

@@ -8,6 +8,9 @@ command -v npm >/dev/null || need+=(npm)
 command -v prometheus >/dev/null || need+=(prometheus)
 command -v spamc >/dev/null || need+=(spamc)
 [ -d /usr/share/spamassassin ] || need+=(spamassassin)
+[ -x /usr/lib/dovecot/imap ] || need+=(dovecot-imapd)
+[ -e /usr/lib/dovecot/modules/lib95_imap_sieve_plugin.so ] || need+=(dovecot-sieve)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -eq 0 ]; then
   echo "==> system packages: all present"
   exit 0

@@ -61,7 +61,7 @@ def run_models_bench(
     say = progress or (lambda s: print(s, file=sys.stderr, flush=True))
     import torch
 
-    from models.neural import NeuralConfig, train_neural
+    from models.neural import NeuralConfig, NeuralModel
     from models.runtime import OnnxModel
 
     corpus = load_corpus(Path(downloads_dir), corpus_dir)
@@ -75,7 +75,7 @@ def run_models_bench(
     say("bench: training the neural model on 2 cores")
     torch.set_num_threads(2)
     t = time.perf_counter()
-    neural = train_neural(x, prep.labels, config=NeuralConfig(threads=2), seed=0, features=cfg)
+    neural = NeuralModel(cfg, NeuralConfig(threads=2), seed=0).fit(x, prep.labels)
     train_neural_s = time.perf_counter() - t
     t = time.perf_counter()
     linear = fit_linear(x, prep.labels, cfg)

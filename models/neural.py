@@ -36,7 +36,7 @@ from torch import nn
 from models.features import FeatureBatch, FeatureConfig
 from models.linear import finish_onnx_model
 
-__all__ = ["NeuralConfig", "NeuralModel", "train_neural"]
+__all__ = ["NeuralConfig", "NeuralModel"]
 
 log = structlog.get_logger(__name__)
 
@@ -130,13 +130,17 @@ class _Net(nn.Module):
 
 
 class NeuralModel:
-    """A trained network plus its feature and training configuration."""
+    """The PyTorch family (see :class:`models.base.SpamModel`): a network plus its feature and training
+    configuration; :meth:`fit` trains it from scratch."""
 
-    def __init__(self, net: _Net, features: FeatureConfig, config: NeuralConfig, seed: int) -> None:
-        self.net = net.eval()
-        self.features = features
-        self.config = config
+    kind = "neural"
+
+    def __init__(self, features: FeatureConfig | None = None, config: NeuralConfig | None = None,
+                 seed: int = 0) -> None:
+        self.features = features or FeatureConfig()
+        self.config = config or NeuralConfig()
         self.seed = seed
+        self.net = _Net(self.config, self.features.n_buckets).eval()
         self.train_seconds = 0.0
 
     def _tensors(self, batch: FeatureBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,6 +160,62 @@ class NeuralModel:
         """Spam probability per row (float32), computed by torch (the reference for the parity tests)."""
         with torch.no_grad():
             return torch.sigmoid(torch.from_numpy(self.decision_function(batch))).numpy()
+
+    def fit(self, batch: FeatureBatch, y: Sequence[int] | np.ndarray, sample_weight: np.ndarray | None = None,
+            ) -> NeuralModel:
+        """Train the network from scratch on ``batch`` (deterministic for a given seed and thread count);
+        ``sample_weight`` weighs rows in the loss (and in the stacked linear part)."""
+        cfg, feats, seed = self.config, self.features, self.seed
+        labels = np.asarray(y, dtype=np.float32).reshape(-1)
+        if labels.size != batch.rows:
+            raise ValueError(f"{batch.rows} rows but {labels.size} labels")
+        weights = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float32).reshape(-1)
+        if weights is not None and weights.size != labels.size:
+            raise ValueError(f"{labels.size} labels but {weights.size} sample weights")
+        if labels.size and not np.isin(labels, (0.0, 1.0)).all():
+            raise ValueError("labels must be 0 (ham) or 1 (spam)")
+        started = time.perf_counter()
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, cfg.threads))
+        try:
+            torch.manual_seed(seed)
+            rng = np.random.default_rng(seed)
+            net = _Net(cfg, feats.n_buckets)
+            oof: np.ndarray | None = None
+            if cfg.wide == "linear":
+                oof = _stack_linear(net, batch, labels, feats, cfg.stack_folds, rng, weights)
+            _train(net, cfg, batch, labels, weights, oof, rng)
+            net.eval()
+        finally:
+            torch.set_num_threads(prev_threads)
+        self.net = net
+        self.train_seconds = time.perf_counter() - started
+        log.info("neural_trained", rows=batch.rows, seconds=round(self.train_seconds, 2), seed=seed, **cfg.to_dict())
+        return self
+
+    def save(self, path: Path | str) -> Path:
+        """Weights, configuration and seed in one ``.npz``; :meth:`load` restores identical scores."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {f"param:{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
+        meta = {"features": self.features.to_dict(), "config": self.config.to_dict(), "seed": self.seed}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path | str) -> NeuralModel:
+        with np.load(Path(path), allow_pickle=False) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            model = cls(FeatureConfig.from_dict(meta["features"]), NeuralConfig.from_dict(meta["config"]),
+                        int(meta["seed"]))
+            state = {k[len("param:"):]: torch.from_numpy(np.array(data[k])) for k in data.files if k.startswith("param:")}
+        model.net.load_state_dict(state)
+        model.net.eval()
+        return model
+
 
     # --- export ---------------------------------------------------------------------------------------
     def to_onnx(self) -> onnx.ModelProto:
@@ -242,7 +302,8 @@ class NeuralModel:
 
 
 def _stack_linear(
-    net: _Net, batch: FeatureBatch, labels: np.ndarray, feats: FeatureConfig, k: int, rng: np.random.Generator
+    net: _Net, batch: FeatureBatch, labels: np.ndarray, feats: FeatureConfig, k: int, rng: np.random.Generator,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Fit the linear part on everything (kept fixed in the net) and return its out-of-fold logits.
 
@@ -258,9 +319,10 @@ def _stack_linear(
         tr, va = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
         if np.unique(labels[tr]).size < 2:
             continue
-        part = LinearModel(feats).fit(batch.take(tr), labels[tr].astype(np.int64))
+        part = LinearModel(feats).fit(batch.take(tr), labels[tr].astype(np.int64),
+                                      sample_weight=None if weights is None else weights[tr])
         oof[va] = part.decision_function(batch.take(va)).astype(np.float32)
-    full = LinearModel(feats).fit(batch, labels.astype(np.int64))
+    full = LinearModel(feats).fit(batch, labels.astype(np.int64), sample_weight=weights)
     w, b = full._weights()
     with torch.no_grad():
         net.lin_w.copy_(torch.from_numpy(w.astype(np.float32)))
@@ -272,76 +334,52 @@ def _row_starts(batch: FeatureBatch) -> np.ndarray:
     return np.searchsorted(batch.seg, np.arange(batch.rows + 1)).astype(np.int64)
 
 
-def train_neural(
-    batch: FeatureBatch,
-    y: Sequence[int] | np.ndarray,
-    config: NeuralConfig | None = None,
-    seed: int = 0,
-    features: FeatureConfig | None = None,
-) -> NeuralModel:
-    """Train the network from scratch on ``batch`` (deterministic for a given seed and thread count)."""
-    cfg = config or NeuralConfig()
-    feats = features or FeatureConfig()
-    labels = np.asarray(y, dtype=np.float32).reshape(-1)
-    if labels.size != batch.rows:
-        raise ValueError(f"{batch.rows} rows but {labels.size} labels")
-    if labels.size and not np.isin(labels, (0.0, 1.0)).all():
-        raise ValueError("labels must be 0 (ham) or 1 (spam)")
-    started = time.perf_counter()
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, cfg.threads))
-    try:
-        torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        net = _Net(cfg, feats.n_buckets)
-        oof: np.ndarray | None = None
-        if cfg.wide == "linear":
-            oof = _stack_linear(net, batch, labels, feats, cfg.stack_folds, rng)
-        table_params = [net.embed.weight] + ([net.wide_table.weight] if net.wide_table is not None else [])
-        dense_params = [p for n, p in net.named_parameters() if not n.startswith(("embed.", "wide_table."))]
-        opt_dense = torch.optim.AdamW(dense_params, lr=cfg.lr_dense, weight_decay=cfg.weight_decay)
-        opt_table: torch.optim.Optimizer
-        if cfg.table_optimizer == "adagrad":
-            # per-row step sizes that shrink with a token's history: rare tokens are not blown up as by Adam
-            opt_table = torch.optim.Adagrad(table_params, lr=cfg.lr_embed, weight_decay=cfg.table_weight_decay)
-        elif cfg.table_optimizer == "adam":
-            opt_table = torch.optim.AdamW(table_params, lr=cfg.lr_embed, weight_decay=cfg.table_weight_decay)
-        else:
-            raise ValueError(f"unknown table_optimizer {cfg.table_optimizer!r}")
-        loss_fn = nn.BCEWithLogitsLoss()
-        starts = _row_starts(batch)
-        ids_all = batch.ids
-        vals_all = batch.vals.astype(np.float32)
-        net.train()
-        for _epoch in range(cfg.epochs):
-            order = rng.permutation(batch.rows)
-            for lo in range(0, batch.rows, cfg.batch_size):
-                rows = order[lo : lo + cfg.batch_size]
-                spans = [np.arange(starts[r], starts[r + 1]) for r in rows]
-                lens = np.array([s.size for s in spans])
-                take = np.concatenate(spans)
-                seg = np.repeat(np.arange(rows.size), lens)
-                vals = vals_all[take]
-                if cfg.token_dropout > 0:
-                    keep = rng.random(take.size) >= cfg.token_dropout
-                    take, seg, vals = take[keep], seg[keep], vals[keep] / (1.0 - cfg.token_dropout)
-                logit = net(
-                    torch.from_numpy(ids_all[take]),
-                    torch.from_numpy(vals.astype(np.float32)),
-                    torch.from_numpy(seg.astype(np.int64)),
-                    int(rows.size),
-                    None if oof is None else torch.from_numpy(oof[rows]),
-                )
-                loss = loss_fn(logit, torch.from_numpy(labels[rows]))
-                opt_table.zero_grad(set_to_none=True)
-                opt_dense.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_table.step()
-                opt_dense.step()
-        net.eval()
-    finally:
-        torch.set_num_threads(prev_threads)
-    model = NeuralModel(net, feats, cfg, seed)
-    model.train_seconds = time.perf_counter() - started
-    log.info("neural_trained", rows=batch.rows, seconds=round(model.train_seconds, 2), seed=seed, **cfg.to_dict())
-    return model
+def _train(net: _Net, cfg: NeuralConfig, batch: FeatureBatch, labels: np.ndarray, weights: np.ndarray | None,
+           oof: np.ndarray | None, rng: np.random.Generator) -> None:
+    """Minibatch training of ``net`` in place (AdamW on the dense layers, the chosen optimizer on the tables)."""
+    table_params = [net.embed.weight] + ([net.wide_table.weight] if net.wide_table is not None else [])
+    dense_params = [p for n, p in net.named_parameters() if not n.startswith(("embed.", "wide_table."))]
+    opt_dense = torch.optim.AdamW(dense_params, lr=cfg.lr_dense, weight_decay=cfg.weight_decay)
+    opt_table: torch.optim.Optimizer
+    if cfg.table_optimizer == "adagrad":
+        # per-row step sizes that shrink with a token's history: rare tokens are not blown up as by Adam
+        opt_table = torch.optim.Adagrad(table_params, lr=cfg.lr_embed, weight_decay=cfg.table_weight_decay)
+    elif cfg.table_optimizer == "adam":
+        opt_table = torch.optim.AdamW(table_params, lr=cfg.lr_embed, weight_decay=cfg.table_weight_decay)
+    else:
+        raise ValueError(f"unknown table_optimizer {cfg.table_optimizer!r}")
+    loss_fn = nn.BCEWithLogitsLoss(reduction="none")
+    starts = _row_starts(batch)
+    ids_all = batch.ids
+    vals_all = batch.vals.astype(np.float32)
+    net.train()
+    for _epoch in range(cfg.epochs):
+        order = rng.permutation(batch.rows)
+        for lo in range(0, batch.rows, cfg.batch_size):
+            rows = order[lo : lo + cfg.batch_size]
+            spans = [np.arange(starts[r], starts[r + 1]) for r in rows]
+            lens = np.array([s.size for s in spans])
+            take = np.concatenate(spans)
+            seg = np.repeat(np.arange(rows.size), lens)
+            vals = vals_all[take]
+            if cfg.token_dropout > 0:
+                keep = rng.random(take.size) >= cfg.token_dropout
+                take, seg, vals = take[keep], seg[keep], vals[keep] / (1.0 - cfg.token_dropout)
+            logit = net(
+                torch.from_numpy(ids_all[take]),
+                torch.from_numpy(vals.astype(np.float32)),
+                torch.from_numpy(seg.astype(np.int64)),
+                int(rows.size),
+                None if oof is None else torch.from_numpy(oof[rows]),
+            )
+            per_row = loss_fn(logit, torch.from_numpy(labels[rows]))
+            if weights is None:
+                loss = per_row.mean()
+            else:
+                w = torch.from_numpy(weights[rows])
+                loss = (per_row * w).sum() / torch.clamp(w.sum(), min=1e-6)
+            opt_table.zero_grad(set_to_none=True)
+            opt_dense.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_table.step()
+            opt_dense.step()

@@ -6,10 +6,18 @@ libraries are missing). The fallback is reported once per process in Flywheel's 
 ``[E:onnxruntime]`` complaint about the missing CUDA libraries is silenced by raising its log severity before any
 session exists. Sessions default to one intra-op thread: a one-message call is a few dozen microseconds of
 work, where extra threads only add wake-up latency (and the API runs several processes anyway).
+
+The CUDA runtime the ``gpu`` extra installs (NVIDIA's pip wheels: cuBLAS, cudart, cuRAND, cuFFT, cuDNN) lands under
+``site-packages/nvidia/``, on no loader path, so the CUDA provider would find none of it; before the first CUDA
+session :func:`preload_cuda_libraries` loads it by absolute path (``onnxruntime.preload_dlls()``), after which the
+provider's lookups by name resolve to those copies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
 import threading
 from pathlib import Path
 
@@ -19,7 +27,7 @@ import structlog
 
 from models.features import FeatureBatch
 
-__all__ = ["CPU", "CUDA", "OnnxModel", "available_providers"]
+__all__ = ["CPU", "CUDA", "OnnxModel", "available_providers", "preload_cuda_libraries"]
 
 log = structlog.get_logger(__name__)
 
@@ -28,6 +36,8 @@ CPU = "CPUExecutionProvider"
 
 _fallback_reported = False
 _lock = threading.Lock()
+_cuda_preloaded = False
+_preload_lock = threading.Lock()
 # Severity 3 keeps onnxruntime's errors visible in general; while a session is being created it is raised to 4
 # (fatal only), because the CUDA provider's failure to load libcublasLt is logged at ERROR and then handled.
 _ORT_SEVERITY = 3
@@ -37,6 +47,52 @@ ort.set_default_logger_severity(_ORT_SEVERITY)
 def available_providers() -> list[str]:
     """Execution providers this onnxruntime build offers (not necessarily usable on this machine)."""
     return list(ort.get_available_providers())
+
+
+def _nvidia_wheel_dir() -> Path | None:
+    """``site-packages/nvidia`` when NVIDIA's CUDA runtime wheels are installed beside onnxruntime, else None.
+
+    The same place ``onnxruntime.preload_dlls()`` looks (relative to the onnxruntime package)."""
+    d = Path(ort.__file__).resolve().parent.parent / "nvidia"
+    return d if d.is_dir() else None
+
+
+def _driver_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def preload_cuda_libraries(*, need_driver: bool = True) -> bool:
+    """Load the CUDA runtime libraries of the ``gpu`` extra so the CUDA provider can start; True when it ran.
+
+    Free where it cannot help, so a CPU-only host or build pays nothing but a failed ``dlopen``: skipped when this
+    onnxruntime offers no CUDA provider, when no NVIDIA wheels are installed (a system CUDA is then on the loader
+    path, or there is none) and, unless ``need_driver`` is False, when the driver ``libcuda.so.1`` is missing
+    (only a GPU host has it, and without it the provider cannot start anyway). Loads at most once per process.
+    ``onnxruntime.preload_dlls()`` reports a library it cannot load with ``print``; that goes to the debug log
+    instead of stdout, and a provider that still cannot start is reported by ``onnx_cuda_unavailable``.
+    """
+    global _cuda_preloaded
+    with _preload_lock:
+        if _cuda_preloaded:
+            return True
+        preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+        if (
+            preload is None
+            or CUDA not in ort.get_available_providers()
+            or _nvidia_wheel_dir() is None
+            or (need_driver and not _driver_present())
+        ):
+            return False
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):
+            preload()
+        log.debug("onnx_cuda_libraries_preloaded", said=said.getvalue().strip() or None)
+        _cuda_preloaded = True
+        return True
 
 
 def _report_fallback(path: Path, got: str) -> None:
@@ -59,6 +115,8 @@ class OnnxModel:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = _ORT_SEVERITY
         wanted = [CUDA, CPU] if use_cuda and CUDA in ort.get_available_providers() else [CPU]
+        if CUDA in wanted:
+            preload_cuda_libraries()
         with _lock:
             ort.set_default_logger_severity(4)
             try:
@@ -87,7 +145,7 @@ class OnnxModel:
             return np.zeros(0, dtype=np.float32)
         return self.session.run(["prob"], batch.onnx_inputs())[0]
 
-    def predict_logit(self, batch: FeatureBatch) -> np.ndarray:
+    def decision_function(self, batch: FeatureBatch) -> np.ndarray:
         """Logit per row (unsaturated, so ranking survives where probabilities round to 1.0)."""
         if batch.rows == 0:
             return np.zeros(0, dtype=np.float32)

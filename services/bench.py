@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from services.daemon import free_port
+from streams.daemon import free_port
 
 if TYPE_CHECKING:
     from models.rules import RuleEngine

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Protocol
 import faust
 import structlog
 
+from streams.records import Record
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from services.settings import Settings
-    from services.worker import Record
+    from streams.config import StreamsConfig
 
 log = structlog.get_logger(__name__)
 
@@ -53,20 +54,18 @@ class CountingHandler:
 
 
 def make_app(
-    settings: Settings,
+    config: StreamsConfig,
     handler: BatchHandler | None = None,
     *,
     batch_max: int = 500,
     batch_within_s: float = 0.05,
-    tick_s: float | None = None,
+    tick_s: float = 1.0,
 ) -> faust.App:
-    """The worker's faust app (consumer group ``<prefix>-worker``), wired to ``handler``."""
-    from services.worker import Record
-
+    """The worker's faust app (consumer group ``<prefix>-worker``), wired to ``handler``; ``tick`` every ``tick_s``."""
     h: BatchHandler = handler if handler is not None else CountingHandler()
     app = faust.App(
-        f"{settings.topic_prefix}-worker",
-        broker=[f"kafka://{b.strip()}" for b in settings.bootstrap_servers.split(",")],
+        f"{config.topic_prefix}-worker",
+        broker=[f"kafka://{b.strip()}" for b in config.bootstrap_servers.split(",")],
         store="memory://",
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
@@ -80,7 +79,7 @@ def make_app(
     )
     app.flywheel_handler = h  # type: ignore[attr-defined]
     feedback = app.topic(
-        settings.topic("feedback"), key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        config.topic("feedback"), key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
 
     @app.agent(feedback, concurrency=1)
@@ -96,7 +95,7 @@ def make_app(
     async def start_handler() -> None:
         await h.on_start(app)
 
-    @app.timer(interval=tick_s or max(0.2, min(1.0, settings.linear_publish_s / 2)))
+    @app.timer(interval=tick_s)
     async def tick() -> None:
         await h.tick()
 

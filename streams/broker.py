@@ -11,7 +11,7 @@ The logging backend is ``log4j-slf4j-impl`` + ``log4j-core`` 2.24.3: Kafka 4.x p
 which the slf4j2 binding is invisible and the broker would log nothing. ``-Dlog4j2.shutdownHookEnabled=false``
 keeps log4j alive until the broker's own shutdown hook has logged its last lines.
 
-When ``settings.kafka_bootstrap`` names an existing cluster, nothing is fetched, started or stopped: start and
+When ``config.kafka_bootstrap`` names an existing cluster, nothing is fetched, started or stopped: start and
 stop only check that it answers.
 """
 
@@ -28,16 +28,16 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from services.daemon import Daemon, DaemonError, port_free, rss_bytes, wait_for
+from streams.daemon import Daemon, DaemonError, port_free, rss_bytes, wait_for
 
 if TYPE_CHECKING:
-    from services.settings import Settings
+    from streams.config import StreamsConfig
 
 log = structlog.get_logger(__name__)
 
@@ -60,17 +60,17 @@ def _progress(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- paths
-def kafka_dir(settings: Settings) -> Path:
+def kafka_dir(config: StreamsConfig) -> Path:
     """Where this broker keeps its config, data, pidfile and log (``<state_dir>/kafka``)."""
-    return settings.state_dir / "kafka"
+    return config.state_dir / "kafka"
 
 
-def jars_dir(settings: Settings) -> Path:
-    return settings.downloads / f"kafka-{settings.kafka_version}" / "libs"
+def jars_dir(config: StreamsConfig) -> Path:
+    return config.downloads / f"kafka-{config.kafka_version}" / "libs"
 
 
-def _daemon(settings: Settings) -> Daemon:
-    d = kafka_dir(settings)
+def _daemon(config: StreamsConfig) -> Daemon:
+    d = kafka_dir(config)
     return Daemon(
         name="kafka",
         pidfile=d / "kafka.pid",
@@ -122,19 +122,21 @@ def _kafka_jar_present(libs: Path, version: str) -> bool:
 
 
 def ensure_jars(
-    settings: Settings,
+    config: StreamsConfig,
     *,
     maven_settings: Path | None = None,
     local_repo: Path | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Fetch Kafka and its runtime dependencies once; returns the directory of jars (the class path).
 
     ``maven_settings`` / ``local_repo`` pass ``-s`` / ``-Dmaven.repo.local`` to Maven (a mirror, a proxy, an
-    isolated cache). A completed fetch leaves a ``.complete`` stamp: a half-finished one is redone.
+    isolated cache). A completed fetch leaves a ``.complete`` stamp: a half-finished one is redone. ``progress``
+    gets the fetch's progress lines (default: stderr).
     """
-    libs = jars_dir(settings)
+    libs = jars_dir(config)
     stamp = libs.parent / ".complete"
-    if stamp.is_file() and _kafka_jar_present(libs, settings.kafka_version):
+    if stamp.is_file() and _kafka_jar_present(libs, config.kafka_version):
         return libs
     mvn = shutil.which("mvn")
     if mvn is None:
@@ -145,7 +147,7 @@ def ensure_jars(
         )
     build = libs.parent / "build"
     build.mkdir(parents=True, exist_ok=True)
-    (build / "pom.xml").write_text(_POM.format(kafka=settings.kafka_version, log4j=LOG4J_VERSION))
+    (build / "pom.xml").write_text(_POM.format(kafka=config.kafka_version, log4j=LOG4J_VERSION))
     tmp_libs = libs.parent / "libs.partial"
     shutil.rmtree(tmp_libs, ignore_errors=True)
     argv = [
@@ -163,12 +165,10 @@ def ensure_jars(
         argv[1:1] = ["-s", str(maven_settings)]
     if local_repo is not None:
         argv.append(f"-Dmaven.repo.local={local_repo}")
-    _progress(
-        f"==> fetching Apache Kafka {settings.kafka_version} from Maven Central into {libs.parent} "
-        "(once, about 45 MB)"
-    )
+    say = progress or _progress
+    say(f"fetching Apache Kafka {config.kafka_version} from Maven Central into {libs.parent} (once, about 45 MB)")
     started = time.monotonic()
-    output = _run_with_progress(argv, tmp_libs)
+    output = _run_with_progress(argv, tmp_libs, say)
     if output.returncode != 0:
         shutil.rmtree(tmp_libs, ignore_errors=True)
         text = re.sub(r"\x1b\[[0-9;]*m", "", output.stdout or "")
@@ -180,21 +180,23 @@ def ensure_jars(
                 "Check the network or proxy (Maven's ~/.m2/settings.xml), or set FLYWHEEL_KAFKA_BOOTSTRAP to "
                 f"use an existing Kafka.\n{detail}"
             )
-        raise BrokerError(f"Maven failed to fetch org.apache.kafka:kafka_2.13:{settings.kafka_version}:\n{detail}")
-    if not _kafka_jar_present(tmp_libs, settings.kafka_version):
-        raise BrokerError(f"Maven finished but {tmp_libs} lacks kafka_2.13-{settings.kafka_version}.jar")
+        raise BrokerError(f"Maven failed to fetch org.apache.kafka:kafka_2.13:{config.kafka_version}:\n{detail}")
+    if not _kafka_jar_present(tmp_libs, config.kafka_version):
+        raise BrokerError(f"Maven finished but {tmp_libs} lacks kafka_2.13-{config.kafka_version}.jar")
     shutil.rmtree(libs, ignore_errors=True)
     os.replace(tmp_libs, libs)
-    stamp.write_text(f"kafka {settings.kafka_version} log4j {LOG4J_VERSION}\n")
+    stamp.write_text(f"kafka {config.kafka_version} log4j {LOG4J_VERSION}\n")
     size = sum(p.stat().st_size for p in libs.iterdir()) / 1e6
     elapsed = time.monotonic() - started
-    _progress(f"    {len(list(libs.iterdir()))} jars, {size:.0f} MB in {elapsed:.1f}s")
-    log.info("kafka jars fetched", version=settings.kafka_version, mb=round(size, 1), seconds=round(elapsed, 1))
+    say(f"{len(list(libs.iterdir()))} jars, {size:.0f} MB in {elapsed:.1f}s")
+    log.info("kafka jars fetched", version=config.kafka_version, mb=round(size, 1), seconds=round(elapsed, 1))
     return libs
 
 
-def _run_with_progress(argv: list[str], watch: Path) -> subprocess.CompletedProcess[str]:
-    """Run Maven quietly, printing the growing size of the output directory every few seconds."""
+def _run_with_progress(
+    argv: list[str], watch: Path, say: Callable[[str], None] = _progress
+) -> subprocess.CompletedProcess[str]:
+    """Run Maven quietly, reporting the growing size of the output directory every few seconds."""
     done = threading.Event()
 
     started = time.monotonic()
@@ -206,8 +208,7 @@ def _run_with_progress(argv: list[str], watch: Path) -> subprocess.CompletedProc
             except FileNotFoundError:
                 mb = 0.0
             elapsed = time.monotonic() - started
-            _progress(f"    ... {mb:.0f} MB copied ({elapsed:.0f}s)" if mb
-                      else f"    ... downloading and resolving ({elapsed:.0f}s)")
+            say(f"{mb:.0f} MB copied ({elapsed:.0f}s)" if mb else f"downloading and resolving ({elapsed:.0f}s)")
 
     reporter = threading.Thread(target=report, name="mvn-progress", daemon=True)
     reporter.start()
@@ -249,9 +250,9 @@ def find_java() -> str:
 
 
 # ------------------------------------------------------------------------------------------------- config
-def _server_properties(settings: Settings) -> str:
-    d = kafka_dir(settings)
-    port, cport = settings.kafka_port, settings.kafka_controller_port
+def _server_properties(config: StreamsConfig) -> str:
+    d = kafka_dir(config)
+    port, cport = config.kafka_port, config.kafka_controller_port
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
@@ -318,21 +319,21 @@ def _cluster_id(d: Path) -> str:
     return cid
 
 
-def _write_config(settings: Settings) -> Path:
-    d = kafka_dir(settings)
+def _write_config(config: StreamsConfig) -> Path:
+    d = kafka_dir(config)
     (d / "data").mkdir(parents=True, exist_ok=True)
     props = d / "server.properties"
-    props.write_text(_server_properties(settings))
+    props.write_text(_server_properties(config))
     (d / "log4j2.properties").write_text(_LOG4J2)
     return props
 
 
-def _java_argv(settings: Settings, java: str, libs: Path, main: str, *args: str) -> list[str]:
-    d = kafka_dir(settings)
+def _java_argv(config: StreamsConfig, java: str, libs: Path, main: str, *args: str) -> list[str]:
+    d = kafka_dir(config)
     return [
         java,
-        f"-Xmx{settings.kafka_heap}",
-        f"-Xms{min(_mb(settings.kafka_heap), 256)}m",
+        f"-Xmx{config.kafka_heap}",
+        f"-Xms{min(_mb(config.kafka_heap), 256)}m",
         "-XX:+UseG1GC",
         "-XX:MaxGCPauseMillis=20",
         "-Djava.awt.headless=true",
@@ -354,13 +355,13 @@ def _mb(heap: str) -> int:
     return {"k": n // 1024, "m": n, "g": n * 1024, "": n // (1024 * 1024)}[unit]
 
 
-def _format_storage(settings: Settings, java: str, libs: Path, props: Path) -> None:
+def _format_storage(config: StreamsConfig, java: str, libs: Path, props: Path) -> None:
     """Format the metadata log once (a data dir with meta.properties is already formatted)."""
-    d = kafka_dir(settings)
+    d = kafka_dir(config)
     if (d / "data" / "meta.properties").is_file():
         return
     cid = _cluster_id(d)
-    argv = _java_argv(settings, java, libs, "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props))
+    argv = _java_argv(config, java, libs, "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props))
     _progress(f"==> formatting Kafka storage in {d / 'data'} (cluster {cid})")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)  # noqa: S603
     if out.returncode != 0:
@@ -415,48 +416,48 @@ def answers_metadata(bootstrap: str, timeout_s: float = 2.0) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------- lifecycle
-def start(settings: Settings) -> None:
+def start(config: StreamsConfig) -> None:
     """Start the local broker and wait until it answers metadata; a no-op when it already runs.
 
     With ``kafka_bootstrap`` set, only checks that the existing cluster answers.
     """
-    if not settings.manages_kafka:
-        if not answers_metadata(settings.bootstrap_servers, timeout_s=min(10.0, settings.kafka_start_timeout_s)):
+    if not config.manages_kafka:
+        if not answers_metadata(config.bootstrap_servers, timeout_s=min(10.0, config.kafka_start_timeout_s)):
             raise BrokerError(
-                f"the Kafka at FLYWHEEL_KAFKA_BOOTSTRAP={settings.kafka_bootstrap} does not answer; "
+                f"the Kafka at FLYWHEEL_KAFKA_BOOTSTRAP={config.kafka_bootstrap} does not answer; "
                 "start it, or unset FLYWHEEL_KAFKA_BOOTSTRAP to let Flywheel run its own broker"
             )
-        log.info("using existing kafka", bootstrap=settings.bootstrap_servers)
+        log.info("using existing kafka", bootstrap=config.bootstrap_servers)
         return
-    daemon = _daemon(settings)
+    daemon = _daemon(config)
     if daemon.running():
-        _wait_ready(settings, daemon, started_at=None)
-        log.info("kafka already running", pid=daemon.pid(), bootstrap=settings.bootstrap_servers)
+        _wait_ready(config, daemon, started_at=None)
+        log.info("kafka already running", pid=daemon.pid(), bootstrap=config.bootstrap_servers)
         return
     java = find_java()
-    libs = ensure_jars(settings)
-    for setting, port in (("kafka_port", settings.kafka_port), ("kafka_controller_port", settings.kafka_controller_port)):
+    libs = ensure_jars(config)
+    for setting, port in (("kafka_port", config.kafka_port), ("kafka_controller_port", config.kafka_controller_port)):
         if not port_free(port):
             raise BrokerError(
                 f"port {port} on 127.0.0.1 is already in use by another program, so the broker cannot listen "
                 f"there; stop that program or choose another port (FLYWHEEL_{setting.upper()}), or point "
                 "FLYWHEEL_KAFKA_BOOTSTRAP at a Kafka you already run"
             )
-    props = _write_config(settings)
-    _format_storage(settings, java, libs, props)
-    _progress(f"==> starting Kafka {settings.kafka_version} on 127.0.0.1:{settings.kafka_port}")
+    props = _write_config(config)
+    _format_storage(config, java, libs, props)
+    _progress(f"==> starting Kafka {config.kafka_version} on 127.0.0.1:{config.kafka_port}")
     started_at = time.monotonic()
     try:
-        daemon.start(_java_argv(settings, java, libs, "kafka.Kafka", str(props)), cwd=kafka_dir(settings))
+        daemon.start(_java_argv(config, java, libs, "kafka.Kafka", str(props)), cwd=kafka_dir(config))
     except DaemonError as exc:
         raise BrokerError(str(exc)) from exc
-    _wait_ready(settings, daemon, started_at=started_at)
+    _wait_ready(config, daemon, started_at=started_at)
 
 
-def _wait_ready(settings: Settings, daemon: Daemon, started_at: float | None) -> None:
-    deadline_s = settings.kafka_start_timeout_s
+def _wait_ready(config: StreamsConfig, daemon: Daemon, started_at: float | None) -> None:
+    deadline_s = config.kafka_start_timeout_s
     ok = wait_for(
-        lambda: answers_metadata(settings.bootstrap_servers, timeout_s=1.0),
+        lambda: answers_metadata(config.bootstrap_servers, timeout_s=1.0),
         deadline_s,
         interval_s=0.25,
         abort=lambda: not daemon.running(),
@@ -479,14 +480,14 @@ def _wait_ready(settings: Settings, daemon: Daemon, started_at: float | None) ->
     )
 
 
-def stop(settings: Settings) -> None:
+def stop(config: StreamsConfig) -> None:
     """Stop the local broker (SIGTERM, then SIGKILL after 30 s); a no-op when it is not running."""
-    if not settings.manages_kafka:
-        reachable = answers_metadata(settings.bootstrap_servers, timeout_s=2.0)
+    if not config.manages_kafka:
+        reachable = answers_metadata(config.bootstrap_servers, timeout_s=2.0)
         log.info("external kafka is not managed by flywheel; nothing stopped",
-                 bootstrap=settings.bootstrap_servers, reachable=reachable)
+                 bootstrap=config.bootstrap_servers, reachable=reachable)
         return
-    daemon = _daemon(settings)
+    daemon = _daemon(config)
     pid = daemon.pid()
     if pid is None:
         log.info("kafka not running")
@@ -500,20 +501,20 @@ def stop(settings: Settings) -> None:
     log.info("kafka stopped", seconds=round(time.monotonic() - started, 2))
 
 
-def is_running(settings: Settings) -> bool:
-    """True when the broker Flywheel manages for these settings has a live process (says nothing of readiness)."""
-    return settings.manages_kafka and _daemon(settings).running()
+def is_running(config: StreamsConfig) -> bool:
+    """True when the broker Flywheel manages for this config has a live process (says nothing of readiness)."""
+    return config.manages_kafka and _daemon(config).running()
 
 
-def status(settings: Settings) -> dict[str, Any]:
+def status(config: StreamsConfig) -> dict[str, Any]:
     """The broker's state: managed?, pid, memory, reachable?, where its files are."""
     st: dict[str, Any] = {
-        "managed": settings.manages_kafka,
-        "bootstrap": settings.bootstrap_servers,
-        "version": settings.kafka_version if settings.manages_kafka else None,
+        "managed": config.manages_kafka,
+        "bootstrap": config.bootstrap_servers,
+        "version": config.kafka_version if config.manages_kafka else None,
     }
-    if settings.manages_kafka:
-        daemon = _daemon(settings)
+    if config.manages_kafka:
+        daemon = _daemon(config)
         pid = daemon.pid()
         rss = rss_bytes(pid) if pid else None
         st.update(
@@ -521,15 +522,15 @@ def status(settings: Settings) -> dict[str, Any]:
             pid=pid,
             rss_mb=round(rss / 1e6, 1) if rss else None,
             log=str(daemon.logfile),
-            data_dir=str(kafka_dir(settings) / "data"),
-            jars=str(jars_dir(settings)),
+            data_dir=str(kafka_dir(config) / "data"),
+            jars=str(jars_dir(config)),
         )
-    st["reachable"] = answers_metadata(settings.bootstrap_servers, timeout_s=2.0)
+    st["reachable"] = answers_metadata(config.bootstrap_servers, timeout_s=2.0)
     return st
 
 
 # ------------------------------------------------------------------------------------------------- topics
-def ensure_topics(settings: Settings, specs: Iterable[tuple[str, int]], timeout_s: float = 30.0) -> None:
+def ensure_topics(config: StreamsConfig, specs: Iterable[tuple[str, int]], timeout_s: float = 30.0) -> None:
     """Create missing topics with their partition counts and grow ones with too few; idempotent.
 
     Returns once every topic has a leader for each partition, so producers can send right away.
@@ -540,11 +541,11 @@ def ensure_topics(settings: Settings, specs: Iterable[tuple[str, int]], timeout_
     if not wanted:
         return
     # One node: replication 1. Someone else's cluster: its own default (-1).
-    rf = 1 if settings.manages_kafka else -1
+    rf = 1 if config.manages_kafka else -1
     try:
-        admin = _admin(settings.bootstrap_servers, timeout_s)
+        admin = _admin(config.bootstrap_servers, timeout_s)
     except (KafkaError, OSError) as exc:
-        raise BrokerError(f"Kafka at {settings.bootstrap_servers} is not reachable to create topics: {exc}") from exc
+        raise BrokerError(f"Kafka at {config.bootstrap_servers} is not reachable to create topics: {exc}") from exc
     try:
         existing = {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics()}
         missing = {n: p for n, p in wanted.items() if n not in existing}
@@ -569,7 +570,7 @@ def ensure_topics(settings: Settings, specs: Iterable[tuple[str, int]], timeout_
                 log.warning("topic has more partitions than configured", topic=n, has=existing[n], wanted=p)
         _wait_topics_ready(admin, wanted, timeout_s)
     except KafkaError as exc:
-        raise BrokerError(f"managing topics on {settings.bootstrap_servers} failed: {exc}") from exc
+        raise BrokerError(f"managing topics on {config.bootstrap_servers} failed: {exc}") from exc
     finally:
         with contextlib.suppress(Exception):
             admin.close()
@@ -591,9 +592,9 @@ def _wait_topics_ready(admin: Any, wanted: dict[str, int], timeout_s: float) -> 
         raise BrokerError(f"topics {sorted(wanted)} did not get partition leaders within {timeout_s:.0f}s")
 
 
-def topic_partitions(settings: Settings, names: Iterable[str]) -> dict[str, int]:
+def topic_partitions(config: StreamsConfig, names: Iterable[str]) -> dict[str, int]:
     """Partition count of each named topic that exists (for status pages and tests)."""
-    with contextlib.closing(_admin(settings.bootstrap_servers, 10.0)) as admin:
+    with contextlib.closing(_admin(config.bootstrap_servers, 10.0)) as admin:
         return {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics(list(names))
                 if t.get("error_code", 0) == 0}
 

@@ -24,7 +24,7 @@ from streams.events import encode
 if TYPE_CHECKING:
     from kafka import KafkaProducer
 
-    from services.settings import Settings
+    from streams.config import StreamsConfig
     from streams.events import _Event
 
 log = structlog.get_logger(__name__)
@@ -36,7 +36,7 @@ class BrokerUnavailable(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Topics:
-    """Every topic name for one ``settings.topic_prefix``."""
+    """Every topic name for one ``config.topic_prefix``."""
 
     feedback: str
     retractions: str  # the same topic as feedback, on purpose (ordering per message id)
@@ -45,29 +45,25 @@ class Topics:
     dead_letter: str
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Topics:
-        feedback = settings.topic("feedback")
+    def from_config(cls, config: StreamsConfig) -> Topics:
+        feedback = config.topic("feedback")
         return cls(
             feedback=feedback,
             retractions=feedback,
-            model_events=settings.topic("model-events"),
-            rule_changes=settings.topic("rule-changes"),
-            dead_letter=settings.topic("dead-letter"),
+            model_events=config.topic("model-events"),
+            rule_changes=config.topic("rule-changes"),
+            dead_letter=config.topic("dead-letter"),
         )
 
 
-def topics(settings: Settings) -> Topics:
-    return Topics.from_settings(settings)
-
-
-def topic_specs(settings: Settings) -> list[tuple[str, int]]:
+def topic_specs(config: StreamsConfig) -> list[tuple[str, int]]:
     """(name, partitions) of every topic to create before producers or the worker start.
 
     Model events and rule changes have one partition so every consumer sees one total order of decisions.
     """
-    t = Topics.from_settings(settings)
+    t = Topics.from_config(config)
     return [
-        (t.feedback, max(1, settings.feedback_partitions)),
+        (t.feedback, max(1, config.feedback_partitions)),
         (t.model_events, 1),
         (t.rule_changes, 1),
         (t.dead_letter, 1),
@@ -83,13 +79,13 @@ class EventProducer:
 
     def __init__(
         self,
-        settings: Settings,
+        config: StreamsConfig,
         *,
         timeout_s: float = 3.0,
         client_id: str = "flywheel",
         retry_after_failure_s: float = 0.5,
     ) -> None:
-        self._bootstrap = settings.bootstrap_servers
+        self._bootstrap = config.bootstrap_servers
         self._timeout_s = timeout_s
         self._client_id = client_id
         self._retry_after_failure_s = retry_after_failure_s
@@ -201,30 +197,9 @@ class EventProducer:
         self.close()
 
 
-def feedback_topic(settings: Settings) -> str:
-    return settings.topic("feedback")
-
-
-def model_events_topic(settings: Settings) -> str:
-    return settings.topic("model-events")
-
-
-def rule_changes_topic(settings: Settings) -> str:
-    return settings.topic("rule-changes")
-
-
-def dead_letter_topic(settings: Settings) -> str:
-    return settings.topic("dead-letter")
-
-
 __all__ = [
     "BrokerUnavailable",
     "EventProducer",
     "Topics",
-    "topics",
     "topic_specs",
-    "feedback_topic",
-    "model_events_topic",
-    "rule_changes_topic",
-    "dead_letter_topic",
 ]

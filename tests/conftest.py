@@ -1,9 +1,11 @@
 """Session fixtures shared by every test: settings on fresh ports and a temporary state dir, the real broker,
 the real Prometheus, the corpus.
 
-Servers start once per session, on first use, and stop at the end. The downloads cache (Kafka jars, corpus) is
-the checkout's ``var/downloads`` so test runs never fetch twice. A final check fails the session if any process
-started by a test is still alive.
+Servers start once per session, on first use, and stop at the end. Kafka and Prometheus run in containers where a
+Docker daemon answers and as the project's local servers where none does; FLYWHEEL_TEST_BACKEND=auto|local|containers
+chooses, and the run's header and summary say which ran (see tests/backends.py). The downloads cache (Kafka jars,
+corpus) is the checkout's ``var/downloads`` so test runs never fetch twice. A final check fails the session if any
+process started by a test is still alive.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
 from pathlib import Path
+from typing import Any
 
+import backends
 import pytest
 
 from services.settings import REPO_ROOT, Settings
@@ -103,6 +106,31 @@ def no_process_left_behind() -> Iterator[None]:
     pytest.fail("processes left behind by the tests (killed now):\n" + "\n".join(described), pytrace=False)
 
 
+# --------------------------------------------------------------------------------------------- backend
+def pytest_configure(config: pytest.Config) -> None:
+    """Check FLYWHEEL_TEST_BACKEND before any test: a bad value, or containers without Docker, stops the run here."""
+    try:
+        if backends.requested_mode(backends.SESSION.env) == "containers":
+            backends.SESSION.selection()
+    except backends.BackendError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return backends.SESSION.header()
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    for line in backends.SESSION.summary():
+        terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def integration_backend() -> backends.Selection:
+    """Which backend serves ``kafka`` and ``prometheus`` this session (Docker is probed on first use)."""
+    return backends.SESSION.selection()
+
+
 # --------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
@@ -111,36 +139,23 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def kafka(settings: Settings) -> Iterator[Settings]:
-    """The real broker for this session (jars fetched once, project topics created); yields the settings."""
-    from streams import broker
+def kafka(settings: Settings, integration_backend: backends.Selection) -> Iterator[Settings]:
+    """The real broker for this session, the project's topics created; yields settings that reach it.
 
-    if settings.manages_kafka:
-        broker.ensure_jars(settings)
-    broker.start(settings)
-    try:
-        try:
-            from streams.topics import topic_specs
-        except ImportError:
-            specs: list[tuple[str, int]] = []
-        else:
-            specs = topic_specs(settings)
-        broker.ensure_topics(settings, specs)
-        yield settings
-    finally:
-        broker.stop(settings)
+    Local: the project's broker on ``settings.kafka_port`` (jars fetched once), the settings as they are. Containers:
+    Apache Kafka published on that same port, and the settings with ``kafka_bootstrap`` naming it, so nothing tries
+    to start a local broker.
+    """
+    with backends.kafka(settings, backends.SESSION) as reached:
+        yield reached
 
 
 @pytest.fixture(scope="session")
-def prometheus(settings: Settings) -> Iterator[Settings]:
-    """The real Prometheus for this session, scraping the settings' API and worker ports; yields the settings."""
-    from services.stack import prometheus_start, prometheus_stop
-
-    prometheus_start(settings)
-    try:
-        yield settings
-    finally:
-        prometheus_stop(settings)
+def prometheus(settings: Settings, integration_backend: backends.Selection) -> Iterator[Settings]:
+    """The real Prometheus for this session on ``settings.prometheus_port``, scraping the settings' API and worker
+    ports on 127.0.0.1; yields the settings."""
+    with backends.prometheus(settings, backends.SESSION) as reached:
+        yield reached
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from models.classifier import (
     threshold_for_fpr,
 )
 from models.features import FeatureConfig, featurize
-from models.linear import train_linear
+from models.linear import LinearModel
 from models.message import parse
 from models.registry import LoadedModel, Registry, SelfCheckVector
 from models.rules import Rule, RuleEngine
@@ -52,7 +52,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     parsed = [parse(r) for r in raws]
     results = [ENGINE.evaluate(p) for p in parsed]
     batch = featurize(parsed, results, CONFIG)
-    model = train_linear(batch, labels, features=CONFIG)
+    model = LinearModel(CONFIG).fit(batch, labels)
     exp = model.predict_proba(batch)
     vectors = [SelfCheckVector(raws[i], results[i], float(exp[i])) for i in (0, 1, 2, 3)]
     reg = Registry(tmp / "reg")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -13,25 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
+from backends import Selection
 from conftest import make_settings
 
 from services import stack
-from services.daemon import is_alive, port_open, read_pid, wait_for
+from streams.daemon import is_alive, port_open, read_pid, wait_for
 from services.settings import Settings
 
 MONITORING = stack.MONITORING_DIR
-
-# The metric names of the team contract: dashboards and alerts may use only these (and recording rules).
-CONTRACT_METRICS = {
-    "flywheel_http_requests_total", "flywheel_http_request_duration_seconds", "flywheel_verdicts_total",
-    "flywheel_rule_hits_total", "flywheel_spam_probability", "flywheel_feedback_total", "flywheel_model_info",
-    "flywheel_model_reloads_total", "flywheel_rules_active", "flywheel_rule_changes_total",
-    "flywheel_worker_events_total", "flywheel_labels_total", "flywheel_gate_decisions_total",
-    "flywheel_model_one_minus_auc", "flywheel_model_recall_at_fpr", "flywheel_training_examples",
-    "flywheel_rules_recall_at_fpr", "flywheel_reporter_weight", "flywheel_worker_lag_records",
-}
-
 
 @pytest.fixture()
 def private(tmp_path: Path) -> Iterator[Settings]:
@@ -41,7 +29,7 @@ def private(tmp_path: Path) -> Iterator[Settings]:
     stack.prometheus_stop(s)
     from streams import broker
 
-    broker.stop(s)
+    broker.stop(s.streams())
 
 
 def _up(settings: Settings, job: str) -> str | None:
@@ -77,18 +65,20 @@ def test_prometheus_scrapes_a_target(private: Settings) -> None:
 
 
 @pytest.mark.integration
-def test_session_prometheus_is_idempotent_and_loads_the_rules(prometheus: Settings) -> None:
+def test_session_prometheus_is_idempotent_and_loads_the_rules(prometheus: Settings,
+                                                              integration_backend: Selection) -> None:
     import urllib.request
 
-    pid = stack.prometheus_status(prometheus)["pid"]
-    stack.prometheus_start(prometheus)  # already running: no new process
-    assert stack.prometheus_status(prometheus)["pid"] == pid
+    if integration_backend.backend == "local":  # a container is no process of ours: no pid, no second start
+        pid = stack.prometheus_status(prometheus)["pid"]
+        stack.prometheus_start(prometheus)  # already running: no new process
+        assert pid is not None and stack.prometheus_status(prometheus)["pid"] == pid
     with urllib.request.urlopen(stack.prometheus_url(prometheus) + "/api/v1/rules", timeout=5) as resp:  # noqa: S310
         groups = {g["name"]: g for g in json.load(resp)["data"]["groups"]}
     assert {"flywheel.api", "flywheel.worker", "flywheel.alerts"} <= set(groups)
     alerts = {r["name"] for r in groups["flywheel.alerts"]["rules"]}
     assert {"FlywheelApiDown", "FlywheelWorkerDown", "FlywheelHighLatency", "FlywheelFeedbackRefused",
-            "FlywheelModelReloadRejected", "FlywheelGateRejectingEverything", "FlywheelWorkerLag"} == alerts
+            "FlywheelModelReloadRejected", "FlywheelGateRejectingEverything", "FlywheelWorkerLag"} <= alerts
 
 
 @pytest.mark.integration
@@ -132,29 +122,7 @@ def test_promtool_accepts_the_rendered_config_and_rules(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def _metric_names(expr: str) -> set[str]:
-    """Metric names in a PromQL expression, histogram series folded into their metric."""
-    return {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"\bflywheel_[a-z_]+", expr)}
-
-
-@pytest.mark.unit
-def test_dashboard_and_rules_use_only_contract_metrics() -> None:
-    dashboard = json.loads((MONITORING / "grafana" / "dashboards" / "flywheel.json").read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
-    for f in (MONITORING / "rules").glob("*.yml"):
-        exprs += [r["expr"] for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]]
-    used = set().union(*(_metric_names(e) for e in exprs))
-    assert used and used <= CONTRACT_METRICS, used - CONTRACT_METRICS
-    titles = " | ".join(p["title"] for p in dashboard["panels"])
-    for wanted in ("Traffic & latency", "Verdicts", "Feedback", "Model", "gate", "number of rules", "training examples"):
-        assert wanted.lower() in titles.lower(), wanted
-    xy = [p for p in dashboard["panels"] if p["type"] == "xychart"]
-    assert len(xy) == 2
-    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
-    provisioning = MONITORING / "grafana" / "provisioning"
-    ds = yaml.safe_load((provisioning / "datasources" / "flywheel.yaml").read_text())
-    assert ds["datasources"][0]["type"] == "prometheus"
-    assert yaml.safe_load((provisioning / "dashboards" / "flywheel.yaml").read_text())["providers"][0]["type"] == "file"
+# The dashboards, the rules and their promtool unit tests: tests/monitoring/.
 
 
 # --------------------------------------------------------------------------------------------- run_stack
@@ -205,8 +173,8 @@ def test_run_stack_starts_everything_and_ctrl_c_stops_it_in_reverse_order(privat
         from streams import broker
         from streams.topics import topic_specs
 
-        specs = dict(topic_specs(s))
-        assert broker.topic_partitions(s, specs) == specs
+        specs = dict(topic_specs(s.streams()))
+        assert broker.topic_partitions(s.streams(), specs) == specs
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]

@@ -17,7 +17,7 @@ import pytest
 from services.settings import REPO_ROOT, Settings
 from streams.events import FeedbackEvent, encode
 from streams.topics import EventProducer, Topics, topic_specs
-from services.daemon import wait_until
+from streams.daemon import wait_until
 
 
 def _env(settings: Settings) -> dict[str, str]:
@@ -79,7 +79,7 @@ def _isolated(kafka: Settings, tmp_path: Path) -> Settings:
         "state_dir": tmp_path / "state", "registry_dir": None, "rules_path": None,
         "topic_prefix": f"t{uuid.uuid4().hex[:8]}", "worker_port": port, "feedback_partitions": 3,
     })
-    broker.ensure_topics(s, topic_specs(s))
+    broker.ensure_topics(s.streams(), topic_specs(s.streams()))
     return s
 
 
@@ -94,8 +94,8 @@ def _flags(n: int, start: int = 0) -> list[FeedbackEvent]:
 @pytest.mark.integration
 def test_worker_consumes_dead_letters_and_resumes_after_kill(kafka: Settings, tmp_path: Path) -> None:
     s = _isolated(kafka, tmp_path)
-    topics = Topics.from_settings(s)
-    producer = EventProducer(s)
+    topics = Topics.from_config(s.streams())
+    producer = EventProducer(s.streams())
     worker = WorkerProc(s, "--ingest-only")
     try:
         first = _flags(60)

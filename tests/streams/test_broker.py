@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import make_settings
 
-from services.daemon import is_alive, read_pid, wait_for
+from streams.daemon import is_alive, read_pid, wait_for
 from services.settings import Settings
 from streams import broker
 
@@ -80,32 +80,32 @@ def _drain(consumer, quiet_s: float = 3.0) -> list[bytes]:  # type: ignore[no-un
 def test_project_topics_exist_with_their_partition_counts(kafka: Settings) -> None:
     from streams.topics import topic_specs
 
-    specs = dict(topic_specs(kafka))
-    assert broker.topic_partitions(kafka, specs) == specs
-    broker.ensure_topics(kafka, list(specs.items()))  # idempotent: no error, nothing changes
-    assert broker.topic_partitions(kafka, specs) == specs
+    specs = dict(topic_specs(kafka.streams()))
+    assert broker.topic_partitions(kafka.streams(), specs) == specs
+    broker.ensure_topics(kafka.streams(), list(specs.items()))  # idempotent: no error, nothing changes
+    assert broker.topic_partitions(kafka.streams(), specs) == specs
 
 
 @pytest.mark.integration
 def test_ensure_topics_grows_a_topic_with_too_few_partitions(kafka: Settings) -> None:
     name = kafka.topic(f"grow-{uuid.uuid4().hex[:6]}")
-    broker.ensure_topics(kafka, [(name, 1)])
-    assert broker.topic_partitions(kafka, [name]) == {name: 1}
-    broker.ensure_topics(kafka, [(name, 3)])
-    assert broker.topic_partitions(kafka, [name]) == {name: 3}
+    broker.ensure_topics(kafka.streams(), [(name, 1)])
+    assert broker.topic_partitions(kafka.streams(), [name]) == {name: 1}
+    broker.ensure_topics(kafka.streams(), [(name, 3)])
+    assert broker.topic_partitions(kafka.streams(), [name]) == {name: 3}
 
 
 @pytest.mark.integration
 def test_status_reports_the_running_broker(kafka: Settings) -> None:
-    st = broker.status(kafka)
+    st = broker.status(kafka.streams())
     assert st["managed"] is kafka.manages_kafka
     assert st["reachable"] is True
     if kafka.manages_kafka:
         assert st["running"] is True and is_alive(st["pid"])
         assert 50 < st["rss_mb"] < 2000
         before = st["pid"]
-        broker.start(kafka)  # already running: a no-op, same process
-        assert broker.status(kafka)["pid"] == before
+        broker.start(kafka.streams())  # already running: a no-op, same process
+        assert broker.status(kafka.streams())["pid"] == before
 
 
 # ------------------------------------------------------------------------------------------- kafka-python
@@ -113,7 +113,7 @@ def test_status_reports_the_running_broker(kafka: Settings) -> None:
 def test_group_commit_and_resume_with_kafka_python(kafka: Settings) -> None:
     topic = kafka.topic(f"roundtrip-{uuid.uuid4().hex[:6]}")
     group = f"g-{uuid.uuid4().hex[:6]}"
-    broker.ensure_topics(kafka, [(topic, 2)])
+    broker.ensure_topics(kafka.streams(), [(topic, 2)])
     first = [f"a{i}".encode() for i in range(10)]
     _produce(kafka.bootstrap_servers, topic, first)
 
@@ -199,7 +199,7 @@ def _run_faust_until(script: Path, args: list[str], out: Path, deadline_s: float
 def test_faust_agent_consumes_commits_and_resumes(kafka: Settings, tmp_path: Path) -> None:
     topic = kafka.topic(f"faust-{uuid.uuid4().hex[:6]}")
     app_id = f"flywheel-test-{uuid.uuid4().hex[:6]}"
-    broker.ensure_topics(kafka, [(topic, 1)])
+    broker.ensure_topics(kafka.streams(), [(topic, 1)])
     script = tmp_path / "faust_app.py"
     script.write_text(_FAUST_APP)
     out = tmp_path / "seen.txt"
@@ -222,15 +222,15 @@ def private(tmp_path: Path) -> Iterator[Settings]:
     if not s.manages_kafka:
         pytest.skip("FLYWHEEL_KAFKA_BOOTSTRAP points at an external Kafka; local broker management is not used")
     yield s
-    broker.stop(s)
+    broker.stop(s.streams())
 
 
 @pytest.mark.integration
 def test_restart_keeps_data_and_committed_offsets(private: Settings) -> None:
     s = private
-    broker.start(s)
+    broker.start(s.streams())
     topic, group = s.topic("restart"), "g-restart"
-    broker.ensure_topics(s, [(topic, 1)])
+    broker.ensure_topics(s.streams(), [(topic, 1)])
     _produce(s.bootstrap_servers, topic, [b"before-1", b"before-2"])
     c = _consumer(s.bootstrap_servers, group, topic)
     try:
@@ -239,13 +239,13 @@ def test_restart_keeps_data_and_committed_offsets(private: Settings) -> None:
     finally:
         c.close()
 
-    pid = broker.status(s)["pid"]
-    broker.stop(s)
+    pid = broker.status(s.streams())["pid"]
+    broker.stop(s.streams())
     assert not is_alive(pid)
-    assert broker.status(s)["reachable"] is False
+    assert broker.status(s.streams())["reachable"] is False
     assert "[BrokerServer id=1] shut down completed" in (s.state_dir / "kafka" / "kafka.log").read_text()
 
-    broker.start(s)
+    broker.start(s.streams())
     _produce(s.bootstrap_servers, topic, [b"after-1"])
     resumed = _consumer(s.bootstrap_servers, group, topic)
     try:
@@ -266,8 +266,8 @@ def test_port_already_taken_is_a_clear_error(private: Settings) -> None:
         squatter.bind(("127.0.0.1", private.kafka_port))
         squatter.listen()
         with pytest.raises(broker.BrokerError, match=rf"port {private.kafka_port} .*already in use.*FLYWHEEL_KAFKA_PORT"):
-            broker.start(private)
-    assert broker.status(private)["running"] is False
+            broker.start(private.streams())
+    assert broker.status(private.streams())["running"] is False
 
 
 @pytest.mark.unit
@@ -277,24 +277,24 @@ def test_java_missing_is_a_clear_error(private: Settings, tmp_path: Path, monkey
     monkeypatch.setenv("PATH", str(empty))
     monkeypatch.delenv("JAVA_HOME", raising=False)
     with pytest.raises(broker.BrokerError, match=r"Java was not found on PATH.*openjdk-17"):
-        broker.start(private)
+        broker.start(private.streams())
     monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jdk"))
     with pytest.raises(broker.BrokerError, match=r"JAVA_HOME"):
-        broker.start(private)
-    assert broker.status(private)["running"] is False
+        broker.start(private.streams())
+    assert broker.status(private.streams())["running"] is False
 
 
 @pytest.mark.integration
 def test_broker_not_up_in_time_stops_it_and_shows_the_log_tail(private: Settings) -> None:
     s = private.model_copy(update={"kafka_start_timeout_s": 0.5})
     with pytest.raises(broker.BrokerError) as err:
-        broker.start(s)
+        broker.start(s.streams())
     message = str(err.value)
     assert "did not answer a metadata request within" in message
     assert str(s.state_dir / "kafka" / "kafka.log") in message
     assert "starting kafka" in message  # the tail of the log is part of the message
     assert read_pid(s.state_dir / "kafka" / "kafka.pid") is None
-    assert broker.status(s)["running"] is False
+    assert broker.status(s.streams())["running"] is False
 
 
 @pytest.mark.integration
@@ -309,8 +309,8 @@ def test_maven_unreachable_is_a_clear_error(tmp_path: Path) -> None:
     )
     s = make_settings(tmp_path / "state", downloads_dir=tmp_path / "downloads")
     with pytest.raises(broker.BrokerError, match=r"could not reach Maven Central"):
-        broker.ensure_jars(s, maven_settings=mirror, local_repo=tmp_path / "m2")
-    assert not broker.jars_dir(s).exists()
+        broker.ensure_jars(s.streams(), maven_settings=mirror, local_repo=tmp_path / "m2")
+    assert not broker.jars_dir(s.streams()).exists()
 
 
 @pytest.mark.unit
@@ -318,7 +318,7 @@ def test_maven_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("PATH", str(tmp_path))
     s = make_settings(tmp_path / "state", downloads_dir=tmp_path / "downloads")
     with pytest.raises(broker.BrokerError, match=r"Maven \('mvn'\) is not installed"):
-        broker.ensure_jars(s)
+        broker.ensure_jars(s.streams())
 
 
 @pytest.mark.unit
@@ -330,13 +330,13 @@ def test_errors_are_marked_for_the_cli() -> None:
 @pytest.mark.integration
 def test_external_bootstrap_starts_and_stops_nothing(kafka: Settings, tmp_path: Path) -> None:
     external = make_settings(tmp_path / "ext", kafka_bootstrap=kafka.bootstrap_servers)
-    broker.start(external)
-    broker.stop(external)
-    assert broker.status(external)["managed"] is False
+    broker.start(external.streams())
+    broker.stop(external.streams())
+    assert broker.status(external.streams())["managed"] is False
     assert broker.answers_metadata(kafka.bootstrap_servers), "stop() must not touch a Kafka it does not manage"
     assert not (external.state_dir / "kafka").exists()
 
     nowhere = make_settings(tmp_path / "ext2", kafka_bootstrap=f"127.0.0.1:{external.kafka_port}",
                             kafka_start_timeout_s=2.0)
     with pytest.raises(broker.BrokerError, match="does not answer"):
-        broker.start(nowhere)
+        broker.start(nowhere.streams())

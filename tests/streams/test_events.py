@@ -103,9 +103,9 @@ def test_event_ids_are_uuids_and_unique() -> None:
 @pytest.mark.unit
 def test_topics_and_specs() -> None:
     s = Settings(topic_prefix="t1", feedback_partitions=6)
-    t = Topics.from_settings(s)
+    t = Topics.from_config(s.streams())
     assert t.feedback == "t1.feedback" and t.retractions == t.feedback
-    specs = dict(topic_specs(s))
+    specs = dict(topic_specs(s.streams()))
     assert specs == {"t1.feedback": 6, "t1.model-events": 1, "t1.rule-changes": 1, "t1.dead-letter": 1}
 
 
@@ -119,7 +119,7 @@ def _closed_port() -> int:
 def test_producer_never_hangs_without_a_broker() -> None:
     s = Settings(kafka_port=_closed_port())
     t0 = time.monotonic()
-    producer = EventProducer(s, timeout_s=1.0)  # no I/O at construction
+    producer = EventProducer(s.streams(), timeout_s=1.0)  # no I/O at construction
     assert time.monotonic() - t0 < 0.5
     ev = FeedbackEvent.create(message_id="m", label="spam", reporter="r")
     t0 = time.monotonic()

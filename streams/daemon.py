@@ -1,4 +1,7 @@
-"""Detached server processes managed through a pidfile: the broker and Prometheus use the same few steps.
+"""Detached server processes managed through a pidfile: the local broker and Prometheus use the same few steps.
+
+It lives in ``streams`` because the local broker (``streams.broker``) needs it and ``streams`` imports nothing
+from ``services``; the services use it too (Prometheus, the stack, bounded waits), as they may.
 
 A server started here runs in its own session (Ctrl-C in the terminal that started it does not reach it; the
 stack stops it in order), writes stdout and stderr to a log file, and is found again later through its
@@ -18,8 +21,8 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -305,5 +308,6 @@ __all__ = [
     "tail",
     "terminate",
     "wait_for",
+    "wait_until",
     "write_pid",
 ]
