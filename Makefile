@@ -1,4 +1,4 @@
-# Flywheel: `make run` brings up the whole stack, `make test` runs every test.
+# Flywheel: `make run` brings up the whole stack and replays the corpus through it, `make test` runs every test.
 # Both install what they need (venv, Python packages, system packages, Kafka jars, the corpus) and are idempotent.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,17 +8,22 @@ FLYWHEEL := $(VENV)/bin/flywheel
 STAMP := $(VENV)/.installed
 UV := $(VENV)/bin/uv
 PYTEST_ARGS ?=
+RUN_ARGS ?=
 
-.PHONY: run test setup venv system-deps lock bench eval dashboards clean help
+.PHONY: run test lint setup venv system-deps lock bench eval dashboards clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-run: setup  ## the whole stack on local defaults (Ctrl-C stops it)
-	$(FLYWHEEL) run
+run: setup  ## the main job: the stack, the corpus replayed through it, then serving (RUN_ARGS=--quick|--serve-only)
+	$(FLYWHEEL) run $(RUN_ARGS)
 
 test: setup  ## every test: unit, integration (real Kafka, Prometheus, spamc), end-to-end
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: venv  ## ruff (lint rules) and mypy (types), configured in pyproject.toml; both must be clean
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/mypy
 
 setup: venv system-deps  ## venv + system packages + Kafka jars + corpus + seed model
 	$(FLYWHEEL) setup

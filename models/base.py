@@ -15,14 +15,19 @@ hold each family to that, to ONNX parity, to determinism by seed and to a save/l
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
 from models.features import FeatureBatch, FeatureConfig
 
-__all__ = ["Scorer", "SpamModel"]
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["Scorer", "SpamModel", "read_state", "write_onnx", "write_state"]
 
 
 @runtime_checkable
@@ -60,3 +65,35 @@ class SpamModel(Scorer, Protocol):
     @classmethod
     def load(cls, path: Path | str) -> Self:
         ...
+
+
+# ---------------------------------------------------------------------------------------------- one file format
+def write_state(path: Path | str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Path:
+    """A family's whole state as one ``.npz``: its arrays plus a JSON ``meta`` entry, written atomically (a
+    reader sees the old file or the new one, never half of one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries: dict[str, Any] = dict(arrays)  # Any: mypy matches ** against savez's allow_pickle too
+    entries["meta"] = np.frombuffer(json.dumps(dict(meta)).encode(), dtype=np.uint8)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **entries)
+    tmp.replace(path)
+    return path
+
+
+def read_state(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """What :func:`write_state` wrote: (arrays by name, meta)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        meta = json.loads(bytes(data["meta"]).decode())
+        arrays = {k: np.array(data[k]) for k in data.files if k != "meta"}
+    return arrays, meta
+
+
+def write_onnx(model: onnx.ModelProto, path: Path | str) -> Path:
+    """Write a serving graph to ``path`` (creating its folder)."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path

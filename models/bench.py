@@ -182,4 +182,4 @@ def format_bench(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_models_bench", "format_bench"]
+__all__ = ["format_bench", "run_models_bench"]

@@ -294,7 +294,7 @@ def threshold_for_fpr(scores: np.ndarray, labels: np.ndarray, fpr_budget: float)
     ham = np.sort(scores[~labels])[::-1]
     if ham.size == 0:
         return 0.5
-    allowed = int(math.floor(fpr_budget * ham.size + 1e-9))  # how many ham may sit at or above t
+    allowed = math.floor(fpr_budget * ham.size + 1e-9)  # how many ham may sit at or above t
     # t must exceed the (allowed+1)-th highest ham score: take the midpoint to the next distinct score above it.
     bar = ham[allowed] if allowed < ham.size else -np.inf
     above = np.unique(scores[scores > bar])

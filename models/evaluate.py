@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,7 @@ def holdout_split(msgs: Sequence[Any], fraction: float = HOLDOUT_FRACTION) -> tu
     hold: list[int] = []
     for positions in by_group.values():
         positions.sort(key=lambda i: msgs[i].index)
-        k = int(math.ceil(len(positions) * fraction))
+        k = math.ceil(len(positions) * fraction)
         fit.extend(positions[: len(positions) - k])
         hold.extend(positions[len(positions) - k :])
     return np.array(sorted(fit), dtype=np.int64), np.array(sorted(hold), dtype=np.int64)
@@ -336,7 +337,7 @@ def run_p1(
         say("P1: artefact ablation (features with the corpus's collection artefacts)")
         out["ablation"] = _ablation(tr, te, cfg, results)
         say.step()
-    if has_sa:
+    if has_sa and sa_rules_dir is not None:
         say(f"P1: SpamAssassin rules imported from {sa_rules_dir}")
         out["spamassassin_import"] = _sa_import(Path(sa_rules_dir), te, results["rules"])
         say.step()
@@ -416,10 +417,12 @@ def run_p2(
 
     say(f"P2: linear model, refit on every label so far each {refit_every} messages, each label also learned "
         "by one SGD step as it arrives")
-    from models.learning import TrainingSet, cross_fit_linear, refit_linear, select_linear
+    from models.learning import TrainingSet, calibrate, cross_fit_linear, refit_linear, select_linear
 
     t = time.perf_counter()
     z_lin = np.zeros(n)  # logit 0 until the first refit
+    blend = np.zeros(n)  # the worker's served blend: fitted with each refit on its out-of-fold logits
+    blend_spam = np.zeros(n, dtype=bool)
     choice = None
     chosen_at = 0
     for k in range(refit_every, n, refit_every):
@@ -432,10 +435,13 @@ def run_p2(
         else:
             choice.cross = cross_fit_linear(seen, choice.config, choice.flag_weight, features=cfg)
         model = refit_linear(seen, choice, features=cfg)
+        cal_k, _ = calibrate(seen, choice.oof, fpr_budget=FPR_BUDGET)
         for i in range(k, min(n, k + refit_every)):
             row = FeatureBatch(x.ids[starts[i] : starts[i + 1]], x.vals[starts[i] : starts[i + 1]],
                                np.zeros(starts[i + 1] - starts[i], dtype=np.int64), 1)
             z_lin[i] = float(model.decision_function(row)[0])
+            blend[i] = float(cal_k.combined_logit(z_lin[i], pr.rule_scores[i]))
+            blend_spam[i] = bool(cal_k.combined(z_lin[i], pr.rule_scores[i]) >= cal_k.threshold)
             model.partial_fit(row, y[i : i + 1])
         say.step()
     linear_s = time.perf_counter() - t
@@ -445,7 +451,7 @@ def run_p2(
     trained_at: list[int] = []
     points = [*neural_schedule(n, neural_retrain_every), n]
     t = time.perf_counter()
-    for k, nxt in zip(points, points[1:]):
+    for k, nxt in pairwise(points):
         if len(set(y[:k].tolist())) < 2:
             say.step()
             continue
@@ -463,16 +469,19 @@ def run_p2(
     thr_lin_arr, thr_nn_arr = np.full(n, 0.0), np.full(n, 0.0)
     champions: list[dict[str, Any]] = []
     marks = sorted(set(range(0, n, recalibrate_every)) | set(trained_at))
-    for j, (k, nxt) in enumerate(zip(marks, [*marks[1:], n])):
+    for k, nxt in pairwise([*marks, n]):
         lo = max(0, k - recent)
         past_y = y[lo:k]
         both = len(set(past_y.tolist())) == 2 and min(int(past_y.sum()), int((past_y == 0).sum())) >= 5
         kind, z_now = "linear", z_lin
         if both and k > first_nn:
             nlo = max(lo, first_nn)
-            if len(set(y[nlo:k].tolist())) == 2 and k - nlo >= 100:
-                if roc_auc(z_nn[nlo:k], y[nlo:k]) > roc_auc(z_lin[nlo:k], y[nlo:k]):
-                    kind, z_now = "neural", z_nn
+            if (
+                len(set(y[nlo:k].tolist())) == 2
+                and k - nlo >= 100
+                and roc_auc(z_nn[nlo:k], y[nlo:k]) > roc_auc(z_lin[nlo:k], y[nlo:k])
+            ):
+                kind, z_now = "neural", z_nn
         if both:
             cal = fit_calibration(z_now[lo:k], pr.rule_scores[lo:k], past_y, fpr_budget=FPR_BUDGET)
             thr_lin_arr[k:nxt] = threshold_for_fpr(z_lin[lo:k], past_y, FPR_BUDGET)
@@ -490,6 +499,7 @@ def run_p2(
         "linear": metrics(z_lin, y, z_lin >= thr_lin_arr),
         "neural": metrics(z_nn, y, z_nn >= thr_nn_arr),
         "served": metrics(served, y, served_spam),
+        "served_refit_blend": metrics(blend, y, blend_spam),
     }
     results["neural_after_first_training"] = metrics(z_nn[first_nn:], y[first_nn:], (z_nn >= thr_nn_arr)[first_nn:])
     wins = {
@@ -542,7 +552,7 @@ def run_curves(
     counts = sorted(set(np.linspace(0, total, num=min(total, 32) + 1).round().astype(int).tolist()))
     say.plan(len(counts) + draws * (len([s for s in sizes if s < tr.labels.size]) + 1))
     say(f"curves: rules, {len(counts)} rule counts of {total}")
-    rule_pts = []
+    rule_pts: list[dict[str, Any]] = []
     for c in counts:
         eng = engine.first(c)
         s = np.array([eng.evaluate(p).score for p in te.parsed])

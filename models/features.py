@@ -23,7 +23,7 @@ import zlib
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from itertools import islice
+from itertools import islice, pairwise
 from typing import Any, Protocol
 
 import numpy as np
@@ -120,11 +120,13 @@ class _Message(Protocol):
 
 
 class _Hit(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
 
 class _RuleResult(Protocol):
-    hits: Sequence[_Hit]
+    @property
+    def hits(self) -> Sequence[_Hit]: ...
 
 
 @dataclass(slots=True)
@@ -279,7 +281,7 @@ def message_tokens(msg: _Message, result: _RuleResult | None, config: FeatureCon
     """
     toks, body = _parts(msg, result, config)
     words = _words(body)
-    bigrams = [a + " " + b for a, b in zip(words, words[1:])] if config.body_bigrams else []
+    bigrams = [a + " " + b for a, b in pairwise(words)] if config.body_bigrams else []
     return toks + words + bigrams
 
 
@@ -301,7 +303,7 @@ def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> 
     if not subject.islower():  # an all-capitals word needs a cased character that is not lower case
         toks.extend(["S:" + w.lower() for w in _words(subject) if len(w) > 1 and w.isupper()])
     if config.subject_bigrams and len(low) > 1:
-        toks.extend(["s2:" + a + " " + b for a, b in zip(low, low[1:])])
+        toks.extend(["s2:" + a + " " + b for a, b in pairwise(low)])
 
     if config.url_tokens:
         for host in msg.domains:
@@ -331,23 +333,23 @@ def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> 
             kind = _VALUE_HEADERS.get(name)
             if kind is None:  # most headers: name and order only, no value tokens
                 continue
-            low = value.lower()
+            vlow = value.lower()
             if kind == "mailer":
-                toks.extend(["hv:" + name + ":" + m.group() for m in islice(_HEADER_VALUE_TOKEN.finditer(low), 8)])
+                toks.extend(["hv:" + name + ":" + m.group() for m in islice(_HEADER_VALUE_TOKEN.finditer(vlow), 8)])
             elif kind == "content-type":
-                toks.append("ct:" + low.split(";", 1)[0].strip())
-                for m in islice(_CHARSET.finditer(low), _MAX_CHARSET_TOKENS):
+                toks.append("ct:" + vlow.split(";", 1)[0].strip())
+                for m in islice(_CHARSET.finditer(vlow), _MAX_CHARSET_TOKENS):
                     toks.append("cs:" + m.group(1))
             elif kind == "content-transfer-encoding":
-                toks.append("cte:" + low.strip())
+                toks.append("cte:" + vlow.strip())
             elif kind == "message-id":
-                at = low.rfind("@")
-                shape = _DIGITS.sub("9", low[:at] if at > 0 else low)[:16]
+                at = vlow.rfind("@")
+                shape = _DIGITS.sub("9", vlow[:at] if at > 0 else vlow)[:16]
                 toks.append("mid:" + shape)
-                if at > 0 and (artefacts or not _has_artefact(low)):
-                    toks.append("midd:" + low[at + 1 :].rstrip(">").strip())
+                if at > 0 and (artefacts or not _has_artefact(vlow)):
+                    toks.append("midd:" + vlow[at + 1 :].rstrip(">").strip())
             elif artefacts:  # kind == "artefact": received, date
-                toks.extend(["hv:" + name + ":" + m.group() for m in islice(_HEADER_VALUE_TOKEN.finditer(low), 12)])
+                toks.extend(["hv:" + name + ":" + m.group() for m in islice(_HEADER_VALUE_TOKEN.finditer(vlow), 12)])
         toks.append("ho:" + prev + ">$")
         for fname, ctype in msg.attachments:
             toks.append("att:" + (ctype or "").lower())
@@ -438,7 +440,7 @@ def featurize(
     ids: list[np.ndarray] = []
     tfs: list[np.ndarray] = []
     lens: list[int] = []
-    for msg, res in zip(msgs, rule_results):
+    for msg, res in zip(msgs, rule_results, strict=True):
         i, v = _row(msg, res, config)
         ids.append(i)
         tfs.append(v)

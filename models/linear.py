@@ -21,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.linear_model import SGDClassifier
 
+from models.base import read_state, write_onnx, write_state
 from models.features import FeatureBatch, FeatureConfig
 
 __all__ = ["LinearConfig", "LinearModel", "build_onnx_inputs"]
@@ -224,19 +225,12 @@ class LinearModel:
 
     def export_onnx(self, path: Path | str) -> Path:
         """Write the serving graph to ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(self.to_onnx(), str(path))
-        return path
+        return write_onnx(self.to_onnx(), path)
 
     def save(self, path: Path | str) -> Path:
         """The learner's full state (weights, averages, step count, configs) as one ``.npz``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, np.ndarray] = {}
-        for name in self._STATE_ARRAYS:
-            if hasattr(self.clf, name):
-                arrays["state" + name] = np.asarray(getattr(self.clf, name))
+        arrays = {"state" + name: np.asarray(getattr(self.clf, name))
+                  for name in self._STATE_ARRAYS if hasattr(self.clf, name)}
         meta = {
             "features": self.features.to_dict(),
             "config": self.config.to_dict(),
@@ -245,27 +239,21 @@ class LinearModel:
             "n_iter_": int(getattr(self.clf, "n_iter_", 0)),
             "fitted": self.fitted,
         }
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-        return path
+        return write_state(path, arrays, meta)
 
     @classmethod
     def load(cls, path: Path | str) -> LinearModel:
         """Restore a learner saved by :meth:`save`; ``partial_fit`` continues exactly where it stopped."""
-        with np.load(Path(path), allow_pickle=False) as data:
-            meta = json.loads(bytes(data["meta"]).decode())
-            model = cls(FeatureConfig.from_dict(meta["features"]), LinearConfig.from_dict(meta["config"]))
-            model.n_seen = int(meta["n_seen"])
-            if meta["fitted"]:
-                clf = model.clf
-                for name in cls._STATE_ARRAYS:
-                    key = "state" + name
-                    if key in data:
-                        setattr(clf, name, np.array(data[key]))
-                clf.t_ = float(meta["t_"])
-                clf.n_iter_ = int(meta["n_iter_"])
-                clf.n_features_in_ = int(clf.coef_.shape[1])
-                clf._loss_function_ = clf._get_loss_function(clf.loss)
+        arrays, meta = read_state(path)
+        model = cls(FeatureConfig.from_dict(meta["features"]), LinearConfig.from_dict(meta["config"]))
+        model.n_seen = int(meta["n_seen"])
+        if meta["fitted"]:
+            clf = model.clf
+            for name in cls._STATE_ARRAYS:
+                if "state" + name in arrays:
+                    setattr(clf, name, arrays["state" + name])
+            clf.t_ = float(meta["t_"])
+            clf.n_iter_ = int(meta["n_iter_"])
+            clf.n_features_in_ = int(clf.coef_.shape[1])
+            clf._loss_function_ = clf._get_loss_function(clf.loss)
         return model

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import contextlib
 import email
 import email.base64mime
 import email.errors
@@ -67,14 +68,14 @@ _ENCODED_WORDS_BASE, _BYTES_PER_ENCODED_WORD = 256, 128  # ... and in a message:
 # ---------------------------------------------------------------------------------------
 
 # Invisible / formatting characters used to split words past filters ("V\u200bIAGRA").
-_INVISIBLE = (
-    [0x00AD, 0x034F, 0x061C, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180E, 0x3164, 0xFEFF, 0xFFA0]
-    + list(range(0x200B, 0x2010))  # zero-width space/joiners, LRM, RLM
-    + list(range(0x202A, 0x202F))  # bidi embeddings and overrides
-    + list(range(0x2060, 0x2070))  # word joiner, invisible operators, bidi isolates
-    + list(range(0xFE00, 0xFE10))  # variation selectors
-    + list(range(0xE0000, 0xE0080))  # tag characters
-)
+_INVISIBLE = [
+    0x00AD, 0x034F, 0x061C, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180E, 0x3164, 0xFEFF, 0xFFA0,
+    *range(0x200B, 0x2010),  # zero-width space/joiners, LRM, RLM
+    *range(0x202A, 0x202F),  # bidi embeddings and overrides
+    *range(0x2060, 0x2070),  # word joiner, invisible operators, bidi isolates
+    *range(0xFE00, 0xFE10),  # variation selectors
+    *range(0xE0000, 0xE0080),  # tag characters
+]
 _INVISIBLE_CLASS = (
     "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u3164\ufeff\uffa0"
     "\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufe00-\ufe0f\U000e0000-\U000e007f]"
@@ -242,9 +243,9 @@ def _codec_for(charset: str | None) -> str | None:
     hit = _codec_cache.get(cs)
     if hit is not None or cs in _codec_cache:
         return hit
-    name: str | None = _CHARSET_ALIASES.get(cs, cs)
+    name: str | None
     try:
-        name = codecs.lookup(name).name  # type: ignore[arg-type]  # canonical: "euc_kr", "cp1252"
+        name = codecs.lookup(_CHARSET_ALIASES.get(cs, cs)).name  # canonical: "euc_kr", "cp1252"
     except (LookupError, TypeError, ValueError):
         name = None
     if len(_codec_cache) < 1024:
@@ -331,7 +332,7 @@ def _decode_transfer(data: bytes, cte: str, defects: list[str], truncated: bool)
 
 def _payload_bytes(part: email.message.Message) -> bytes:
     # the raw payload: get_payload() would already decode 8-bit bytes with "replace"
-    payload = part._payload  # noqa: SLF001
+    payload = part._payload  # type: ignore[attr-defined]  # typeshed omits Message._payload
     if isinstance(payload, bytes):
         return payload
     if not isinstance(payload, str):
@@ -362,10 +363,8 @@ def _header_value(value: object, defects: list[str], hint: str | None = None, wo
         raw = s.encode("utf-8", "surrogateescape")
         s = _decode_bytes(raw, hint, [])
     elif "\x1b" in s:
-        try:  # raw ISO-2022-JP (7-bit escape sequences) without encoded words
+        with contextlib.suppress(UnicodeError, LookupError):  # raw ISO-2022-JP (7-bit escapes), no encoded words
             s = s.encode("ascii").decode("iso2022_jp_ext")
-        except (UnicodeError, LookupError):
-            pass
     if "=?" in s and _ENCODED_WORD_RE.search(s) is not None:
         s = _decode_encoded_words(s, defects, words)
     if not s.isascii():
@@ -495,7 +494,7 @@ def _decode_encoded_words(s: str, defects: list[str], words: list[int] | None = 
         words[0] -= len(found)
     try:
         chunks = _decode_header(s, found if not tail else None)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a broken encoded word is a defect, not a crash
         defects.append("bad_encoded_word")
         return s + tail
     if tail:
@@ -511,7 +510,7 @@ def _decode_encoded_words(s: str, defects: list[str], words: list[int] | None = 
 
 
 def _join_decoded(chunks: list[tuple[bytes | str, str | None]], out: list[str]) -> str:
-    res = []
+    res: list[str] = []
     prev_encoded = False
     for (_, cs), text in zip(chunks, out, strict=True):
         encoded = cs is not None
@@ -546,7 +545,7 @@ _NL_SPLIT_RE = re.compile(r"\n\s*")
 
 
 def _is_white(color: str | None) -> bool:
-    return bool(color) and _WHITE_RE.match(color) is not None  # type: ignore[arg-type]
+    return color is not None and _WHITE_RE.match(color) is not None
 
 
 # The HTML parser's cost grows with the depth of the open elements at each tag (lexbor checks element
@@ -561,7 +560,7 @@ _HTML_TAGS_BASE, _HTML_BYTES_PER_TAG = 1024, 16
 _TAG_SCAN_RE = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)")
 # elements that never stay open in a parse (void) or that the next sibling closes: no depth
 _FLAT_ELEMENTS = frozenset(
-    "area base br col embed hr img input link meta param source track wbr p li td th tr option dt dd".split()
+    ["area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track", "wbr", "p", "li", "td", "th", "tr", "option", "dt", "dd"]
 )
 _ANY_TAG_RE = re.compile(r"<[^<>]*>")
 
@@ -623,7 +622,7 @@ def html_to_text(html: str, defects: list[str], budget: HtmlBudget | None = None
     marked = _BLOCK_TAG_RE.sub("\n<", html)
     try:
         tree = LexborHTMLParser(marked)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - markup the parser refuses is a defect, not a crash
         defects.append("bad_html")
         return html
     tree.strip_tags(["script", "style", "noscript", "template", "object", "applet", "head"])
@@ -660,7 +659,7 @@ def html_to_text(html: str, defects: list[str], budget: HtmlBudget | None = None
 
 
 def _collapse_lines(text: str) -> str:
-    """``re.sub(r"\s*\n\s*", "\n", text).strip()``: one newline between non-blank lines,
+    """``re.sub(r"\\s*\n\\s*", "\n", text).strip()``: one newline between non-blank lines,
     no blanks around it. Splitting is ~3x faster than that substitution (every newline
     matched) on rendered HTML."""
     return "\n".join([seg for seg in [s.rstrip() for s in _NL_SPLIT_RE.split(text)] if seg]).strip()
@@ -858,7 +857,7 @@ def parse(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessage:
             pm.body_text = normalize_text(text)
             pm.raw_body = text
             pm.urls, pm.domains = _extract_urls(text)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S110 - "never raises": what was filled in before the failure stands
             pass
         return pm
 
@@ -897,8 +896,8 @@ def _parse(raw: bytes, max_bytes: int, *, fast: bool = True) -> ParsedMessage:
         msg = email.message_from_bytes(data_hdr, policy=_email_policy.compat32)
 
     hint = None
-    ct0 = next((v for k, v in msg._headers if k.lower() == "content-type"), None)  # noqa: SLF001
-    if ct0.__class__ is not str or not ct0.isascii():  # type: ignore[union-attr]
+    ct0 = next((v for k, v in msg._headers if k.lower() == "content-type"), None)  # type: ignore[attr-defined]  # typeshed omits Message._headers: wire order, raw values, no policy cost
+    if ct0.__class__ is not str or not ct0.isascii():
         ct0 = msg.get("content-type")  # compat32's own view of 8-bit or odd values
     m = _CHARSET_PARAM_RE.search(str(ct0 or ""))
     if m is not None:
@@ -908,7 +907,7 @@ def _parse(raw: bytes, max_bytes: int, *, fast: bool = True) -> ParsedMessage:
         hint = m2.group(1).decode("ascii") if m2 else None
     headers: list[tuple[str, str]] = []
     words = [_ENCODED_WORDS_BASE + len(data) // _BYTES_PER_ENCODED_WORD]  # encoded words left to decode
-    for name, value in msg._headers:  # noqa: SLF001 - wire order, raw values, no policy cost
+    for name, value in msg._headers:  # type: ignore[attr-defined]  # typeshed omits Message._headers: wire order, raw values
         if len(headers) >= _MAX_HEADERS:
             defects.append("headers_capped")
             break
@@ -953,7 +952,7 @@ def _parse(raw: bytes, max_bytes: int, *, fast: bool = True) -> ParsedMessage:
                 defects.append(flag)
         # one pass over the part's headers instead of Message.get()'s scan per lookup
         phdr: dict[str, str] = {}
-        for hk, hv in part._headers:  # noqa: SLF001
+        for hk, hv in part._headers:  # type: ignore[attr-defined]  # typeshed omits Message._headers
             if len(hk) < 12 or hk[0] not in "cC":
                 continue  # only content-type/-disposition/-transfer-encoding are read
             hk = hk.lower()
@@ -978,10 +977,12 @@ def _parse(raw: bytes, max_bytes: int, *, fast: bool = True) -> ParsedMessage:
             pm.attachments.append((filename or "", ctype))
         if maintype == "message" or (maintype != "text" and is_attachment):
             continue
-        if maintype != "text" and not (maintype == "application" and ctype.endswith(("/html", "/xhtml+xml"))):
-            # non-text inline part (image, application/octet-stream ...): not read as text
-            if ctype not in ("application/octet-stream",) or is_attachment:
-                continue
+        if (
+            maintype != "text"
+            and not (maintype == "application" and ctype.endswith(("/html", "/xhtml+xml")))
+            and (ctype not in ("application/octet-stream",) or is_attachment)
+        ):
+            continue  # non-text inline part (image, application/octet-stream ...): not read as text
         if is_attachment and ctype not in ("text/plain", "text/html"):
             continue
         cte = phdr.get("content-transfer-encoding", "").strip().lower()
@@ -1057,15 +1058,15 @@ def _safe_filename(part: email.message.Message, defects: list[str], ct_raw: str 
         if "header_capped" not in defects:
             defects.append("header_capped")
         view = email.message.Message()
-        view._headers = [  # noqa: SLF001
+        view._headers = [  # type: ignore[attr-defined]  # typeshed omits Message._headers
             (k, v[:_MAX_PARAM_CHARS] if isinstance(v, str) else v)
-            for k, v in part._headers  # noqa: SLF001
+            for k, v in part._headers  # type: ignore[attr-defined]  # typeshed omits Message._headers
             if k.lower() in ("content-type", "content-disposition")
         ]
         part = view
     try:
         name = part.get_filename()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - a filename the stdlib cannot parse is a defect, not a crash
         defects.append("bad_filename")
         return ""
     if not name:
@@ -1149,7 +1150,7 @@ def _fast_part(
         return None
     headers = [(name, value.rstrip("\r\n")) for name, value in _FAST_HEADER_FIELD_RE.findall(block)]
     msg = email.message.Message()
-    msg._headers = headers  # noqa: SLF001 - what the feedparser's set_raw builds
+    msg._headers = headers  # type: ignore[attr-defined]  # typeshed omits it; what the feedparser's set_raw builds
     ct = next((v for k, v in headers if len(k) == 12 and k.lower() == "content-type"), None)
     if ct is None:
         ctype = "text/plain"
@@ -1169,7 +1170,7 @@ def _fast_part(
                 payload = payload[:-2]
             elif payload.endswith("\n"):
                 payload = payload[:-1]
-        msg._payload = payload  # noqa: SLF001
+        msg._payload = payload  # type: ignore[attr-defined]  # typeshed omits Message._payload
         return msg
     boundary = msg.get_boundary()
     if not boundary or boundary in outer:
@@ -1181,12 +1182,12 @@ def _fast_part(
         return None  # no start or no close boundary: defects the feedparser records
     parts: list[email.message.Message] = []
     inner = (*outer, boundary)
-    for (_, prev_end, _), (next_start, _, _) in zip(lines, lines[1:]):
+    for (_, prev_end, _), (next_start, _, _) in itertools.pairwise(lines):
         if next_start <= prev_end:
             return None  # doubled boundary lines: the feedparser merges them
         sub = _fast_part(text, prev_end, next_start, inner, budget, top=False)
         if sub is None:
             return None
         parts.append(sub)
-    msg._payload = parts  # noqa: SLF001
+    msg._payload = parts  # type: ignore[attr-defined]  # typeshed omits Message._payload
     return msg

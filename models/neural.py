@@ -33,6 +33,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from models.base import read_state, write_onnx, write_state
 from models.features import FeatureBatch, FeatureConfig
 from models.linear import finish_onnx_model
 
@@ -82,6 +83,9 @@ class NeuralConfig:
 
 
 class _Net(nn.Module):
+    lin_w: torch.Tensor  # buffers (register_buffer below): module attributes the type checker cannot see
+    lin_b: torch.Tensor
+
     def __init__(self, cfg: NeuralConfig, n_buckets: int) -> None:
         super().__init__()
         self.cfg = cfg
@@ -195,27 +199,17 @@ class NeuralModel:
 
     def save(self, path: Path | str) -> Path:
         """Weights, configuration and seed in one ``.npz``; :meth:`load` restores identical scores."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"param:{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
         meta = {"features": self.features.to_dict(), "config": self.config.to_dict(), "seed": self.seed}
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-        return path
+        return write_state(path, arrays, meta)
 
     @classmethod
     def load(cls, path: Path | str) -> NeuralModel:
-        with np.load(Path(path), allow_pickle=False) as data:
-            meta = json.loads(bytes(data["meta"]).decode())
-            model = cls(FeatureConfig.from_dict(meta["features"]), NeuralConfig.from_dict(meta["config"]),
-                        int(meta["seed"]))
-            state = {k[len("param:"):]: torch.from_numpy(np.array(data[k])) for k in data.files if k.startswith("param:")}
-        model.net.load_state_dict(state)
+        arrays, meta = read_state(path)
+        model = cls(FeatureConfig.from_dict(meta["features"]), NeuralConfig.from_dict(meta["config"]), int(meta["seed"]))
+        model.net.load_state_dict({k[len("param:"):]: torch.from_numpy(v) for k, v in arrays.items()})
         model.net.eval()
         return model
-
 
     # --- export ---------------------------------------------------------------------------------------
     def to_onnx(self) -> onnx.ModelProto:
@@ -295,10 +289,7 @@ class NeuralModel:
 
     def export_onnx(self, path: Path | str) -> Path:
         """Write the serving graph to ``path``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(self.to_onnx(), str(path))
-        return path
+        return write_onnx(self.to_onnx(), path)
 
 
 def _stack_linear(

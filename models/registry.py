@@ -22,6 +22,7 @@ bad version can never replace a good champion in a running process. This module 
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import fcntl
 import hashlib
@@ -167,7 +168,7 @@ def code_version() -> str:
     """``git describe`` of the checkout when there is one (with -dirty), else the installed package version."""
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
+            ["git", "describe", "--always", "--dirty", "--tags"],  # noqa: S607 - git from PATH, fixed argv
             cwd=_REPO_ROOT, capture_output=True, text=True, timeout=5, check=True,
         )
         if out.stdout.strip():
@@ -483,7 +484,7 @@ class Registry:
                 os.unlink(tmp)
             raise
 
-    def _stack(self) -> list[str]:
+    def _stack(self) -> builtins.list[str]:
         """Champion stack replayed from history: promote pushes, rollback pops."""
         stack: list[str] = []
         for rec in self._read_jsonl(self._history_file):
@@ -522,7 +523,7 @@ class Registry:
         log.warning("model_rolled_back", version=target, previous=current, reason=reason)
         return target
 
-    def history(self) -> list[dict[str, Any]]:
+    def history(self) -> builtins.list[dict[str, Any]]:
         return self._read_jsonl(self._history_file)
 
     # ------------------------------------------------------------------ gate decisions
@@ -549,7 +550,7 @@ class Registry:
             self._append_jsonl(self._decisions_file, rec)
         return rec
 
-    def decisions(self, limit: int | None = None) -> list[dict[str, Any]]:
+    def decisions(self, limit: int | None = None) -> builtins.list[dict[str, Any]]:
         """Gate decisions, oldest first (the last ``limit`` when given)."""
         recs = self._read_jsonl(self._decisions_file)
         return recs[-limit:] if limit else recs
@@ -560,7 +561,7 @@ class Registry:
         with self._writer():
             self._append_jsonl(self._curves_file, {"at": _now_iso(), **_finite(dict(point))})
 
-    def curve_points(self) -> list[dict[str, Any]]:
+    def curve_points(self) -> builtins.list[dict[str, Any]]:
         return self._read_jsonl(self._curves_file)
 
     def write_worker_status(self, status: Mapping[str, Any]) -> None:
@@ -583,7 +584,7 @@ class Registry:
         v = self.champion()
         return self.load(v, max_bytes=max_bytes) if v else None
 
-    def prune(self, keep: int = 20) -> list[str]:
+    def prune(self, keep: int = 20) -> builtins.list[str]:
         """Bound the registry's disk use; returns the versions removed.
 
         The incremental model may be promoted every few seconds while flags flow, so without this the registry

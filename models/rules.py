@@ -21,6 +21,7 @@ the reference atomically.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import threading
@@ -28,11 +29,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hyperscan
-import re2  # type: ignore[import-untyped]
-import regex as _bt_re  # type: ignore[import-untyped]
+import re2
+import regex as _bt_re
 import structlog
 import yaml
 
@@ -301,8 +302,8 @@ def _utf8_escapes(regex: str) -> str:
     def repl(m: re.Match[str]) -> str:
         cp = int(m.group(1) or m.group(2) or m.group(3), 16)
         if cp < 0x80:
-            return "\\x%02x" % cp
-        return "(?:" + "".join("\\x%02x" % b for b in chr(cp).encode("utf-8")) + ")"
+            return f"\\x{cp:02x}"
+        return "(?:" + "".join(f"\\x{b:02x}" for b in chr(cp).encode("utf-8")) + ")"
 
     return _UNI_ESCAPE_RE.sub(repl, regex)
 
@@ -336,6 +337,17 @@ _WHITESPACE = frozenset(" \t\n\r\v\f")  # what Python's verbose mode skips
 _REPEAT_RE = re.compile(r"\{(?!\})\d*(?:,\d*)?\}")
 
 
+def _open_class(pattern: str, i: int, out: list[str]) -> int:
+    """Copy the ``[`` at ``i`` (and a ``^`` right after it) to ``out``; returns where the class's members start
+    (a ``]`` there is a member, not the end)."""
+    out.append("[")
+    i += 1
+    if pattern.startswith("^", i):
+        out.append("^")
+        i += 1
+    return i
+
+
 def strip_verbose(pattern: str) -> str:
     """A verbose-mode (``x`` flag) pattern as the same pattern without it: unescaped blanks and ``#``
     comments outside character classes dropped, as Python's parser does, so that linear engines (which
@@ -364,12 +376,7 @@ def strip_verbose(pattern: str) -> str:
             continue
         if c == "[":
             in_class = True
-            out.append(c)
-            i += 1
-            if pattern.startswith("^", i):
-                out.append("^")
-                i += 1
-            body = i
+            i = body = _open_class(pattern, i, out)
             continue
         if c == "{":
             # a repeat only when "{m,n}" follows with no blank inside; otherwise Python reads a literal "{"
@@ -413,12 +420,7 @@ def _re2_syntax(pattern: str, multiline: bool) -> str:
                 in_class = False
         elif c == "[":
             in_class = True
-            out.append(c)
-            i += 1
-            if pattern.startswith("^", i):
-                out.append("^")
-                i += 1
-            body = i
+            i = body = _open_class(pattern, i, out)
             continue
         elif c == "$" and not multiline:
             out.append("(?:\\n?\\z)")
@@ -700,8 +702,19 @@ class _Group:
     """Every pattern of one target text: one hyperscan database plus RE2 and budgeted fallbacks."""
 
     __slots__ = (
-        "target", "hname", "hmod", "plain", "unset", "db", "hs_ids", "fallback", "gate", "gated", "empty_hits",
-        "refused", "_local",
+        "_local",
+        "db",
+        "empty_hits",
+        "fallback",
+        "gate",
+        "gated",
+        "hmod",
+        "hname",
+        "hs_ids",
+        "plain",
+        "refused",
+        "target",
+        "unset",
     )
 
     def __init__(self, target: str, specs: list[_Spec], rules: Sequence[Rule]) -> None:
@@ -790,12 +803,12 @@ class _Group:
     def match(self, data: bytes, hits: bytearray, budget: _Budget) -> None:
         """Set ``hits[i] = 1`` for every rule ``i`` of this group whose pattern matches ``data``."""
         if self.db is not None:
-            self.db.scan(data, match_event_handler=_on_match, context=hits, scratch=self.scratch())
+            self.db.scan(data, match_event_handler=_ON_MATCH, context=hits, scratch=self.scratch())
         if not self.fallback:
             return
         passed = bytearray(len(self.fallback))
         if self.gate is not None:
-            self.gate.scan(data, match_event_handler=_on_match, context=passed, scratch=self.gate_scratch())
+            self.gate.scan(data, match_event_handler=_ON_MATCH, context=passed, scratch=self.gate_scratch())
         gated = self.gated
         for k, (idx, engine, rx) in enumerate(self.fallback):
             if engine == _RE2:
@@ -820,6 +833,10 @@ class _Group:
 def _on_match(pid: int, start: int, end: int, flags: int, hits: bytearray) -> None:
     """hyperscan match callback (one per pattern: HS_FLAG_SINGLEMATCH); the context is the hit vector."""
     hits[pid] = 1
+
+
+# hyperscan types the callback's context as object: it hands back the bytearray each scan above passes
+_ON_MATCH = cast("Callable[[int, int, int, int, object], None]", _on_match)
 
 
 _HS_UNSUPPORTED_RE = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=|\(\?>|\\[AzZGbB]?[kK]<|\(\?\(|\(\?[a-zA-Z]*x|\\[pP]\{")
@@ -1643,10 +1660,8 @@ class _SAImporter:
             if key == "score":
                 bits = rest.split()
                 if len(bits) >= 2:
-                    try:
+                    with contextlib.suppress(ValueError):
                         self.scores[bits[0]] = float(bits[1])  # score set 0 (no Bayes, no net)
-                    except ValueError:
-                        pass
             elif key == "describe":
                 bits = rest.split(None, 1)
                 if len(bits) == 2:
@@ -1688,8 +1703,8 @@ class _SAImporter:
                 val = True
             else:
                 op, num = m.group(1), float(m.group(2))
-                val = {">=": _SA_VERSION >= num, "<=": _SA_VERSION <= num, ">": _SA_VERSION > num,
-                       "<": _SA_VERSION < num, "==": _SA_VERSION == num}[op]
+                val = {">=": num <= _SA_VERSION, "<=": num >= _SA_VERSION, ">": num < _SA_VERSION,
+                       "<": num > _SA_VERSION, "==": num == _SA_VERSION}[op]
         else:
             val = True  # can(feature_...), perl_version: a modern SpamAssassin has them
         return val != neg
@@ -1737,7 +1752,7 @@ class _SAImporter:
                 score = 0.01
             else:
                 score = -1.0 if re.search(r"\bnice\b", flags) else 1.0
-        common = {
+        common: dict[str, Any] = {
             "weight": score,
             "description": self.describe.get(name, ""),
             "added": "2002-01-01",

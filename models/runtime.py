@@ -137,7 +137,7 @@ class OnnxModel:
         if batch.rows == 0:
             return {name: np.zeros(0, dtype=np.float32) for name in self._outputs}
         outs = self.session.run(None, batch.onnx_inputs())
-        return dict(zip(self._outputs, outs))
+        return dict(zip(self._outputs, outs, strict=True))
 
     def predict_proba(self, batch: FeatureBatch) -> np.ndarray:
         """Spam probability per row, float32[rows]."""

@@ -31,8 +31,8 @@ from models.evaluate import (
     FPR_BUDGET,
     fit_linear,
     fit_neural,
-    logits,
     holdout_split,
+    logits,
     metrics,
     prepare,
 )

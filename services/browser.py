@@ -203,7 +203,7 @@ def operator_url(settings: Settings, *, with_key: bool = False) -> str:
     """The running API's operator page; ``with_key``: with an operator key in the fragment (never sent)."""
     from urllib.parse import quote
 
-    host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::", "") else settings.api_host
+    host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "::", "") else settings.api_host  # noqa: S104 - reads a wildcard bind, binds nothing
     url = f"http://{host}:{settings.api_port}/operator"
     return f"{url}#key={quote(operator_key(settings), safe='')}" if with_key else url
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, cast
 
 import click
 
@@ -39,13 +39,13 @@ def friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
-        except Exception as exc:  # noqa: BLE001 - classify below, re-raise what we don't know
+        except Exception as exc:  # classify below, re-raise what we don't know
             if getattr(exc, "user_facing", False) or type(exc).__name__ in _USER_FACING:
                 click.secho(f"error: {exc}", fg="red", err=True)
                 sys.exit(1)
             raise
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 # Exceptions that carry a message meant for the operator (each module defines its own).
@@ -377,7 +377,7 @@ STATUS_TIMEOUT_S = 2.0
 
 def _loopback(host: str) -> str:
     """Where to reach a server bound to ``host`` from this machine (a wildcard bind answers on loopback)."""
-    if host in ("", "0.0.0.0"):
+    if host in ("", "0.0.0.0"):  # noqa: S104 - recognises a wildcard bind to reach it on loopback; binds nothing
         return "127.0.0.1"
     if host == "::":
         return "[::1]"

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from streams.daemon import wait_until
 from services.harness import LocalStack, reporter_keys
+from streams.daemon import wait_until
 
 if TYPE_CHECKING:
     from models.corpus import CorpusMessage
@@ -64,7 +64,8 @@ def split_flagged(msgs: Sequence[CorpusMessage]) -> tuple[list[CorpusMessage], l
     """(A, B) by a salted hash of the message id: independent of the worker's own held-out hash."""
     from models.consensus import message_id_for
 
-    a, b = [], []
+    a: list[CorpusMessage] = []
+    b: list[CorpusMessage] = []
     for m in msgs:
         h = int(hashlib.sha256((SPLIT_SALT + message_id_for(m.raw)).encode()).hexdigest()[:8], 16)
         (a if h % 2 == 0 else b).append(m)
@@ -137,7 +138,7 @@ def offline_reference(settings: Settings, flagged: Sequence[CorpusMessage], unfl
         cal, _ = calibrate(train, choice.oof, fpr_budget=settings.fpr_budget)
     b_batch, b_rules = feats([m.raw for m in unflagged])
     z = np.asarray(model.decision_function(b_batch), dtype=np.float64).reshape(-1)
-    out = figures(cal.combined_logit(z, b_rules), cal.combined(z, b_rules) >= cal.threshold,
+    out: dict[str, Any] = figures(cal.combined_logit(z, b_rules), cal.combined(z, b_rules) >= cal.threshold,
                   np.array([m.is_spam for m in unflagged]))
     out["kind"] = kind
     out["flag_weight"] = choice.flag_weight
@@ -171,7 +172,7 @@ def run_once(settings: Settings, root: Path, flagged: Sequence[CorpusMessage], u
         rng = random.Random(20261201)
         order = list(flagged)
         rng.shuffle(order)
-        wrong = set(rng.sample(range(len(order)), int(round(noise * len(order))))) if noise else set()
+        wrong = set(rng.sample(range(len(order)), round(noise * len(order)))) if noise else set()
         _say(f"==> [{label}] flagging {len(order)} messages from {REPORTERS} reporters"
              + (f", {len(wrong)} with the wrong label" if wrong else ""))
         t0 = time.monotonic()

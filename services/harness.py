@@ -10,6 +10,7 @@ HTTP to the API and read the worker's store read-only, the way an operator would
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -25,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from streams.daemon import free_port, wait_until
 from services.settings import REPO_ROOT
+from streams.daemon import free_port, wait_until
 
 if TYPE_CHECKING:
     import httpx
@@ -48,17 +49,16 @@ class Proc:
     """A child process of the stack in its own session (so a signal reaches its whole process group)."""
 
     def __init__(self, settings: Settings, argv: Sequence[str], logfile: Path) -> None:
-        from services.api.app import settings_env
 
         self.argv = list(argv)
         self.logfile = logfile
-        self.env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
+        self.env = {**os.environ, **settings.child_env(), "PYTHONUNBUFFERED": "1"}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.logfile.parent.mkdir(parents=True, exist_ok=True)
         with self.logfile.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=self.env, stdout=out,  # noqa: S603
+            self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=self.env, stdout=out,  # noqa: S603 - argv built by the caller, no shell
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def alive(self) -> bool:
@@ -68,10 +68,8 @@ class Proc:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:

@@ -109,7 +109,7 @@ def _stages(clf: Any) -> Any:
         clf.model.model.run(featurize([pm], [rr], clf.model.features))
         t3 = time.thread_time()
         return {"parse": (t1 - t0) * 1e3, "rules": (t2 - t1) * 1e3, "features_model": (t3 - t2) * 1e3,
-                "defects": pm.defects[:12], "rules_timed_out": rr.timed_out}  # type: ignore[dict-item]
+                "defects": pm.defects[:12], "rules_timed_out": rr.timed_out}
 
     return run
 
@@ -243,7 +243,7 @@ def _http_suite(settings: Settings, sizes: list[int], cases: list[Any], rows: li
         parent.recv()
         by_key = {(r["case"], r["bytes"]): r for r in rows}
         with httpx.Client(base_url=proc.base_url, timeout=120.0) as client:
-            for r in rows[:3]:  # warm the server's first-use paths
+            for _ in rows[:3]:  # warm the server's first-use paths
                 client.post("/classify", content=b"Subject: warm\n\nhello\n",
                             headers={"Content-Type": "message/rfc822"})
             t_start = time.perf_counter()

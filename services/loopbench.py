@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from streams.daemon import wait_until
 from services.harness import LocalStack, reporter_keys
+from streams.daemon import wait_until
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -80,7 +80,11 @@ def run_loop_bench(settings: Settings, json_path: Path | None, *, flags: int = 1
             t0 = time.monotonic()
             r = stack.flag("spam" if m.is_spam else "ham", f"k-bench-{i % 64}", message_id=mid)
             r.raise_for_status()
-            wait_until(lambda: stack.counters().get("events", 0) >= applied, 30, "the flag to be applied", 0.01)
+
+            def is_applied(applied: int = applied) -> bool:
+                return stack.counters().get("events", 0) >= applied
+
+            wait_until(is_applied, 30, "the flag to be applied", 0.01)
             needed = stack.counters().get("data_version", 0)
 
             def served(needed: int = needed, raw: bytes = m.raw) -> bool:

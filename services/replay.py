@@ -199,8 +199,8 @@ def run_replay(settings: Settings, stop: threading.Event, *, quick: bool = False
     result["report"] = str(write_report(result, out))
     _say(format_summary(result))
     if json_path is not None:
-        from services.observability import run_monitoring_queries
         from services.browser import screenshot_operator_page
+        from services.observability import run_monitoring_queries
 
         queries = run_monitoring_queries(settings)
         result["queries_total"], result["queries_empty"] = queries["total"], queries["empty"]

@@ -7,6 +7,7 @@ one setting moves everything (tests point it at a temporary directory and keep t
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -192,25 +193,45 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level of every process.")
     log_json: bool = Field(False, description="Logs as JSON lines (default: key=value for humans).")
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over @property; pydantic's documented form
     @property
     def downloads(self) -> Path:
         return self.downloads_dir or self.state_dir / "downloads"
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over @property; pydantic's documented form
     @property
     def registry(self) -> Path:
         return self.registry_dir or self.state_dir / "registry"
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over @property; pydantic's documented form
     @property
     def rules_file(self) -> Path:
         return self.rules_path or self.state_dir / "rules.yaml"
 
-    @computed_field  # type: ignore[prop-decorator]
+    @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over @property; pydantic's documented form
     @property
     def bootstrap_servers(self) -> str:
         return self.streams().bootstrap_servers
+
+    def child_env(self) -> dict[str, str]:
+        """``FLYWHEEL_*`` variables that reproduce these settings in a child process (API workers, the stack's
+        processes, tests). Secrets are passed as their value; with ``api_keys_file`` the keys stay in the file
+        (the child reads it), not in every process's environment."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None or (name == "api_keys" and self.api_keys_file is not None):
+                continue
+            if isinstance(value, SecretStr):
+                text = value.get_secret_value()
+            elif isinstance(value, dict | list):
+                text = json.dumps(value)
+            elif isinstance(value, bool):
+                text = "true" if value else "false"
+            else:
+                text = str(value)
+            env[f"FLYWHEEL_{name.upper()}"] = text
+        return env
 
     @property
     def manages_kafka(self) -> bool:

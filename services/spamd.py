@@ -157,7 +157,7 @@ class SpamdServer:
                 pass
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             metrics.SPAMD_REQUESTS.labels(command if command in _COMMANDS else "invalid", "disconnected").inc()
-        except Exception:  # noqa: BLE001 - a failure on one message answers EX_SOFTWARE, the listener goes on
+        except Exception:  # a failure on one message answers EX_SOFTWARE, the listener goes on
             log.exception("spamd request failed", command=command)
             metrics.SPAMD_REQUESTS.labels(command if command in _COMMANDS else "invalid", "error").inc()
             with contextlib.suppress(OSError, TimeoutError, ConnectionError):
@@ -165,10 +165,8 @@ class SpamdServer:
                 await asyncio.wait_for(writer.drain(), 2.0)
         finally:
             writer.close()
-            try:
+            with contextlib.suppress(OSError, TimeoutError, ConnectionError):
                 await asyncio.wait_for(writer.wait_closed(), 2.0)
-            except (OSError, TimeoutError, ConnectionError):
-                pass
 
     # ------------------------------------------------------------------ reading
     async def _readline(self, reader: asyncio.StreamReader) -> bytes:
@@ -338,8 +336,8 @@ class SpamdServer:
                     metrics.FEEDBACK.labels("retracted", "").inc()
                     out_headers.append("DidRemove: " + ",".join(sorted(removes)))
             if sets:
-                fb = FeedbackEvent.create(message_id=mid, label=klass, reporter=reporter, raw=body,  # type: ignore[arg-type]
-                                          served=self.state.messages.served(mid))
+                fb = FeedbackEvent.create(message_id=mid, label="spam" if klass == "spam" else "ham", reporter=reporter,
+                                          raw=body, served=self.state.messages.served(mid))
                 await loop.run_in_executor(None, state.producer.send, state.topics.feedback, mid, fb)
                 state.remember_feedback(fb.event_id, mid, reporter)
                 metrics.FEEDBACK.labels("accepted", "").inc()

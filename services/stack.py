@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import shutil
@@ -103,11 +104,11 @@ def ensure_prometheus(settings: Settings) -> str:
     _progress("==> installing Prometheus (apt-get install prometheus)")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"]
-    out = subprocess.run(install, capture_output=True, text=True, env=env, check=False)  # noqa: S603
+    out = subprocess.run(install, capture_output=True, text=True, env=env, check=False)  # noqa: S603 - fixed argv
     if out.returncode != 0 or not shutil.which("prometheus"):
         _progress("    install failed; refreshing the package lists (apt-get update) and retrying")
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, check=False)  # noqa: S603
-        out = subprocess.run(install, capture_output=True, text=True, env=env, check=False)  # noqa: S603
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, check=False)  # noqa: S607 - apt-get found on PATH above
+        out = subprocess.run(install, capture_output=True, text=True, env=env, check=False)  # noqa: S603 - fixed argv
     found = shutil.which("prometheus")
     if not found:
         detail = "\n".join((out.stderr or out.stdout).strip().splitlines()[-5:])
@@ -223,7 +224,7 @@ def prometheus_status(settings: Settings) -> dict[str, Any]:
     }
     if st["ready"]:
         with contextlib.suppress(OSError, ValueError, KeyError, urllib.error.URLError):
-            with urllib.request.urlopen(prometheus_url(settings) + "/api/v1/targets", timeout=2) as resp:  # noqa: S310
+            with urllib.request.urlopen(prometheus_url(settings) + "/api/v1/targets", timeout=2) as resp:  # noqa: S310 - our Prometheus's http URL
                 active = json.load(resp)["data"]["activeTargets"]
             st["targets"] = {t["labels"].get("job", "?"): t.get("health") for t in active}
     return st
@@ -232,7 +233,7 @@ def prometheus_status(settings: Settings) -> dict[str, Any]:
 def prometheus_query(settings: Settings, query: str, timeout_s: float = 2.0) -> list[dict[str, Any]]:
     """Run an instant PromQL query; returns the result vector (``[{"metric": {...}, "value": [t, "v"]}]``)."""
     url = prometheus_url(settings) + "/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - our Prometheus's http URL
         body = json.load(resp)
     if body.get("status") != "success":
         raise PrometheusError(f"query {query!r} failed: {body.get('error')}")
@@ -250,23 +251,6 @@ class Child:
     """Ready once something accepts connections here (None: ready once started)."""
     proc: subprocess.Popen[bytes] | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``FLYWHEEL_*`` variables that reproduce ``settings`` in a child process."""
-    env: dict[str, str] = {}
-    for name in type(settings).model_fields:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, (dict, list)):
-            text = json.dumps(value)
-        else:
-            text = str(value)
-        env[f"FLYWHEEL_{name.upper()}"] = text
-    return env
 
 
 def flywheel_argv(*args: str) -> list[str]:
@@ -298,7 +282,7 @@ def _start_child(child: Child, env: dict[str, str]) -> None:
     # Own process group: the terminal's Ctrl-C reaches only the stack, which stops children in order.
     child.proc = subprocess.Popen(  # noqa: S603 - argv built here
         child.argv, env={**env, **child.extra_env}, stdin=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=_die_with_parent,  # noqa: PLW1509
+        start_new_session=True, preexec_fn=_die_with_parent,
     )
 
 
@@ -331,7 +315,7 @@ def run_stack(
     from streams import broker
 
     stop = stop_event or threading.Event()
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if install_signal_handlers and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
@@ -356,7 +340,7 @@ def run_stack(
         if not was_running:
             teardown.append(("prometheus", lambda: prometheus_stop(settings)))
         # --- the application processes
-        env = {**os.environ, **settings_env(settings)}
+        env = {**os.environ, **settings.child_env()}
         for child in kids:
             if stop.is_set():
                 return 0
@@ -364,7 +348,7 @@ def run_stack(
                 raise StackError(f"{child.name}: port {child.port} is already in use; stop that program or change "
                                  f"the port setting")
             _start_child(child, env)
-            teardown.append((child.name, lambda c=child: _stop_child(c)))
+            teardown.append((child.name, functools.partial(_stop_child, child)))
             _wait_child_ready(child, settings, stop)
         if stop.is_set():
             return 0
@@ -419,7 +403,7 @@ def _wait_child_ready(child: Child, settings: Settings, stop: threading.Event) -
     if child.port is None:
         return
     host = settings.api_host if child.name == "api" else "127.0.0.1"
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host  # noqa: S104 - reads a wildcard bind, binds nothing
     ok = wait_for(lambda: port_open(child.port or 0, host), CHILD_READY_TIMEOUT_S, interval_s=0.2,
                   abort=lambda: proc.poll() is not None or stop.is_set())
     if ok or stop.is_set():
@@ -430,7 +414,7 @@ def _wait_child_ready(child: Child, settings: Settings, stop: threading.Event) -
 
 
 def _print_addresses(settings: Settings, kids: Sequence[Child]) -> None:
-    host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "") else settings.api_host  # noqa: S104
+    host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "") else settings.api_host  # noqa: S104 - reads a wildcard bind, binds nothing
     lines = ["", "Flywheel is running:"]
     names = {c.name for c in kids}
     if "api" in names:
@@ -465,5 +449,4 @@ __all__ = [
     "prometheus_url",
     "render_prometheus_config",
     "run_stack",
-    "settings_env",
 ]

@@ -77,14 +77,14 @@ def make_app(
         autodiscover=False,
         stream_wait_empty=False,
     )
-    app.flywheel_handler = h  # type: ignore[attr-defined]
+    app.flywheel_handler = h  # type: ignore[attr-defined]  # faust's App declares no such field: the handler, reachable from the app
     feedback = app.topic(
         config.topic("feedback"), key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
 
     @app.agent(feedback, concurrency=1)
     async def feedback_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in stream.take_events(batch_max, within=batch_within_s):
+        async for events in stream.take_events(batch_max, within=batch_within_s):  # type: ignore[attr-defined]  # StreamT omits take_events, which faust's Stream has
             records = [
                 Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
                 for e in events

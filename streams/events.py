@@ -120,9 +120,10 @@ class FeedbackEvent(_Event):
         raw: bytes | None = None,
         idempotency_key: str | None = None,
         received_at: datetime | None = None,
-        served: ServedVerdict | None = None,
+        served: ServedVerdict | dict[str, Any] | None = None,
     ) -> FeedbackEvent:
-        """Build a flag from raw bytes (base64-encoding and truncating them); message_id defaults to their hash."""
+        """Build a flag from raw bytes (base64-encoding and truncating them); message_id defaults to their hash.
+        ``served`` may be the verdict as the API remembers it, a dict: it is validated into a ServedVerdict."""
         if message_id is None:
             if raw is None:
                 raise ValueError("message_id or raw is required")
@@ -243,18 +244,18 @@ def dead_letter(value: bytes | None, reason: str, source: str, partition: int, o
 
 
 __all__ = [
-    "SCHEMA_VERSION",
     "MAX_RAW_BYTES",
+    "SCHEMA_VERSION",
     "Event",
     "EventInvalid",
     "FeedbackEvent",
-    "ServedVerdict",
-    "RetractionEvent",
-    "ModelEvent",
-    "RuleChangeEvent",
     "Label",
-    "encode",
-    "decode",
+    "ModelEvent",
+    "RetractionEvent",
+    "RuleChangeEvent",
+    "ServedVerdict",
     "dead_letter",
+    "decode",
+    "encode",
     "message_id_for",
 ]

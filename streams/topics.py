@@ -22,6 +22,8 @@ import structlog
 from streams.events import encode
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from kafka import KafkaProducer
 
     from streams.config import StreamsConfig
@@ -143,7 +145,7 @@ class EventProducer:
                 self._failed_at = time.monotonic()
         try:
             producer.close(timeout=0)
-        except Exception:  # noqa: BLE001 - closing a broken client must not mask the original error
+        except Exception:  # closing a broken client must not mask the original error
             log.debug("closing failed kafka producer raised", exc_info=True)
 
     def send_bytes(self, topic: str, key: str | bytes | None, value: bytes) -> tuple[int, int]:
@@ -164,7 +166,7 @@ class EventProducer:
         """Encode ``event`` and send it (see :meth:`send_bytes`)."""
         return self.send_bytes(topic, key, encode(event))
 
-    def send_many(self, topic: str, items: list[tuple[str | bytes | None, bytes]]) -> list[tuple[int, int]]:
+    def send_many(self, topic: str, items: Sequence[tuple[str | bytes | None, bytes]]) -> list[tuple[int, int]]:
         """Send a batch pipelined (one wait for all); for replay and benchmarks."""
         from kafka.errors import KafkaError
 
@@ -187,7 +189,7 @@ class EventProducer:
         if producer is not None:
             try:
                 producer.close(timeout=timeout_s)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("closing kafka producer raised", exc_info=True)
 
     def __enter__(self) -> EventProducer:

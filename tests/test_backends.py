@@ -117,7 +117,7 @@ def test_the_session_chooses_once_and_reports_what_started() -> None:
 # --------------------------------------------------------------------------------------------- container settings
 def _props(value: str) -> dict[str, str]:
     """``NAME://host:port,...`` as {name: host:port}."""
-    return {name: address for name, address in (item.split("://", 1) for item in value.split(","))}
+    return dict(item.split("://", 1) for item in value.split(","))
 
 
 @pytest.mark.unit
@@ -131,7 +131,7 @@ def test_kafka_container_is_one_kraft_node_advertised_on_its_published_port(tmp_
     assert len(e["CLUSTER_ID"]) == 22 and not e["CLUSTER_ID"].startswith("-")
     listeners, advertised = _props(e["KAFKA_LISTENERS"]), _props(e["KAFKA_ADVERTISED_LISTENERS"])
     protocol_map = e["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
-    protocols = {name: p for name, p in (item.split(":") for item in protocol_map.split(","))}
+    protocols = dict(item.split(":") for item in protocol_map.split(","))
     assert set(listeners) == {"HOST", "BROKER", "CONTROLLER"} and set(advertised) == {"HOST", "BROKER"}
     assert set(protocols) == set(listeners) and set(protocols.values()) == {"PLAINTEXT"}
     assert e["KAFKA_INTER_BROKER_LISTENER_NAME"] in advertised and e["KAFKA_CONTROLLER_LISTENER_NAMES"] == "CONTROLLER"

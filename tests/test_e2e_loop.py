@@ -19,9 +19,9 @@ import pytest
 
 from models.consensus import message_id_for
 from models.metrics import roc_auc
-from streams.daemon import wait_until
 from services.harness import LocalStack, reporter_keys
 from services.settings import Settings
+from streams.daemon import wait_until
 from streams.events import FeedbackEvent, encode
 from streams.topics import EventProducer, Topics
 

@@ -18,9 +18,9 @@ import pytest
 
 from models.consensus import message_id_for, reporter_weight
 from models.gate import delong
-from streams.daemon import wait_until
 from services.harness import LocalStack
 from services.settings import Settings
+from streams.daemon import wait_until
 
 HONEST = {f"k-honest-{i}": f"honest{i}" for i in range(4)}
 COLLUDERS = {f"k-gang-{i}": f"gang{i}" for i in range(3)}

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DOWNLOADS, free_ports
 
 from services.settings import REPO_ROOT
-from conftest import DOWNLOADS, free_ports
 
 pytestmark = pytest.mark.e2e
 

@@ -34,8 +34,8 @@ from typing import Any
 import httpx
 import pytest
 
-from streams.daemon import free_port, wait_until
 from services.settings import Settings
+from streams.daemon import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_LIMIT_BYTES = 500 * 1000 * 1000
@@ -165,7 +165,6 @@ def test_serving_imports_pull_in_no_training_package(serve_env: Path, tmp_path: 
 @pytest.mark.integration
 def test_serving_env_serves(serve_env: Path, kafka: Settings, corpus: list[Any], tmp_path: Path) -> None:
     """`flywheel serve` from the serving-only environment, with mounted keys: classify, then a flag into Kafka."""
-    from services.api.app import settings_env
     from services.bench import train_quick_version
 
     settings = kafka.model_copy(update={
@@ -178,7 +177,7 @@ def test_serving_env_serves(serve_env: Path, kafka: Settings, corpus: list[Any],
     keys = tmp_path / "api-keys.json"
     keys.write_text(json.dumps({"install-test-user-key": "installer"}))
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
-    env.update(settings_env(settings))
+    env.update(settings.child_env())
     env.pop("FLYWHEEL_API_KEYS", None)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env["FLYWHEEL_API_KEYS_FILE"] = str(keys)

@@ -8,7 +8,6 @@ model and rules the same process serves over HTTP, with no second copy of the ho
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -19,7 +18,6 @@ import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from pydantic import SecretStr
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -114,39 +112,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.openapi_schema = schema
         return schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
     return app
+
+
+SWITCH_INTERVAL_S = 0.001
+"""How often a thread holding the interpreter lock offers it to the others (Python's default is 5 ms). Scoring
+runs on pool threads; the event loop that answers /healthz, /metrics and spamd must get the lock back quickly,
+and a request needs it several times, so the default would add tens of milliseconds behind a large message."""
 
 
 def create_worker_app() -> FastAPI:
     """Entry point of each uvicorn worker process: configure logging, then build the app from the env."""
+    import sys
+
     from services.logging import configure
 
     settings = Settings()
     configure(settings.log_level, settings.log_json)
+    if settings.classify_threads > 0:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
     return create_app(settings)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``FLYWHEEL_*`` variables that reproduce ``settings`` in a child process (uvicorn workers, tests).
-
-    With ``api_keys_file`` the keys stay in the file (the child reads it), not in every process's environment.
-    """
-    env: dict[str, str] = {}
-    for name in Settings.model_fields:
-        value = getattr(settings, name)
-        if value is None or (name == "api_keys" and settings.api_keys_file is not None):
-            continue
-        if isinstance(value, SecretStr):
-            text = value.get_secret_value()
-        elif isinstance(value, dict | list):
-            text = json.dumps(value)
-        elif isinstance(value, bool):
-            text = "true" if value else "false"
-        else:
-            text = str(value)
-        env[f"FLYWHEEL_{name.upper()}"] = text
-    return env
 
 
 def prepare_metrics_dir(settings: Settings) -> None:
@@ -173,7 +159,7 @@ def serve(settings: Settings) -> None:
     log.info("serving", champion=version, host=settings.api_host, port=settings.api_port,
              spamd_port=settings.spamd_port, workers=settings.workers)
     _ensure_topics(settings, topic_specs(settings.streams()))
-    os.environ.update(settings_env(settings))
+    os.environ.update(settings.child_env())
     prepare_metrics_dir(settings)
     uvicorn.run(
         "services.api.app:create_worker_app",

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from streams.daemon import free_port
 from services.settings import Settings
+from streams.daemon import free_port
 
 
 def _p(values: list[float], q: float) -> float | None:
@@ -41,7 +41,7 @@ def _cpu_s(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
         try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -73,7 +73,7 @@ def run(settings: Settings, rounds: int = 3, seconds: float = 6.0) -> dict[str, 
             })
             procs[name] = ApiProcess(s, work / f"{name}.log").start()
             print(f"==> {name}: {procs[name].base_url} (classify_threads={threads})", flush=True)
-        for name, p in procs.items():  # warm-up
+        for p in procs.values():  # warm-up
             run_load("closed", host=host, port=p.settings.api_port, requests=reqs, connections=8, duration_s=2.0,
                      per_request_items=1)
         closed: dict[str, list[dict[str, Any]]] = {n: [] for n in procs}
@@ -90,7 +90,7 @@ def run(settings: Settings, rounds: int = 3, seconds: float = 6.0) -> dict[str, 
         rps = {n: statistics.median(x["rps"] for x in v) for n, v in closed.items()}
         rate = min(500.0, 0.6 * min(rps.values()))
         opened: dict[str, list[float]] = {n: [] for n in procs}
-        failed_open = {n: 0 for n in procs}
+        failed_open = dict.fromkeys(procs, 0)
         for _ in range(rounds):
             for name, p in procs.items():
                 o = run_load("open", host=host, port=p.settings.api_port, requests=reqs, rate=rate,

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from models.classifier import Verdict
     from services.api.schemas import ClassifyJSON
 
-__all__ = ["message_id_for", "verdict_dict", "assemble", "NotAMessage", "check_message", "spamd_score"]
+__all__ = ["NotAMessage", "assemble", "check_message", "message_id_for", "spamd_score", "verdict_dict"]
 
 _HEADER_NAME = re.compile(rb"^[!-9;-~]+$")
 _HEADER_NAME_STR = re.compile(r"^[!-9;-~]{1,200}$")

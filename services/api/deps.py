@@ -23,7 +23,6 @@ from services.api.safety import RELAY_USER
 
 if TYPE_CHECKING:
     from services.api.state import ServingState
-    from services.settings import Settings
 
 
 class ORJSONResponse(JSONResponse):
@@ -36,7 +35,7 @@ class ORJSONResponse(JSONResponse):
 
 
 def get_state(request: Request) -> ServingState:
-    return request.app.state.serving  # type: ignore[no-any-return]
+    return request.app.state.serving
 
 
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key from settings.api_keys.")

@@ -8,6 +8,7 @@ lock and a dict lookup on every request of the hot path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import lru_cache
 
@@ -18,8 +19,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
-from prometheus_client import multiprocess
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -91,10 +92,8 @@ def set_model_info(version: str, kind: str, provider: str) -> None:
     if _current_model is not None:
         # In multiprocess mode the old sample lives on in this worker's file: zero it, then drop it.
         MODEL_INFO.labels(*_current_model).set(0)
-        try:
+        with contextlib.suppress(KeyError):
             MODEL_INFO.remove(*_current_model)
-        except KeyError:
-            pass
     _current_model = (version, kind, provider)
     MODEL_INFO.labels(version, kind, provider).set(1)
 

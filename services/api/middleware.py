@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from services.api import metrics
 
@@ -110,7 +111,6 @@ async def _reply(send: Send, status: int, detail: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- slow headers
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: E402
 
 
 def _head_timeout_s() -> float:
@@ -150,7 +150,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._arm()
 

@@ -18,7 +18,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -50,7 +50,7 @@ class ClassifyPool:
         """Messages being classified or waiting (0 when inline)."""
         return self._pending
 
-    def _release(self, _: Future[object]) -> None:
+    def _release(self, _: Future[Any]) -> None:
         with self._lock:
             self._pending -= 1
 

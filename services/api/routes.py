@@ -24,9 +24,9 @@ from starlette.concurrency import run_in_threadpool
 from services.api import metrics
 from services.api.convert import NotAMessage, assemble, check_message, message_id_for, verdict_dict
 from services.api.deps import (
-    classify_access,
     ORJSONResponse,
     Reporter,
+    classify_access,
     get_state,
     parse_json,
     read_body,

@@ -455,7 +455,7 @@ class ServingState:
                 return
             try:
                 self.check_once()
-            except Exception:  # noqa: BLE001 - the reloader must survive anything and keep the champion
+            except Exception:  # the reloader must survive anything and keep the champion
                 log.exception("reload check failed")
 
     def _events_loop(self) -> None:
@@ -587,7 +587,7 @@ def ensure_champion(settings: Settings, registry: Registry | None = None) -> str
                 return version
             log.info("no champion: training the seed model (first start only)")
             # In a child process: seed training may import torch, which the serving process must never load.
-            subprocess.run(
+            subprocess.run(  # noqa: S603 - this interpreter, code and paths built here
                 [sys.executable, "-c", _SEED_CODE, str(settings.downloads), str(settings.corpus_dir or ""),
                  str(settings.registry)],
                 check=True,

@@ -13,7 +13,6 @@ from typing import IO
 
 import httpx
 
-from services.api.app import settings_env
 from services.settings import REPO_ROOT, Settings
 
 
@@ -34,7 +33,7 @@ class ApiProcess:
     def start(self, timeout_s: float = 180.0) -> ApiProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        env.update(settings_env(self.settings))
+        env.update(self.settings.child_env())
         env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()

@@ -174,7 +174,7 @@ class Worker:
                 if hw is not None:
                     lag += max(0, int(hw) - 1 - offsets.get((tp.topic, tp.partition), -1))
             self.metrics.lag.set(lag)
-        except Exception:  # noqa: BLE001 - lag is best effort
+        except Exception:  # lag is best effort
             log.debug("lag update failed", exc_info=True)
 
     def close(self) -> None:

@@ -50,7 +50,7 @@ from models.learning import (
     subset,
 )
 from models.metrics import recall_at_fpr, roc_auc
-from services.worker.store import LabelStore, Labelled
+from services.worker.store import Labelled, LabelStore
 
 if TYPE_CHECKING:
     from models.classifier import Calibration
@@ -378,7 +378,7 @@ class Learner:
                     if not self.step():
                         self._wake.wait(0.5)
                         self._wake.clear()
-                except Exception:  # noqa: BLE001 - keep learning alive; the store is the source of truth
+                except Exception:  # keep learning alive; the store is the source of truth
                     log.exception("learner step failed")
                     self._stop.wait(1.0)
 
@@ -499,7 +499,7 @@ class Learner:
         self.metrics.training.labels(kind="neural").set(1)
         try:
             self.retrain_neural()
-        except Exception:  # noqa: BLE001 - a failed retrain must not stop the worker; the schedule retries
+        except Exception:  # a failed retrain must not stop the worker; the schedule retries
             log.exception("neural retrain failed")
         finally:
             self._neural_busy.clear()
@@ -575,7 +575,6 @@ class Learner:
 
     def challenge(self, cand: Candidate, flags: Sequence[Labelled]) -> str:
         """Save a challenger, gate it against the champion, promote or reject; returns its version id."""
-        from models.classifier import Calibration
         from models.runtime import OnnxModel
 
         onnx_path = self.dir / "tmp" / f"{cand.kind}-{int(time.time() * 1000)}.onnx"
@@ -598,7 +597,7 @@ class Learner:
             order = np.random.default_rng(0).permutation(len(corpus_items))
             corpus_items = [corpus_items[i] for i in order]
             flag_items = [EvalItem(f"f{i}", flags[i].label == "spam", "flags", flags[i].label, flags[i].recency)
-                          for i in both]
+                          for i in both.tolist()]
             sel = compose_eval_set(flag_items, corpus_items, min_per_class=self.settings.gate_eval_min_per_class,
                                    max_per_class=self.settings.gate_eval_max_per_class)
             ref_batch, ref_rules = self.rows([(mid, raw) for mid, raw, _, _ in ref])

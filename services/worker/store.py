@@ -162,7 +162,7 @@ class LabelStore:
         out: set[str] = set()
         for i in range(0, len(ids), 500):
             chunk = list(ids[i : i + 500])
-            q = f"SELECT message_id FROM messages WHERE message_id IN ({','.join('?' * len(chunk))})"
+            q = f"SELECT message_id FROM messages WHERE message_id IN ({','.join('?' * len(chunk))})"  # noqa: S608 - only "?" placeholders go in; the ids are bound
             out.update(r[0] for r in self._r().execute(q, chunk))
         return out
 
@@ -257,16 +257,16 @@ class LabelStore:
                     continue
                 high[tp] = rec.offset
                 try:
-                    ev = decode(rec.value)
+                    decoded = decode(rec.value)
                 except EventInvalid as exc:
                     res.dead.append((rec, exc.reason))
                     fresh.append((rec, None))
                     continue
-                if not isinstance(ev, FeedbackEvent | RetractionEvent):
-                    res.dead.append((rec, f"{ev.type} event on the feedback topic"))
+                if not isinstance(decoded, FeedbackEvent | RetractionEvent):
+                    res.dead.append((rec, f"{decoded.type} event on the feedback topic"))
                     fresh.append((rec, None))
                     continue
-                fresh.append((rec, ev))
+                fresh.append((rec, decoded))
             if not fresh:
                 return res
             probs = self._probabilities(fresh, model_probability)
@@ -321,7 +321,7 @@ class LabelStore:
             return {}
         try:
             return dict(zip(todo, model_probability(list(todo.values())), strict=True))
-        except Exception:  # noqa: BLE001 - reputation then just lacks model evidence
+        except Exception:  # reputation then just lacks model evidence
             log.exception("model scoring for reputation failed")
             return {}
 

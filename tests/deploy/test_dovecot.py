@@ -29,8 +29,8 @@ import pytest
 from conftest import consume_all
 
 from services.api.testing import ApiProcess
-from streams.daemon import free_port, port_open, tail, wait_for, wait_until
 from services.settings import REPO_ROOT, Settings
+from streams.daemon import free_port, port_open, tail, wait_for, wait_until
 
 DEPLOY = REPO_ROOT / "deploy" / "dovecot"
 PIPE_PROGRAM = DEPLOY / "flywheel-feedback"

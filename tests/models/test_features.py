@@ -179,7 +179,7 @@ def test_rows_match_the_plain_definition(parsed: tuple[list, list]) -> None:
     msgs, results = parsed
     cfg = FeatureConfig(body_bigrams=False)
     non_ascii = 0
-    for msg, res in zip(msgs, results):
+    for msg, res in zip(msgs, results, strict=True):
         non_ascii += not msg.body_text.isascii()
         counts: dict[int, int] = {}
         for tok in message_tokens(msg, res, cfg):

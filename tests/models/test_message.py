@@ -42,7 +42,7 @@ def _mime(body: str, ctype: str = "text/plain; charset=utf-8", extra: str = "", 
         "From: Alice <alice@example.org>\r\nTo: bob@example.net\r\nSubject: hello\r\n"
         "Date: Mon, 1 Jul 2024 10:00:00 +0000\r\nMessage-ID: <1@example.org>\r\n"
         f"MIME-Version: 1.0\r\nContent-Type: {ctype}\r\nContent-Transfer-Encoding: {cte}\r\n{extra}\r\n{body}"
-    ).encode("utf-8")
+    ).encode()
 
 
 # ---------------------------------------------------------------------------------------- basics

@@ -320,7 +320,7 @@ def test_engine_shared_across_threads() -> None:
     def work() -> None:
         try:
             results.append([eng.evaluate(p).score for p in pms for _ in range(3)][::3])
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work) for _ in range(6)]

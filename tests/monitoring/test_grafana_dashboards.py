@@ -80,7 +80,7 @@ def test_panels_are_complete_and_unique() -> None:
     cells: dict[tuple[int, int], str] = {}
     for p in board["panels"]:  # on the 24-column grid, no two panels overlap
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
         for cell in ((x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])):
             assert cell not in cells, f"{p['title']} overlaps {cells[cell]}"
             cells[cell] = p["title"]

@@ -14,7 +14,6 @@ import yaml
 from conftest import make_settings
 
 from services import stack
-from streams.daemon import wait_until
 from services.observability import (
     DASHBOARDS_DIR,
     RULES_DIR,
@@ -25,6 +24,7 @@ from services.observability import (
     substitute_variables,
 )
 from services.settings import Settings
+from streams.daemon import wait_until
 
 
 def _count_dashboard_exprs() -> int:

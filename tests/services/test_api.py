@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import consume_all
 
 from services.api.testing import ApiProcess
 from services.settings import REPO_ROOT, Settings
-from conftest import consume_all
 from streams.daemon import free_port, wait_until
 
 ADMIN = {"X-API-Key": "test-admin-key"}
@@ -62,9 +62,9 @@ def api_base(kafka: Settings, tmp_path_factory: pytest.TempPathFactory) -> Setti
 @pytest.fixture(scope="module")
 def versions(api_base: Settings, corpus: list) -> dict[str, str]:
     """A champion, a second good version, and a corrupt copy (truncated graph) in the replicas' registry."""
-    from services.bench import train_quick_version
-
     import random
+
+    from services.bench import train_quick_version
 
     shuffled = random.Random(7).sample(corpus, len(corpus))
     a, b = shuffled[:700], shuffled[700:1400]

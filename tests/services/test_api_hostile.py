@@ -22,8 +22,8 @@ from services.api.limits import FeedbackLimiter, Limits
 from services.api.safety import UnsafeSettings, check_serving_settings, is_loopback
 from services.api.state import FileStore, MessageCache
 from services.api.testing import ApiProcess
-from streams.daemon import free_port, wait_until
 from services.settings import REPO_ROOT, Settings, SettingsError
+from streams.daemon import free_port, wait_until
 
 KEYS = {"hostile-admin-key": "admin", "hostile-user-key": "alice"}
 
@@ -50,9 +50,7 @@ def test_dev_keys_refused_off_loopback_and_keys_from_a_file(tmp_path: Path, monk
     assert s.api_keys == {"k-prod-1": "admin", "k-relay": "mx"}
     check_serving_settings(s.model_copy(update={"api_host": "0.0.0.0"}))  # explicit keys: may bind anywhere
 
-    from services.api.app import settings_env
-
-    env = settings_env(s)
+    env = s.child_env()
     assert "FLYWHEEL_API_KEYS" not in env and env["FLYWHEEL_API_KEYS_FILE"] == str(keys)  # not copied to env
 
     keys.write_text("[1, 2]")
@@ -278,7 +276,7 @@ def test_healthz_answers_while_large_messages_are_scored(pools: dict[str, ApiPro
     waits for the message being scored."""
     msgs = [large_message(i) for i in range(4)]
     lat: dict[str, list[float]] = {"pool": [], "inline": []}
-    for name, proc in pools.items():  # warm both (first-message costs), and check the idle answer
+    for proc in pools.values():  # warm both (first-message costs), and check the idle answer
         assert _classify(proc.base_url, msgs[0]).status_code == 200
     for _ in range(2):
         for name, proc in pools.items():

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import DOWNLOADS
+
 from services.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import consume_all
 
 from services.api.testing import ApiProcess
 from services.settings import Settings
-from conftest import consume_all
 from streams.daemon import free_port, wait_until
 
 SPAMC = shutil.which("spamc")

@@ -16,8 +16,8 @@ from backends import Selection
 from conftest import make_settings
 
 from services import stack
-from streams.daemon import is_alive, port_open, read_pid, wait_for
 from services.settings import Settings
+from streams.daemon import is_alive, port_open, read_pid, wait_for
 
 MONITORING = stack.MONITORING_DIR
 
@@ -73,7 +73,7 @@ def test_session_prometheus_is_idempotent_and_loads_the_rules(prometheus: Settin
         pid = stack.prometheus_status(prometheus)["pid"]
         stack.prometheus_start(prometheus)  # already running: no new process
         assert pid is not None and stack.prometheus_status(prometheus)["pid"] == pid
-    with urllib.request.urlopen(stack.prometheus_url(prometheus) + "/api/v1/rules", timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(stack.prometheus_url(prometheus) + "/api/v1/rules", timeout=5) as resp:
         groups = {g["name"]: g for g in json.load(resp)["data"]["groups"]}
     assert {"flywheel.api", "flywheel.worker", "flywheel.alerts"} <= set(groups)
     alerts = {r["name"] for r in groups["flywheel.alerts"]["rules"]}
@@ -88,7 +88,7 @@ def test_port_taken_is_a_clear_error(private: Settings) -> None:
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", private.prometheus_port))
         squatter.listen()
-        with pytest.raises(stack.PrometheusError, match="already in use.*FLYWHEEL_PROMETHEUS_PORT"):
+        with pytest.raises(stack.PrometheusError, match=r"already in use.*FLYWHEEL_PROMETHEUS_PORT"):
             stack.prometheus_start(private)
     assert stack.prometheus_status(private)["running"] is False
 
@@ -149,7 +149,7 @@ def _launch_stack(settings: Settings, tmp_path: Path, mode: str) -> tuple[subpro
     script = tmp_path / "stack_main.py"
     script.write_text(_STACK_SCRIPT)
     log = tmp_path / f"stack-{mode}.log"
-    env = {**os.environ, **stack.settings_env(settings), "PYTHONPATH": str(stack.MONITORING_DIR.parent)}
+    env = {**os.environ, **settings.child_env(), "PYTHONPATH": str(stack.MONITORING_DIR.parent)}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, str(script), mode], stdout=out, stderr=subprocess.STDOUT, env=env)
     return proc, log

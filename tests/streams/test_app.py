@@ -15,15 +15,14 @@ from pathlib import Path
 import pytest
 
 from services.settings import REPO_ROOT, Settings
+from streams.daemon import wait_until
 from streams.events import FeedbackEvent, encode
 from streams.topics import EventProducer, Topics, topic_specs
-from streams.daemon import wait_until
 
 
 def _env(settings: Settings) -> dict[str, str]:
-    from services.api.app import settings_env
 
-    return {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, **settings.child_env(), "PYTHONUNBUFFERED": "1"}
 
 
 def _counters(settings: Settings) -> dict[str, int]:
@@ -127,8 +126,8 @@ def test_worker_consumes_dead_letters_and_resumes_after_kill(kafka: Settings, tm
         assert labels == {"spam": 230, "ham": 230}
 
         # The dead letter carries the reason.
-        from kafka import KafkaConsumer, TopicPartition
         import orjson
+        from kafka import KafkaConsumer, TopicPartition
 
         consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, enable_auto_commit=False, consumer_timeout_ms=5000)
         tp = TopicPartition(topics.dead_letter, 0)

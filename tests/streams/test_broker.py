@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import make_settings
 
-from streams.daemon import is_alive, read_pid, wait_for
 from services.settings import Settings
 from streams import broker
+from streams.daemon import is_alive, read_pid, wait_for
 
 DEADLINE_S = 30.0
 

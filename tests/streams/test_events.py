@@ -9,7 +9,9 @@ import uuid
 
 import orjson
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from services.settings import Settings
 from streams.events import (

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from services.api.testing import ApiProcess
-from streams.daemon import free_port, wait_until
 from services.settings import Settings
+from streams.daemon import free_port, wait_until
 
 KEYS = {"op-admin-key": "admin", "op-viewer-key": "viewer", "op-user-key": "alice"}
 ADMIN = {"X-API-Key": "op-admin-key"}

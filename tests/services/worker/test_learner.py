@@ -29,7 +29,7 @@ def mail(p1_split: tuple[list, list]) -> dict[str, Any]:
     reference = [(ids[id(m)], m.raw, m.is_spam, m.group) for m in train + test if is_holdout(ids[id(m)])][::2]
     later = [m for m in test if not is_holdout(ids[id(m)])]
     spam, ham = [m for m in later if m.is_spam][1::3], [m for m in later if not m.is_spam][1::3]
-    flags = [m for pair in zip(spam, ham) for m in pair]  # both classes in every prefix
+    flags = [m for pair in zip(spam, ham, strict=False) for m in pair]  # both classes in every prefix
     return {"corpus": CorpusData(base, reference), "flags": flags}
 
 
