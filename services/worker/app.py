@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import faust
 
     from services.settings import Settings
+    from streams.events import ModelEvent
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +95,7 @@ class Worker:
         })
         self._status_at = time.monotonic()
 
-    def _emit_model_event(self, event: Any) -> None:
+    def _emit_model_event(self, event: ModelEvent) -> None:
         from streams.topics import BrokerUnavailable
 
         try:

@@ -55,10 +55,11 @@ from services.worker.store import Labelled, LabelStore
 if TYPE_CHECKING:
     from models.classifier import Calibration
     from models.linear import LinearModel
-    from models.registry import LoadedModel, Registry
+    from models.registry import LoadedModel, Registry, SelfCheckVector
     from models.rules import RuleEngine, RuleResult
     from services.settings import Settings
     from services.worker.metrics import WorkerMetrics
+    from streams.events import ModelEvent
 
 log = structlog.get_logger(__name__)
 
@@ -192,7 +193,7 @@ class Learner:
         settings: Settings,
         store: LabelStore,
         metrics: WorkerMetrics,
-        emit: Callable[[Any], None],
+        emit: Callable[[ModelEvent], None],
         corpus: CorpusData,
     ) -> None:
         from models.registry import Registry
@@ -647,7 +648,7 @@ class Learner:
             if lb.recency > self._neural_recency and not math.isnan(z) and (z >= thr) != (lb.label == "spam"):
                 self._surprise_ids.add(lb.message_id)
 
-    def _self_check(self, cand: Candidate) -> list[Any]:
+    def _self_check(self, cand: Candidate) -> list[SelfCheckVector]:
         from models.registry import SelfCheckVector
 
         sample = [(mid, raw) for mid, raw, _, _ in (self.corpus.base or self.corpus.reference)[:SELF_CHECK_MESSAGES]]
