@@ -237,16 +237,14 @@ class LocalStack:
             return {}
 
     def worker_metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
-        """One sample from the worker's /metrics page (None when absent)."""
+        """The sum of the samples on the worker's /metrics page whose labels include ``labels`` (None when none)."""
         import httpx
         from prometheus_client.parser import text_string_to_metric_families
 
         text = httpx.get(f"http://127.0.0.1:{self.settings.worker_port}/metrics", timeout=5.0).text
-        for fam in text_string_to_metric_families(text):
-            for sample in fam.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
-                    return float(sample.value)
-        return None
+        found = [float(sample.value) for fam in text_string_to_metric_families(text) for sample in fam.samples
+                 if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items())]
+        return sum(found) if found else None
 
     def backlog(self) -> int:
         """Records on the feedback topic the worker has not applied yet (end offsets against its store)."""

@@ -163,6 +163,10 @@ def run_replay(settings: Settings, stop: threading.Event, *, quick: bool = False
     _say(f"==> replay: {len(plan.steps)} messages in Date order, {plan.flags} flagged by {REPORTERS} users "
          f"({noise:.0%} of the flags wrong), {sum(len(v) for v in plan.rules_at.values())} rules enabled along the way; "
          f"the quality set is the corpus's held-out part ({plan.held_out} messages, never replayed)")
+    # The curves start where the worker first measured (no rules, the empty champion): wait for that point, or
+    # rules enabled before the worker is up would be folded into its first one.
+    wait_until(lambda: {p["side"] for p in reg.curve_points()} >= {"rules", "model"}, 300,
+               "the worker's first point of both curves", 0.5)
     started = time.monotonic()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[status]}"), transient=False) as bar:

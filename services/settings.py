@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     kafka_heap: str = Field("512m", description="-Xmx of the local broker.")
     kafka_start_timeout_s: float = Field(60.0, description="Deadline for the broker to answer metadata.")
     feedback_partitions: int = Field(4, description="Partitions of the feedback topic.")
+    kafka_session_timeout_s: float = Field(
+        10.0, ge=6.0, le=300.0,
+        description="The worker's consumer-group session: how long a crashed worker still holds its partitions "
+                    "before a restarted one takes them over (the broker's minimum is 6 s).")
     topic_prefix: str = Field("flywheel", description="Prefix of every topic name (tests use their own).")
 
     # --- Prometheus ----------------------------------------------------------------------------------
@@ -253,6 +257,7 @@ class Settings(BaseSettings):
             kafka_version=self.kafka_version,
             kafka_heap=self.kafka_heap,
             kafka_start_timeout_s=self.kafka_start_timeout_s,
+            session_timeout_s=self.kafka_session_timeout_s,
             state_dir=self.state_dir,
             downloads=self.downloads,
         )

@@ -70,6 +70,9 @@ def make_app(
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # faust's 60 s session would leave a crashed worker's partitions unread for a minute after its restart.
+        broker_session_timeout=config.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, config.session_timeout_s / 3),
         topic_allow_declare=False,
         topic_disable_leader=True,
         producer_acks=-1,

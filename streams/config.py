@@ -27,6 +27,8 @@ class StreamsConfig:
     kafka_version: str
     kafka_heap: str
     kafka_start_timeout_s: float
+    session_timeout_s: float
+    """The worker group's session: a member that stops heartbeating (``kill -9``) holds its partitions this long."""
     state_dir: Path
     """The local broker keeps its config, data, pidfile and log under ``<state_dir>/kafka``."""
     downloads: Path

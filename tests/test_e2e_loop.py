@@ -72,7 +72,7 @@ def loop(kafka: Settings, p1_split: tuple[list, list], tmp_path_factory: pytest.
     stack = LocalStack(kafka, root / "stack", api_keys=KEYS, eval_exclude_file=exclude, neural_retrain=False,
                        linear_refit_s=1.0)
     with stack:
-        yield Loop(stack, pool, unflagged[::2])
+        yield Loop(stack, pool, unflagged)
 
 
 def _served_one_minus_auc(lp: Loop) -> float:
@@ -81,12 +81,12 @@ def _served_one_minus_auc(lp: Loop) -> float:
 
 
 def test_flags_on_new_mail_improve_the_mail_nobody_flagged(loop: Loop) -> None:
-    """Half of the later mail flagged with its true label: the other half, never seen by the worker, is ranked
-    with far fewer errors afterwards (measured over HTTP, as a ratio to before)."""
+    """Most of one half of the later mail flagged with its true label: the other half, never seen by the worker,
+    is ranked with at most half the errors afterwards (measured over HTTP, as a ratio to before)."""
     before = _served_one_minus_auc(loop)
     v0 = loop.stack.registry().champion()
     produced: set[tuple[str, int, int]] = set()
-    flags = loop.take(600)
+    flags = loop.take(1100)
     for i, m in enumerate(flags):
         body = loop.flag(m, HONEST[i % len(HONEST)])
         produced.add((loop.topics.feedback, body["partition"], body["offset"]))
@@ -96,29 +96,36 @@ def test_flags_on_new_mail_improve_the_mail_nobody_flagged(loop: Loop) -> None:
     assert champ is not None and champ != v0, [(d["decision"], d["reason"]) for d in reg.decisions()]
     wait_until(lambda: loop.stack.classify(loop.unflagged[0].raw)["model"]["version"] == champ, 60, "the API to reload")
     after = _served_one_minus_auc(loop)
-    assert after <= 0.6 * before, (before, after)
+    # The issue's bar (after <= half of before). An offline refit on the same flags gets to about 0.3 of before
+    # here; with 600 flags it would only get to about 0.65, so the test flags most of its half.
+    assert after <= 0.5 * before, (before, after)
     # Lineage: the offsets of exactly the flags behind the champion, all of them offsets the API answered.
     info = reg.get(champ)
     assert info.kind == "linear" and info.parent
     with loop.stack.db() as db:
         rows = db.execute("SELECT topic, partition, offset, label FROM votes WHERE retracted=0").fetchall()
     assert rows and all((t, p, o) in produced for t, p, o, _ in rows)
-    want: dict[str, list[int]] = {}
+    # The champion is the last promoted refit, not necessarily the last one tried (the gate may have rejected a
+    # later challenger): its lineage names, per partition, a prefix of the flags (from the first offset on), and
+    # its counts are exactly the flags within those ranges.
+    first: dict[str, int] = {}
     for t, p, o, _ in rows:
-        rng = want.setdefault(f"{t}:{p}", [o, o])
-        rng[0], rng[1] = min(rng[0], o), max(rng[1], o)
-    assert info.lineage["offsets"] == dict(sorted(want.items()))
-    assert info.lineage["counts"]["flags"] == {"spam": sum(r[3] == "spam" for r in rows),
-                                               "ham": sum(r[3] == "ham" for r in rows)}
+        first[f"{t}:{p}"] = min(o, first.get(f"{t}:{p}", o))
+    seen = info.lineage["offsets"]
+    assert seen and all(lo == first[key] for key, (lo, _hi) in seen.items()), (seen, first)
+    trained = [lab for t, p, o, lab in rows if f"{t}:{p}" in seen and o <= seen[f"{t}:{p}"][1]]
+    assert info.lineage["counts"]["flags"] == {"spam": trained.count("spam"), "ham": trained.count("ham")}
+    assert len(trained) >= len(flags) // 2, "the champion learned from most of the flags"
     promoted = [d for d in reg.decisions() if d["decision"] == "promoted" and d["challenger"] == champ]
     assert promoted and promoted[0]["champion_metrics"]["one_minus_auc"] is not None  # both sides recorded
     assert promoted[0]["evaluation_set"]["flags"]  # judged on flags, not only on the corpus
     meta = json.loads((loop.s.registry / "versions" / champ / "meta.json").read_text())
     assert meta["lineage"]["offsets"] == info.lineage["offsets"]
     # Prequential quality: every flag judged the verdict served for it.
-    judged = sum(loop.stack.worker_metric("flywheel_live_verdicts_total", {"version": v0, "outcome": o}) or 0
-                 for o in ("tp", "fp", "tn", "fn"))
+    # Per version: the seed served the first verdicts, the champions after it the rest.
+    judged = loop.stack.worker_metric("flywheel_live_verdicts_total") or 0
     assert judged >= 0.9 * len(flags)
+    assert (loop.stack.worker_metric("flywheel_live_verdicts_total", {"version": v0}) or 0) > 0
 
 
 def test_kill9_worker_mid_stream_loses_nothing_and_counts_nothing_twice(loop: Loop) -> None:
