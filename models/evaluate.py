@@ -418,7 +418,6 @@ def run_p2(
     say(f"P2: linear model, refit on every label so far each {refit_every} messages, each label also learned "
         "by one SGD step as it arrives")
     from models.learning import TrainingSet, calibrate, cross_fit_linear, refit_linear, select_linear
-
     from models.linear import LinearModel
 
     t = time.perf_counter()
