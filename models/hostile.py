@@ -63,6 +63,11 @@ def _fill(unit: bytes, n: int) -> bytes:
     return (unit * (n // len(unit) + 1))[:n]
 
 
+def _fill_text(unit: bytes, n: int) -> bytes:
+    """Like :func:`_fill` for UTF-8 text: at most ``n`` bytes, never a character cut in half at the end."""
+    return _fill(unit, n).decode("utf-8", "ignore").encode("utf-8")
+
+
 def _simple(size: int, body: Callable[[int], bytes], ctype: bytes = b"text/plain; charset=utf-8",
             cte: bytes = b"8bit", head: bytes = _HEAD) -> bytes:
     top = head + b"Content-Type: " + ctype + b"\nContent-Transfer-Encoding: " + cte + b"\n\n"
@@ -98,13 +103,13 @@ def _lookalike_runs(size: int) -> bytes:
 
 def _lookalike_words(size: int) -> bytes:
     unit = _utf8("p\u0430yp\u0430l \u0410cc\u043eunt v\u0435rify \u0441lick n\u043ew ")
-    return _simple(size, lambda n: _fill(unit, n - 8).decode("utf-8", "ignore").encode("utf-8"))
+    return _simple(size, lambda n: _fill_text(unit, n - 8))
 
 
 def _lookalike_dash_chain(size: int) -> bytes:
     # words glued by non-ASCII punctuation: one long chain of runs and separators
     unit = _utf8("p\u0430y\u2014")
-    return _simple(size, lambda n: _fill(unit, n - 8).decode("utf-8", "ignore").encode("utf-8"))
+    return _simple(size, lambda n: _fill_text(unit, n - 8))
 
 
 def _lookalike_from(size: int) -> bytes:
@@ -350,22 +355,22 @@ def _html_in_plain(size: int) -> bytes:
 # ------------------------------------------------------------------------------------------- invisible
 def _invisible_inside_words(size: int) -> bytes:
     unit = _utf8("V\u200bI\u200cA\u200dG\u2060R\ufeffA ")
-    return _simple(size, lambda n: _fill(unit, n - 16).decode("utf-8", "ignore").encode("utf-8"))
+    return _simple(size, lambda n: _fill_text(unit, n - 16))
 
 
 def _invisible_only(size: int) -> bytes:
     unit = _utf8("\u200b")
-    return _simple(size, lambda n: b"x" + _fill(unit, n - 4).decode("utf-8", "ignore").encode("utf-8") + b"y")
+    return _simple(size, lambda n: b"x" + _fill_text(unit, n - 4) + b"y")
 
 
 def _bidi_flood(size: int) -> bytes:
     unit = _utf8("\u202epay\u202c\u2066p\u0430l\u2069 ")
-    return _simple(size, lambda n: _fill(unit, n - 16).decode("utf-8", "ignore").encode("utf-8"))
+    return _simple(size, lambda n: _fill_text(unit, n - 16))
 
 
 def _combining_flood(size: int) -> bytes:
     unit = _utf8("a\u0301\u0302\u0303\u0304")
-    return _simple(size, lambda n: _fill(unit, n - 16).decode("utf-8", "ignore").encode("utf-8"))
+    return _simple(size, lambda n: _fill_text(unit, n - 16))
 
 
 # ------------------------------------------------------------------------------------------- long lines
@@ -378,11 +383,11 @@ def _long_line_char(size: int) -> bytes:
 
 
 def _long_line_nonascii(size: int) -> bytes:
-    return _simple(size, lambda n: _fill(_utf8("\u00e9"), n - 2).decode("utf-8", "ignore").encode("utf-8"))
+    return _simple(size, lambda n: _fill_text(_utf8("\u00e9"), n - 2))
 
 
 def _long_line_cjk(size: int) -> bytes:
-    return _simple(size, lambda n: _fill(_utf8("\u4e2d\u6587"), n - 4).decode("utf-8", "ignore").encode("utf-8"))
+    return _simple(size, lambda n: _fill_text(_utf8("\u4e2d\u6587"), n - 4))
 
 
 def _long_line_punct(size: int) -> bytes:

@@ -336,7 +336,7 @@ def _train_seed(s: Settings, progress: Progress) -> str:
 
 @main.command()
 @click.option("--serve-only", is_flag=True, help="Serve the configured state (no replay): the stack alone.")
-@click.option("--quick", is_flag=True, help="A short replay (about a sixth of the mail; under two minutes).")
+@click.option("--quick", is_flag=True, help="A short replay (one message in seven; under two minutes).")
 @friendly_errors
 def run(serve_only: bool, quick: bool) -> None:
     """The main job: the whole stack, replaying the corpus as its users and operator would (both improvement
@@ -354,7 +354,7 @@ def run(serve_only: bool, quick: bool) -> None:
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="A short replay (about a sixth of the mail; under two minutes).")
+@click.option("--quick", is_flag=True, help="A short replay (one message in seven; under two minutes).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
               help="Write curves, fits, crossing, the monitoring queries' results and a screenshot path here.")
 @friendly_errors

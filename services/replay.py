@@ -74,7 +74,7 @@ def plan_replay(corpus: Sequence[CorpusMessage], rule_order: Sequence[str], *, q
     held = [m for m in stream if is_holdout(message_id_for(m.raw))]
     stream = [m for m in stream if not is_holdout(message_id_for(m.raw))]
     if quick:
-        stream = stream[::6]
+        stream = stream[::7]
     rng = random.Random(seed)
     users = [k for k in replay_keys() if k != ADMIN_KEY]
     steps: list[tuple[CorpusMessage, str | None, str]] = []
