@@ -12,10 +12,17 @@ colluding identities would vouch for each other.
 Reliability and trust. A reporter's reliability is the share of their flags expected to be right (their record
 of agreement, smoothed by a prior of 8 right in 10). A label that contradicts a very sure model is exactly what
 learning from drift needs when it comes from a reliable reporter, and exactly what random or hostile label noise
-looks like otherwise. So a label against a sure model is learned only when its reporters' reliability reaches
-``RELIABLE``; every other label is learned, weighted by its :func:`confidence`. With 30% random noise a
-reporter's reliability sits near 0.7: the contradicting third of their flags is dropped and the rest weigh 0.4;
-an honest reporter on drifting mail stays near 0.99 and keeps teaching what the model gets wrong at full weight.
+looks like otherwise. The same holds for a label on mail the model is *unsure* of: that is the hard mail, where
+a model learns the most from a right label and loses the most from a wrong one. So the base model vouches for a
+label only where it is very sure of the same class; any other label is learned only when its reporters'
+reliability reaches ``RELIABLE`` (with no base model at all, as on a replay that starts from nothing, every label
+is learned). Learned labels are weighted by their :func:`confidence`.
+
+Measured on the flywheel benchmark with 30% random noise (reporters' reliability near 0.73): the base model is
+sure of about 85% of the flagged mail, so the contradicting noise is dropped, but the wrong third of the labels
+on the unsure 15% (about 70 of 1,000 kept labels) took the ranking error on unflagged mail from 0.385% to 0.49%
+(weighted 0.46 each); without them 0.305%. An honest reporter is proven after a dozen flags on mail the model is
+sure of (reliability 0.9), and from then on all their labels, past ones included, are learned at full weight.
 
 Held-out membership is a hash of the message id: the same corpus message is held out in every run and every
 process and is never part of a base training set, so the clean reference set stays out of sample for good.
@@ -109,11 +116,11 @@ def model_evidence(label: str, probability: float | None) -> int:
 
 
 def trusted(label: str, base_probability: float | None, reporters_reliability: float) -> bool:
-    """Whether a consensus label is learned (and used to judge models): always, unless it contradicts a very
-    sure base model and its reporters are not reliable (see the module docstring).
+    """Whether a consensus label is learned (and used to judge models): when the base model is very sure of the
+    same class, or its reporters are reliable, or there is no base model to ask (see the module docstring).
 
     ``reporters_reliability`` is the best reliability among the label's live votes for that label.
     """
-    if model_evidence(label, base_probability) >= 0:
+    if base_probability is None or math.isnan(base_probability) or model_evidence(label, base_probability) > 0:
         return True
     return reporters_reliability >= RELIABLE

@@ -51,8 +51,11 @@ def test_trust_keeps_drift_from_reliable_reporters_and_drops_noise_from_others()
     assert honest >= RELIABLE > noisy
     # New spam the base model is sure is ham: learned from an honest reporter, not from a noisy one.
     assert trusted("spam", 0.002, honest) and not trusted("spam", 0.002, noisy)
-    # Labels the model does not contradict are always learned.
-    assert trusted("spam", 0.5, noisy) and trusted("spam", 0.999, 0.0) and trusted("ham", None, 0.0)
+    # Hard mail (the model unsure): learned from a proven reporter only; a wrong label there costs the most.
+    assert trusted("spam", 0.5, honest) and not trusted("spam", 0.5, noisy)
+    assert not trusted("spam", 0.5, reliability(0, 0))  # a newcomer proves themselves on mail the model is sure of
+    # A label the base model is very sure of is learned from anyone; with no base model every label is.
+    assert trusted("spam", 0.999, 0.0) and trusted("ham", 0.001, 0.0) and trusted("ham", None, 0.0)
 
 
 def test_holdout_is_stable_about_one_in_ten_and_ids_agree_with_the_events() -> None:
