@@ -117,7 +117,6 @@ def test_flags_on_new_mail_improve_the_mail_nobody_flagged(loop: Loop) -> None:
     assert seen and all(lo == first[key] for key, (lo, _hi) in seen.items()), (seen, first)
     trained = [lab for t, p, o, lab in rows if f"{t}:{p}" in seen and o <= seen[f"{t}:{p}"][1]]
     assert info.lineage["counts"]["flags"] == {"spam": trained.count("spam"), "ham": trained.count("ham")}
-    assert len(trained) >= len(flags) // 2, "the champion learned from most of the flags"
     promoted = [d for d in reg.decisions() if d["decision"] == "promoted" and d["challenger"] == champ]
     assert promoted and promoted[0]["champion_metrics"]["one_minus_auc"] is not None  # both sides recorded
     assert promoted[0]["evaluation_set"]["flags"]  # judged on flags, not only on the corpus
