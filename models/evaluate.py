@@ -44,6 +44,7 @@ from models.corpus import load_corpus, split_p1, stream_p2
 from models.features import FeatureBatch, FeatureConfig, featurize
 from models.message import DEFAULT_MAX_BYTES, parse
 from models.metrics import WINDOW, metrics, nan_none, recall_at_fpr, roc_auc, roc_points, windows
+from models.registry import jsonable
 from models.rules import RuleEngine
 
 log = structlog.get_logger(__name__)
@@ -633,24 +634,10 @@ def run_eval(
     say.step()
     if json_path is not None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(_jsonable(result), indent=1, allow_nan=False) + "\n")
+        Path(json_path).write_text(json.dumps(jsonable(result), indent=1, allow_nan=False) + "\n")
         say(f"JSON written to {json_path}")
         say.step()
     return result
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return [_jsonable(v) for v in o.tolist()]
-    if isinstance(o, np.generic):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
 
 
 def _pct(x: Any, digits: int = 2) -> str:

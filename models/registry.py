@@ -543,8 +543,8 @@ class Registry:
             raise ValueError("decision must be 'promoted' or 'rejected'")
         rec = {
             "at": _now_iso(), "challenger": challenger, "decision": decision, "reason": reason,
-            "challenger_metrics": _finite(dict(challenger_metrics)), "champion": champion,
-            "champion_metrics": _finite(dict(champion_metrics or {})), **dict(extra or {}),
+            "challenger_metrics": jsonable(dict(challenger_metrics)), "champion": champion,
+            "champion_metrics": jsonable(dict(champion_metrics or {})), **dict(extra or {}),
         }
         with self._writer():
             self._append_jsonl(self._decisions_file, rec)
@@ -559,7 +559,7 @@ class Registry:
     def record_curve_point(self, point: Mapping[str, Any]) -> None:
         """Append one point of the improvement curves (``side``: "model" or "rules", ``x``, recalls, ...)."""
         with self._writer():
-            self._append_jsonl(self._curves_file, {"at": _now_iso(), **_finite(dict(point))})
+            self._append_jsonl(self._curves_file, {"at": _now_iso(), **jsonable(dict(point))})
 
     def curve_points(self) -> builtins.list[dict[str, Any]]:
         return self._read_jsonl(self._curves_file)
@@ -569,7 +569,7 @@ class Registry:
         self._ensure()
         fd, tmp = tempfile.mkstemp(prefix=".worker.", dir=self.root)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(_dump_json({"at": _now_iso(), **_finite(dict(status))}))
+            f.write(_dump_json({"at": _now_iso(), **jsonable(dict(status))}))
         os.replace(tmp, self._status_file)
 
     def worker_status(self) -> dict[str, Any] | None:
@@ -621,17 +621,20 @@ class Registry:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _finite(d: dict[str, Any]) -> dict[str, Any]:
-    """JSON has no NaN/inf: metrics that are undefined (one class only) are stored as null."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, float | np.floating) and not math.isfinite(float(v)):
-            out[k] = None
-        elif isinstance(v, dict):
-            out[k] = _finite(v)
-        else:
-            out[k] = v
-    return out
+def jsonable(o: Any) -> Any:
+    """``o`` as plain JSON values: numpy scalars and arrays as Python ones, tuples as lists, keys as strings, and
+    NaN or infinity as null (JSON has neither: a metric undefined on one class only is stored as null)."""
+    if isinstance(o, dict):
+        return {str(k): jsonable(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [jsonable(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return [jsonable(v) for v in o.tolist()]
+    if isinstance(o, np.generic):
+        o = o.item()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 __all__ = [
@@ -644,6 +647,7 @@ __all__ = [
     "SelfCheckVector",
     "VersionInfo",
     "code_version",
+    "jsonable",
     "new_version_id",
     "score_raws",
     "training_set_hash",

@@ -50,6 +50,7 @@ from models.learning import (
     subset,
 )
 from models.metrics import recall_at_fpr, roc_auc
+from models.registry import jsonable
 from services.worker.store import Labelled, LabelStore
 
 if TYPE_CHECKING:
@@ -663,7 +664,7 @@ class Learner:
               result: GateResult) -> str:
         version = self.registry.save(
             kind=cand.kind, model_path=onnx_path, features=self.features, self_check=self._self_check(cand),
-            metrics={"gate": _jsonable(result.figures), "evaluation_set": composition},
+            metrics={"gate": jsonable(result.figures), "evaluation_set": composition},
             lineage={**cand.lineage, "training_s": round(cand.training_s, 3)},
             hyperparameters=cand.hyperparameters, parent=parent, calibration=cand.calibration.to_dict(),
         )
@@ -690,7 +691,7 @@ class Learner:
             challenger=version, decision=decision, reason=result.reason, challenger_metrics=chall_m,
             champion=champ.version if champ else None, champion_metrics=champ_m,
             extra={"kind": cand.kind, "test": result.test, "evaluation_set": composition,
-                   "statistics": _jsonable(result.figures), "data_version": cand.data_version,
+                   "statistics": jsonable(result.figures), "data_version": cand.data_version,
                    "anchor": self.anchor_version},
         )
         if result.promote:
@@ -714,7 +715,7 @@ class Learner:
                 self.metrics.gate_eval.labels(source=src, label=g).set(n)
         self.emit(ModelEvent(kind=decision, version=version, previous=champ.version if champ else None,
                              model_kind=cand.kind, reason=result.reason,
-                             metrics={"challenger": _finite(chall_m), "champion": _finite(champ_m or {}),
+                             metrics={"challenger": jsonable(chall_m), "champion": jsonable(champ_m or {}),
                                       "test": result.test, "evaluation_set": composition}))
         log.info("gate decision", kind=cand.kind, version=version, decision=decision, reason=result.reason,
                  evaluation_set=composition)
@@ -792,20 +793,4 @@ class Learner:
                 "side": "model", "x": int(sum(flags.values())), "cause": cause, "version": judge.version,
                 "kind": judge.kind, **figures["model"], "served": figures.get("served"), "quality_set": quality_set})
         return figures
-
-
-def _finite(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_jsonable(v) for v in o]
-    if isinstance(o, np.generic):
-        o = o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
 

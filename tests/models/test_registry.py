@@ -310,3 +310,17 @@ def test_prune_bounds_disk_and_keeps_rollback_targets(
     assert reg.rollback("test") == champions[-2]
     with pytest.raises(RegistryError, match="no longer in the registry"):
         reg.rollback("too deep")
+
+
+def test_jsonable_turns_numpy_and_undefined_metrics_into_plain_json() -> None:
+    import json
+
+    import numpy as np
+
+    from models.registry import jsonable
+
+    value = {"auc": float("nan"), 1: (np.float64(0.5), np.int64(3)), "nested": {"inf": np.float32("inf")},
+             "array": np.array([1.0, np.nan])}
+    out = jsonable(value)
+    assert out == {"auc": None, "1": [0.5, 3], "nested": {"inf": None}, "array": [1.0, None]}
+    assert json.loads(json.dumps(out, allow_nan=False)) == out
