@@ -293,22 +293,24 @@ def test_healthz_answers_while_large_messages_are_scored(pools: dict[str, ApiPro
 @pytest.mark.integration
 def test_a_full_classification_pool_answers_503_with_retry_after(pools: dict[str, ApiProcess]) -> None:
     base = pools["pool"].base_url
-    msgs = [large_message(100 + i) for i in range(10)]
+    msgs = [large_message(100 + i) for i in range(16)]
     results: list[httpx.Response] = []
     lock = threading.Lock()
+    start = threading.Barrier(len(msgs))  # all at once: threads started one by one could each find the pool free
 
     def send(m: bytes) -> None:
+        start.wait(timeout=60)
         r = _classify(base, m)
         with lock:
             results.append(r)
 
-    threads = [threading.Thread(target=send, args=(m,)) for m in msgs]  # 10 at once: 2 scored + 2 waiting fit
+    threads = [threading.Thread(target=send, args=(m,)) for m in msgs]  # 16 at once: 2 scored + 2 waiting fit
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
     codes = sorted(r.status_code for r in results)
-    assert len(codes) == 10 and set(codes) == {200, 503}, codes
+    assert len(codes) == len(msgs) and set(codes) == {200, 503}, codes
     assert codes.count(200) >= 2
     busy = [r for r in results if r.status_code == 503]
     assert all(int(r.headers["Retry-After"]) >= 1 and "busy" in r.json()["detail"] for r in busy)
