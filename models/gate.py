@@ -31,8 +31,11 @@ Decision rule (every test one-sided at level ``alpha``, default 5%, on the SAME 
   the tolerance is blocked with probability <= alpha. One extra false positive among a few hundred ham is not
   evidence; a challenger whose FPR is clearly higher is blocked.
 
-Label noise makes the rule conservative, not permissive: noisy labels inflate ``se`` and shrink observed
-differences, so a challenger trained on noisy flags must look clearly better to pass.
+Label noise cuts both ways. Noisy labels inflate ``se`` and shrink observed differences, so "better" gets harder
+to show; but they also inflate the champion's observed error, and with it the "not worse" margin, up to
+``cap``. So the set must not lose the labels that show what a challenger gave up: the worker judges on every
+consensus label, learned or not (with 30% wrong flags and only the learned labels judged, the set became the
+easy mail, both models scored AUC 1.0 there, and a challenger worse on unflagged mail passed).
 
 The evaluation set (:func:`compose_eval_set`): flags first, scored out of sample for both models (each model's
 cross-fitted scores on the flags it trained on, its plain scores on flags it never saw), the newest per class

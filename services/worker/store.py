@@ -26,7 +26,7 @@ from pathlib import Path
 
 import structlog
 
-from models.consensus import RELIABLE, consensus, model_evidence, reliability, reporter_weight
+from models.consensus import RECORD_DECAY, RELIABLE, consensus, model_evidence, reliability, reporter_weight
 from streams.events import EventInvalid, FeedbackEvent, RetractionEvent, decode
 from streams.records import Record
 
@@ -225,8 +225,8 @@ class LabelStore:
                     if e:
                         moved = True
                         db.execute(
-                            "UPDATE reporters SET agree=agree+?, disagree=disagree+? WHERE reporter=?",
-                            (1.0 if e > 0 else 0.0, 1.0 if e < 0 else 0.0, reporter),
+                            "UPDATE reporters SET agree=?*agree+?, disagree=?*disagree+? WHERE reporter=?",
+                            (RECORD_DECAY, 1.0 if e > 0 else 0.0, RECORD_DECAY, 1.0 if e < 0 else 0.0, reporter),
                         )
                 db.execute(
                     "INSERT INTO counters VALUES ('evidence_seq', ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
@@ -332,10 +332,12 @@ class LabelStore:
             )
 
     def _evidence(self, reporter: str, agree: float, disagree: float) -> None:
+        """Count a flag and add its evidence to the reporter's record (:func:`models.consensus.add_to_record`)."""
+        decay = RECORD_DECAY if agree + disagree > 0 else 1.0
         self._db.execute(
             "INSERT INTO reporters VALUES (?,?,?,1) ON CONFLICT(reporter) DO UPDATE SET "
-            "agree=agree+excluded.agree, disagree=disagree+excluded.disagree, flags=flags+1",
-            (reporter, agree, disagree),
+            "agree=?*agree+excluded.agree, disagree=?*disagree+excluded.disagree, flags=flags+1",
+            (reporter, agree, disagree, decay, decay),
         )
 
     def _votes_on(self, message_id: str, exclude: str | None = None,

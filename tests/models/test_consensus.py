@@ -6,6 +6,7 @@ import pytest
 
 from models.consensus import (
     RELIABLE,
+    add_to_record,
     confidence,
     consensus,
     is_holdout,
@@ -29,6 +30,18 @@ def test_reputation_math() -> None:
     assert reliability(0, 0) == pytest.approx(0.8)  # a newcomer is presumed mostly right
     assert confidence(reliability(0, 0)) == pytest.approx(0.6)
     assert confidence(reliability(0, 50)) == 0.0 and confidence(reliability(500, 0)) > 0.95
+
+
+def test_the_record_follows_how_a_reporter_flags_now() -> None:
+    a, d = 0.0, 0.0
+    for _ in range(500):  # a long perfect record stays proven ...
+        a, d = add_to_record(a, d, 1.0, 0.0)
+    assert reliability(a, d) >= RELIABLE and add_to_record(a, d, 0.0, 0.0) == (a, d)  # no evidence, no change
+    for n in range(1, 101):  # ... but 30% wrong flags from now on lose that within a few dozen judged flags
+        a, d = add_to_record(a, d, *((0.0, 1.0) if n % 10 in (3, 6, 9) else (1.0, 0.0)))
+        if n == 40:
+            assert reliability(a, d) < RELIABLE
+    assert confidence(reliability(a, d)) == pytest.approx(0.4, abs=0.1)  # what a 70% right label is worth
 
 
 def test_consensus_needs_the_weighted_margin() -> None:

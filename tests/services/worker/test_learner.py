@@ -147,3 +147,27 @@ def test_a_restarted_learner_judges_the_champion_as_before(rig: Rig, mail: dict[
         v = again.metrics.registry.get_sample_value("flywheel_quality_recall", {"side": side, "fpr": "0.01"})
         assert v is not None and 0.0 < v <= 1.0
     assert np.isfinite(again.metrics.registry.get_sample_value("flywheel_quality_one_minus_auc", {"side": "model"}))
+
+
+def test_the_gate_judges_on_labels_the_challenger_left_out(rig: Rig, mail: dict[str, Any]) -> None:
+    """A challenger that dropped labels (as when reporters' reliability falls and their labels stop being
+    trusted) is judged on them all the same: here one trained on the base corpus alone, with a fresher data
+    version, against a champion that learned 240 flags. On its own (empty) training flags it would have nothing
+    to be judged on but the corpus."""
+    from models.learning import calibrate, refit_linear, select_linear
+
+    rig.learner.refit()
+    rig.flag(mail["flags"][:240])
+    rig.learner.refit()
+    champion = rig.learner.registry.champion()
+    labelled = rig.store.labelled()
+    train = rig.learner.training_set([])
+    choice = select_linear(train, grid=((3e-7, 1.0),))
+    cal, _ = calibrate(train, choice.oof, fpr_budget=0.001)
+    cand = Candidate("linear", refit_linear(train, choice), cal, {}, set(), rig.store.data_version + 1,
+                     {"source": "test"}, {}, 0.0)
+    rig.learner.challenge(cand, labelled)
+    d = rig.learner.registry.decisions()[-1]
+    assert d["evaluation_set"]["flags"]["spam"] + d["evaluation_set"]["flags"]["ham"] == len(labelled) == 240
+    assert d["decision"] == "rejected" and rig.learner.registry.champion() == champion, d["reason"]
+    assert d["challenger_metrics"]["one_minus_auc"] > d["champion_metrics"]["one_minus_auc"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from models.consensus import add_to_record, reporter_weight
 from services.worker.store import LabelStore
 from streams.events import FeedbackEvent, RetractionEvent, ServedVerdict, encode
 from streams.records import Record
@@ -125,7 +126,11 @@ def test_model_evidence_judged_later_counts_once(store: LabelStore) -> None:
     store.apply_model_evidence(pending[-1][0], [("dan", -1)] * 6)
     store.apply_model_evidence(pending[-1][0], [("dan", -1)] * 6)  # a replay after a crash: no second count
     assert store.pending_evidence() == []
-    assert store.reporter_weight("dan") == pytest.approx(2 * 2 / 10) and store.data_version == v + 1
+    a, d = 0.0, 0.0
+    for _ in range(6):  # the SQL keeps the same recency-weighted record as the reference arithmetic
+        a, d = add_to_record(a, d, 0.0, 1.0)
+    assert d < 6 and store.reporter_weight("dan") == pytest.approx(reporter_weight(a, d))
+    assert store.data_version == v + 1
 
 
 def test_labelled_carries_offsets_recency_and_the_best_reliability(store: LabelStore) -> None:
