@@ -136,6 +136,9 @@ def test_mixed_script_confusables_mapped_but_real_cyrillic_kept() -> None:
     defects.clear()
     assert normalize_text("\u043f\u0440\u0438\u0432\u0435\u0442 \u043c\u0438\u0440", defects) == "привет мир"
     assert defects == []
+    # Each word is judged alone: a Cyrillic word glued to a Latin one by a dash is not a mix.
+    assert normalize_text("abc\u2014\u0440\u0443 p\u0430y\u2014p\u0430y", defects) == "abc\u2014\u0440\u0443 pay\u2014pay"
+    assert defects == ["confusables"]
 
 
 @pytest.mark.unit
