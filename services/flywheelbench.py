@@ -108,8 +108,9 @@ def _offline_served(registry_root: Path, version: str, raws: Sequence[bytes], y:
 def offline_reference(settings: Settings, flagged: Sequence[CorpusMessage], unflagged: Sequence[CorpusMessage],
                       kind: str) -> dict[str, Any]:
     """The same learning code, offline, on the worker's base corpus plus every flagged message (true labels)."""
+    from models.consensus import message_id_for
     from models.features import FeatureConfig, featurize
-    from models.learning import TrainingSet, calibrate, fit_neural, refit_linear, select_linear, subset
+    from models.learning import TrainingSet, calibrate, fit_neural, fold_key, refit_linear, select_linear, subset
     from models.message import parse
     from models.rules import RuleEngine
     from services.worker.learner import corpus_data
@@ -127,7 +128,8 @@ def offline_reference(settings: Settings, flagged: Sequence[CorpusMessage], unfl
     batch, rules = feats(raws)
     labels = np.array([int(s) for _, _, s, _ in base] + [int(m.is_spam) for m in flagged])
     is_flag = np.array([False] * len(base) + [True] * len(flagged))
-    train = TrainingSet(batch, labels, rules, is_flag)
+    keys = [fold_key(mid) for mid, _, _, _ in base] + [fold_key(message_id_for(m.raw)) for m in flagged]
+    train = TrainingSet(batch, labels, rules, is_flag, fold_keys=np.array(keys))
     choice = select_linear(train, features=cfg)
     if kind == "neural":
         fit = fit_neural(train, choice.flag_weight, features=cfg)

@@ -41,12 +41,14 @@ from models.consensus import SURE_HIGH, SURE_LOW, confidence, model_evidence, tr
 from models.features import FeatureBatch, FeatureConfig
 from models.gate import EvalItem, GatePolicy, GateResult, ScoredModel, compose_eval_set, decide
 from models.learning import (
+    CrossFit,
     LinearChoice,
     RetrainSchedule,
     TrainingSet,
     calibrate,
     cross_fit_linear,
     fit_neural,
+    fold_key,
     refit_linear,
     select_linear,
     subset,
@@ -145,7 +147,7 @@ class Candidate:
     hyperparameters: dict[str, Any]
     training_s: float
     linear_state: LinearModel | None = None
-    fold_models: list[LinearModel] = field(default_factory=list)
+    cross: CrossFit | None = None  # a linear challenger's cross-fit: its fold models score flags it never saw
 
 
 @dataclass(slots=True)
@@ -236,7 +238,7 @@ class Learner:
         self._neural_busy = threading.Event()
         self._threads: list[threading.Thread] = []
         self._judges: dict[str, _Judge] = {}
-        self._fold_models: dict[str, list[LinearModel]] = {}  # the champion's and the anchor's, while in memory
+        self._crosses: dict[str, CrossFit] = {}  # the champion's and the anchor's cross-fits, while in memory
         self.anchor_version: str | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -415,7 +417,8 @@ class Learner:
         labels = [int(s) for _, _, s, _ in base] + [int(lb.label == "spam") for lb in flags]
         is_flag = [False] * len(base) + [True] * len(flags)
         conf = [1.0] * len(base) + [confidence(lb.reliability) for lb in flags]
-        return TrainingSet(batch, np.array(labels), rule_scores, np.array(is_flag), np.array(conf))
+        keys = [fold_key(mid) for mid, _, _, _ in base] + [fold_key(lb.message_id) for lb in flags]
+        return TrainingSet(batch, np.array(labels), rule_scores, np.array(is_flag), np.array(conf), np.array(keys))
 
     @staticmethod
     def _lineage(flags: Sequence[Labelled], train: TrainingSet, data_version: int, untrusted: int) -> dict[str, Any]:
@@ -481,7 +484,7 @@ class Learner:
         training_s = time.monotonic() - started
         self.metrics.refit_seconds.labels(kind="linear").set(training_s)
         cand = Candidate("linear", model, cal, oof, set(oof), data_version, lineage, hp, training_s, linear_state=model,
-                         fold_models=list(choice.cross.models))
+                         cross=choice.cross)
         return self.challenge(cand, labelled)
 
     # -- the slow clock -----------------------------------------------------------------------------------------
@@ -569,15 +572,18 @@ class Learner:
 
     def _out_of_sample(self, flags: Sequence[Labelled], batch: FeatureBatch, oof: dict[str, float],
                        trained: set[str], logit: Callable[[FeatureBatch], np.ndarray],
-                       folds: Sequence[LinearModel] = ()) -> np.ndarray:
+                       cross: CrossFit | None = None) -> np.ndarray:
         """A model's out-of-sample logit per flag (NaN where it trained on the flag without a held-out score).
 
-        A flag the model never saw is scored by one of its fold models when they are known (chosen by the
-        message's hash), else by the served model. Like with like: a challenger's scores on its own flags come
-        from single fold models, and the bag it serves ranks markedly better than any one of them (about half
-        the ranking errors, measured offline on the flywheel benchmark's split). Scoring the champion's unseen
-        flags with its whole bag held every fresher challenger to a higher standard than its champion, and the
-        gate kept refusing refits on more data ("not shown not worse", differences of -0.0005 to -0.0009)."""
+        A flag the model never saw is scored by its fold models when they are known
+        (:meth:`~models.learning.CrossFit.held_out`), else by the served model. Like with like: a challenger's
+        scores on its own flags come from fold models, and the bag it serves ranks markedly better than they do
+        (about half the ranking errors of a single fold model, measured offline on the flywheel benchmark's
+        split). Scoring the champion's unseen flags with its whole bag held every fresher challenger to a higher
+        standard than its champion, and the gate kept refusing refits on more data ("not shown not worse",
+        differences of -0.0005 to -0.0009). With folds by message (:func:`~models.learning.fold_key`), the
+        champion's fold models for a new flag are the siblings of the challenger's that held the same flag out:
+        the pair differs by the new flags, not by which rows each happened to leave out."""
         out = np.full(len(flags), np.nan)
         fresh = []
         for i, lb in enumerate(flags):
@@ -585,14 +591,14 @@ class Learner:
                 out[i] = oof[lb.message_id]
             elif lb.message_id not in trained:
                 fresh.append(i)
-        if fresh and folds:
-            which = np.array([int(flags[i].message_id[:8], 16) % len(folds) for i in fresh])
-            for j, fold in enumerate(folds):
-                idx = [fresh[k] for k in np.flatnonzero(which == j).tolist()]
-                if idx:
-                    out[idx] = np.asarray(fold.decision_function(batch.take(idx)), dtype=np.float64).reshape(-1)
-        elif fresh:
-            out[fresh] = logit(batch.take(fresh))
+        if not fresh:
+            return out
+        sub = batch.take(fresh)
+        z = (cross.held_out(sub, np.array([fold_key(flags[i].message_id) for i in fresh]))
+             if cross is not None else np.full(len(fresh), np.nan))
+        if np.isnan(z).any():
+            z = np.where(np.isnan(z), logit(sub), z)
+        out[fresh] = z
         return out
 
     def challenge(self, cand: Candidate, labelled: Sequence[Labelled]) -> str:
@@ -621,9 +627,9 @@ class Learner:
             champ_v = self.registry.champion()
             champ = self._judge(champ_v) if champ_v else None
             batch, rule_scores = self.rows([(lb.message_id, lb.raw) for lb in flags])
-            zc = self._out_of_sample(flags, batch, cand.oof, cand.trained, chall_logit)
+            zc = self._out_of_sample(flags, batch, cand.oof, cand.trained, chall_logit, cand.cross)
             zk = (self._out_of_sample(flags, batch, champ.oof, champ.trained, champ.logit,
-                                      self._fold_models.get(champ.version, ()))
+                                      self._crosses.get(champ.version))
                   if champ is not None else np.zeros(len(flags)))
             both = np.flatnonzero(~np.isnan(zc) & ~np.isnan(zk))
             ref = self._reference()
@@ -654,7 +660,7 @@ class Learner:
                 a = self._judge(self.anchor_version) if self.anchor_version else None
                 if a is not None:
                     za = self._out_of_sample(flags, batch, a.oof, a.trained, a.logit,
-                                             self._fold_models.get(a.version, ()))
+                                             self._crosses.get(a.version))
                     ra = a.logit(ref_batch) if ref else np.zeros(0)
                     ea = np.concatenate([za[fi], ra[ci]]) if (fi or ci) else np.zeros(0)
                     if not np.isnan(ea).any():
@@ -668,11 +674,11 @@ class Learner:
                 if (ref and champ is not None and champ.reference_held_out) else None,
             )
             version = self._save(cand, onnx_path, champ_v, sel.composition, result)
-            if cand.fold_models:
-                self._fold_models[version] = cand.fold_models
+            if cand.cross is not None:
+                self._crosses[version] = cand.cross
             self._record(cand, version, champ, result, sel.composition, y, ec, ek)
             keep = {self.registry.champion(), self.anchor_version}
-            self._fold_models = {v: f for v, f in self._fold_models.items() if v in keep}
+            self._crosses = {v: c for v, c in self._crosses.items() if v in keep}
             self._count_surprises(flags, zk, champ, cand.trained)
             return version
 

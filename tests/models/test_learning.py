@@ -10,11 +10,14 @@ import pytest
 
 from models.features import FeatureBatch
 from models.learning import (
+    FOLDS,
+    REPEATS,
     RetrainSchedule,
     TrainingSet,
     calibrate,
     cross_fit_linear,
     fit_neural,
+    fold_of,
     refit_linear,
     select_linear,
     subset,
@@ -59,7 +62,29 @@ def test_cross_fit_logits_are_out_of_sample() -> None:
     in_sample = LinearModel().fit(batch, y).decision_function(batch)
     assert roc_auc(in_sample, y.astype(bool)) > 0.9
     assert abs(roc_auc(cross.oof, y.astype(bool)) - 0.5) < 0.1
-    assert len(cross.models) == 5
+    assert len(cross.models) == FOLDS * REPEATS
+
+
+def test_folds_by_message_stay_put_as_rows_are_added_and_unseen_rows_score_like_held_out_ones() -> None:
+    """With fold keys, a row's fold in every repeat depends on its key alone: a refit on more rows keeps each old
+    row in its fold, and :meth:`CrossFit.held_out` scores a row the models never saw with the models of its folds,
+    the way the out-of-fold logits score the rows they did see."""
+    batch, y = _synthetic(500, 11)
+    keys = np.random.default_rng(12).integers(0, 2**32, size=500)
+    small = TrainingSet(batch.take(list(range(400))), y[:400], np.zeros(400), np.ones(400, dtype=bool),
+                        fold_keys=keys[:400])
+    big = TrainingSet(batch, y, np.zeros(500), np.ones(500, dtype=bool), fold_keys=keys)
+    for r in range(REPEATS):
+        assert np.array_equal(fold_of(keys[:400], r), fold_of(keys, r)[:400])
+        assert np.bincount(fold_of(keys, r), minlength=FOLDS).min() > 60  # every fold gets its share
+    assert not np.array_equal(fold_of(keys, 0), fold_of(keys, 1))  # the repeats split differently
+    cross = cross_fit_linear(small, LinearConfig(epochs=5), 1.0)
+    # the rows it trained on: held_out() reproduces the out-of-fold logits exactly
+    assert np.allclose(cross.held_out(small.batch, keys[:400]), cross.oof)
+    # rows it never saw: scored like out-of-fold rows, so about as well (not as well as in-sample)
+    new = cross.held_out(batch.take(list(range(400, 500))), keys[400:])
+    assert roc_auc(new, y[400:].astype(bool)) > 0.9
+    assert cross_fit_linear(big, LinearConfig(epochs=5), 1.0).oof.shape == (500,)
 
 
 def test_refit_is_a_bag_of_the_full_fit_and_the_fold_models() -> None:
@@ -91,6 +116,7 @@ def test_selection_is_judged_on_the_flags_and_reports_every_candidate() -> None:
     assert [(r["alpha"], r["flag_weight"]) for r in choice.report] == list(grid)
     best = min(choice.report, key=lambda r: r["oof_one_minus_auc"])
     assert (choice.config.alpha, choice.flag_weight) == (best["alpha"], best["flag_weight"])
+    assert len(choice.cross.models) == FOLDS * REPEATS  # candidates compared on one cross-fit, the winner on all
     few = _train(flags_n=20)
     assert select_linear(few, grid=grid).judged_on == "all rows"  # too few flags to judge on
 

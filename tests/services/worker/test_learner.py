@@ -30,7 +30,7 @@ def mail(p1_split: tuple[list, list]) -> dict[str, Any]:
     later = [m for m in test if not is_holdout(ids[id(m)])]
     spam, ham = [m for m in later if m.is_spam][1::3], [m for m in later if not m.is_spam][1::3]
     flags = [m for pair in zip(spam, ham, strict=False) for m in pair]  # both classes in every prefix
-    return {"corpus": CorpusData(base, reference), "flags": flags}
+    return {"corpus": CorpusData(base, reference), "flags": flags, "later": later}
 
 
 class Rig:
@@ -152,12 +152,16 @@ def test_a_restarted_learner_judges_the_champion_as_before(rig: Rig, mail: dict[
 def test_the_gate_judges_on_labels_the_challenger_left_out(rig: Rig, mail: dict[str, Any]) -> None:
     """A challenger that dropped labels (as when reporters' reliability falls and their labels stop being
     trusted) is judged on them all the same: here one trained on the base corpus alone, with a fresher data
-    version, against a champion that learned 240 flags. On its own (empty) training flags it would have nothing
-    to be judged on but the corpus."""
+    version, against a champion that learned 240 flags, hard ham among them (what the base corpus does not
+    teach). On its own (empty) training flags it would have nothing to be judged on but the corpus."""
     from models.learning import calibrate, refit_linear, select_linear
 
+    later = mail["later"]
+    hard = [m for m in later if m.group.startswith("hard")][:80]
+    ham = hard + [m for m in later if m.group.startswith("easy")][: 120 - len(hard)]
+    spam = [m for m in later if m.is_spam][:120]
     rig.learner.refit()
-    rig.flag(mail["flags"][:240])
+    rig.flag([m for pair in zip(spam, ham, strict=True) for m in pair])
     rig.learner.refit()
     champion = rig.learner.registry.champion()
     labelled = rig.store.labelled()
@@ -165,7 +169,7 @@ def test_the_gate_judges_on_labels_the_challenger_left_out(rig: Rig, mail: dict[
     choice = select_linear(train, grid=((3e-7, 1.0),))
     cal, _ = calibrate(train, choice.oof, fpr_budget=0.001)
     cand = Candidate("linear", refit_linear(train, choice), cal, {}, set(), rig.store.data_version + 1,
-                     {"source": "test"}, {}, 0.0)
+                     {"source": "test"}, {}, 0.0, cross=choice.cross)
     rig.learner.challenge(cand, labelled)
     d = rig.learner.registry.decisions()[-1]
     assert d["evaluation_set"]["flags"]["spam"] + d["evaluation_set"]["flags"]["ham"] == len(labelled) == 240
