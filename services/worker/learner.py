@@ -2,8 +2,9 @@
 
 * **Fast clock (linear).** Whenever the store's ``data_version`` has moved and ``linear_refit_s`` seconds have
   passed since the last refit, the linear model is refit on the base corpus plus every trusted consensus label
-  (:mod:`models.learning`): cross-fitted, bagged, calibrated out of sample, with its regularisation and flag
-  weight re-chosen by validation whenever the flags have doubled since the last choice.
+  (:mod:`models.learning`): cross-fitted three times (each message in a fixed fold of each, by its id),
+  bagged, calibrated out of sample, with its regularisation and flag weight re-chosen by validation whenever the
+  flags have grown fourfold since the last choice.
 * **Slow clock (PyTorch).** :class:`~models.learning.RetrainSchedule` decides: early and often while flags keep
   arriving on mail the champion gets wrong, less often as the data grows. It trains in its own thread, off the
   ingest path and off the fast clock.
