@@ -70,8 +70,8 @@ MIN_CALIBRATION = {"spam": 30, "ham": 200}
 
 
 def fold_key(message_id: str) -> int:
-    """A message's fold key (its id is a hex SHA-256 prefix, so the key is uniform): row ``i`` is in fold
-    ``key % folds`` of every cross-fit, whatever else the training set holds."""
+    """A message's fold key (its id is a hex SHA-256 prefix, so the key is uniform): a row's fold in each cross-fit
+    follows from its key alone (:func:`fold_of`), whatever else the training set holds."""
     return int(message_id[:8], 16)
 
 
@@ -157,8 +157,7 @@ class CrossFit:
             if rows.size:
                 total[rows] += np.asarray(model.decision_function(batch.take(rows)), dtype=np.float64).reshape(-1)
                 count[rows] += 1
-        with np.errstate(invalid="ignore"):
-            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
 @dataclass(slots=True)
@@ -237,9 +236,8 @@ def select_linear(
     """Pick (alpha, flag weight) by out-of-fold 1-AUC on the flagged rows (on every row while flags have fewer
     than ``min_per_class`` of a class; with one candidate, just cross-fit it).
 
-    The candidates are compared on one cross-fit each, on the same folds (a paired comparison; at a third of the
-    cost of ``repeats``), and the winner is then cross-fitted ``repeats`` times for its out-of-fold logits and
-    its bag."""
+    The candidates are compared on one cross-fit each, on the same folds (a paired comparison, at ``1/repeats``
+    of the cost), and the winner is then cross-fitted ``repeats`` times for its out-of-fold logits and its bag."""
     flags_ok = _enough(train.labels[train.is_flag], min_per_class, min_per_class)
     mask = train.is_flag if flags_ok else np.ones(train.rows, dtype=bool)
     best: LinearChoice | None = None
