@@ -13,11 +13,11 @@ Reliability and trust. A reporter's reliability is the share of their flags expe
 of agreement, smoothed by a prior of 8 right in 10). The record is recency-weighted (``RECORD_DECAY``): it
 describes how a reporter flags now, so trust earned long ago cannot carry a change of behaviour. A label that
 contradicts a very sure model is exactly what learning from drift needs when it comes from a reliable reporter,
-and exactly what random or hostile label noise looks like otherwise. The same holds for a label on mail the model is *unsure* of: that is the hard mail, where
-a model learns the most from a right label and loses the most from a wrong one. So the base model vouches for a
-label only where it is very sure of the same class; any other label is learned only when its reporters'
-reliability reaches ``RELIABLE`` (with no base model at all, as on a replay that starts from nothing, every label
-is learned). Learned labels are weighted by their :func:`confidence`.
+and exactly what random or hostile label noise looks like otherwise. The same holds for a label on mail the
+model is *unsure* of: that is the hard mail, where a model learns the most from a right label and loses the
+most from a wrong one. So the base model vouches for a label only where it is very sure of the same class; any
+other label is learned only when its reporters' reliability reaches ``RELIABLE`` (with no base model at all, as
+on a replay that starts from nothing, every label is learned). Learned labels are weighted by their :func:`confidence`.
 
 Measured on the labels of a flywheel benchmark run with 30% random noise (reporters' reliability near 0.73),
 retrained offline: the base model is sure of about 85% of the flagged mail, so the contradicting noise is
