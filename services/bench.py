@@ -27,6 +27,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,11 +130,18 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, body
 
 
+KEEPALIVE_EXPIRY_S = 2.0
+"""A pooled connection idle this long is closed, not reused: the server drops idle keep-alive connections after
+5 s, and a request written into one it has just closed fails on the client's side, not the server's (the
+expiry HTTP clients such as httpcore apply for the same reason)."""
+
+
 class _Conn:
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.idle_since = time.perf_counter()
 
     async def request(self, data: bytes) -> tuple[int, bytes]:
         if self.writer is None:
@@ -193,18 +201,31 @@ async def _open_loop(host: str, port: int, requests: list[bytes], rate: float, d
     """Requests at a fixed schedule; latency from the SCHEDULED time (no coordinated omission)."""
     idle: list[_Conn] = []
     samples: list[tuple[float, float, bool]] = []  # (scheduled offset s, latency s, ok)
+    failures: Counter[str] = Counter()  # why the requests that were not ok failed
+
+    def take() -> _Conn:
+        while idle:
+            conn = idle.pop()
+            if time.perf_counter() - conn.idle_since < KEEPALIVE_EXPIRY_S:
+                return conn
+            conn.close()
+        return _Conn(host, port)
     n = int(rate * (duration_s + warmup_s))
     start = time.perf_counter() + 0.05
     tasks = []
 
     async def fire(i: int, at: float) -> None:
-        conn = idle.pop() if idle else _Conn(host, port)
+        conn = take()
         ok = False
         try:
             status, _ = await conn.request(requests[i % len(requests)])
             ok = status == 200
+            if not ok:
+                failures[f"HTTP {status}"] += 1
+            conn.idle_since = time.perf_counter()
             idle.append(conn)
-        except (OSError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            failures[type(exc).__name__] += 1
             conn.close()
         samples.append((at - start, time.perf_counter() - at, ok))
 
@@ -217,7 +238,8 @@ async def _open_loop(host: str, port: int, requests: list[bytes], rate: float, d
     await asyncio.gather(*tasks)
     for c in idle:
         c.close()
-    return {"samples": [s for s in samples if s[0] >= warmup_s], "warmup_s": warmup_s, "rate": rate}
+    return {"samples": [s for s in samples if s[0] >= warmup_s], "warmup_s": warmup_s, "rate": rate,
+            "failures": dict(failures)}
 
 
 def _loadgen_entry(kind: str, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -393,6 +415,7 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
         window = [x[1] * 1000 for x in samples if 2.5 <= x[0] <= 2.5 + (t_promoted - t_swap) + 3.0]
         result["swap_promote_status"] = pr.status_code
         result["swap_failed_requests"] = sum(1 for x in samples if not x[2])
+        result["swap_failures"] = o["failures"]
         result["swap_requests"] = len(samples)
         result["swap_p99_ms"] = _pct(window, 99)
         with httpx.Client(base_url=proc.base_url, timeout=10) as c:
@@ -401,7 +424,8 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
         result["swap_serving_after"] = sorted(seen)
         result["swap_ok"] = seen == {v2}
         print(f"    model swap under {swap_rate:.0f} req/s: {result['swap_failed_requests']} failed of {len(samples)}, "
-              f"p99 in the swap window {result['swap_p99_ms']:.2f} ms, now serving {sorted(seen)}")
+              f"p99 in the swap window {result['swap_p99_ms']:.2f} ms, now serving {sorted(seen)}"
+              + (f", failures {o['failures']}" if o["failures"] else ""))
     finally:
         proc.stop()
     inproc, source = _inprocess_figure(s, msgs, models_json)

@@ -260,13 +260,18 @@ class LocalStack:
             ends = consumer.end_offsets(parts)
         finally:
             consumer.close()
+        done = self.applied_offsets(topic)
+        return sum(max(0, int(end) - 1 - done.get(tp.partition, -1)) for tp, end in ends.items())
+
+    def applied_offsets(self, topic: str) -> dict[int, int]:
+        """The last offset of ``topic`` the worker applied, by partition (from its store, so exact, unlike
+        counters that other records may move too)."""
         try:
             with self.db() as c:
-                done = {int(p): int(o) for t, p, o in c.execute("SELECT topic, partition, offset FROM offsets")
+                return {int(p): int(o) for t, p, o in c.execute("SELECT topic, partition, offset FROM offsets")
                         if t == topic}
         except sqlite3.OperationalError:
-            done = {}
-        return sum(max(0, int(end) - 1 - done.get(tp.partition, -1)) for tp, end in ends.items())
+            return {}
 
     def settled(self, quiet_s: float = 3.0) -> bool:
         """The worker applied every record on the topic, the gate judged a refit on everything it has, nothing

@@ -53,7 +53,10 @@ class Settings(BaseSettings):
     kafka_controller_port: int = Field(9093, description="KRaft controller port of the local broker.")
     kafka_version: str = Field("4.1.1", description="org.apache.kafka:kafka_2.13 version from Maven Central.")
     kafka_heap: str = Field("512m", description="-Xmx of the local broker.")
-    kafka_start_timeout_s: float = Field(60.0, description="Deadline for the broker to answer metadata.")
+    kafka_start_timeout_s: float = Field(
+        60.0, description="Deadline for the broker to answer metadata: the local broker's start, and a worker"
+        " started while Kafka is down waits this long before it exits."
+    )
     feedback_partitions: int = Field(4, description="Partitions of the feedback topic.")
     kafka_session_timeout_s: float = Field(
         10.0, ge=6.0, le=300.0,

@@ -21,7 +21,7 @@ from models.consensus import message_id_for
 from models.metrics import roc_auc
 from services.harness import LocalStack, reporter_keys
 from services.settings import Settings
-from streams.daemon import wait_until
+from streams.daemon import tail, wait_until
 from streams.events import FeedbackEvent, encode
 from streams.topics import EventProducer, Topics
 
@@ -168,7 +168,10 @@ def test_broker_restart_api_keeps_classifying_and_feedback_503_until_back(loop: 
 
     if integration_backend.backend != "local":  # the test stops and starts the broker it runs on
         pytest.skip("stops and restarts the project's own broker: run it with FLYWHEEL_TEST_BACKEND=local")
-    m = loop.take(1)[0]
+    first, m = loop.take(2)
+    before = loop.flag(first, HONEST[0])  # the worker is consuming (not merely started) before the broker goes
+    wait_until(lambda: loop.stack.applied_offsets(loop.topics.feedback).get(before["partition"], -1)
+               >= before["offset"], 120, "the worker to consume", 0.5)
     broker.stop(kafka.streams())
     try:
         wait_until(lambda: not broker.answers_metadata(loop.s.bootstrap_servers, 1.0), 30, "the broker to be down")
@@ -181,8 +184,16 @@ def test_broker_restart_api_keeps_classifying_and_feedback_503_until_back(loop: 
         assert time.monotonic() - t0 < 15
     finally:
         broker.start(kafka.streams())
-    ok = wait_until(lambda: loop.stack.flag("spam" if m.is_spam else "ham", HONEST[0], message_id=mid).status_code
-                    == 202, 60, "/feedback to accept again", 1.0)
-    assert ok
-    target = loop.stack.counters().get("events", 0) + 1
-    wait_until(lambda: loop.stack.counters().get("events", 0) >= target, 120, "the worker to consume again", 0.5)
+
+    def accepted() -> Any:
+        r = loop.stack.flag("spam" if m.is_spam else "ham", HONEST[0], message_id=mid)
+        return r.json() if r.status_code == 202 else None
+
+    flag = wait_until(accepted, 60, "/feedback to accept again", 1.0)
+    # this very flag reaches the worker's store (an events counter read after the 202 could miss a fast worker)
+    try:
+        wait_until(lambda: loop.stack.applied_offsets(loop.topics.feedback).get(flag["partition"], -1)
+                   >= flag["offset"], 120, "the worker to consume again", 0.5)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; worker alive: {loop.stack.worker.alive()}; its log ends:\n"
+                             f"{tail(loop.stack.worker.logfile, 40)}") from None

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Worker", "main", "run_worker"]
+__all__ = ["Worker", "await_kafka", "main", "run_worker"]
 
 STATUS_EVERY_S = 2.0
 
@@ -194,14 +194,39 @@ def run_worker(settings: Settings, *, learn: bool = True) -> None:
     from streams.app import make_app, run_app
 
     worker = Worker(settings, learn=learn)
-    # The learner refits at most every linear_refit_s: ticking at half that (within 0.2-1 s) keeps it on time.
-    app = make_app(settings.streams(), worker, tick_s=max(0.2, min(1.0, settings.linear_refit_s / 2)))
-    log.info("worker starting", feedback=worker.topics.feedback, metrics_port=settings.worker_port,
-             labels=worker.store.label_counts(), learn=learn)
     try:
+        await_kafka(settings)
+        # The learner refits at most every linear_refit_s: ticking at half that (within 0.2-1 s) keeps it on time.
+        app = make_app(settings.streams(), worker, tick_s=max(0.2, min(1.0, settings.linear_refit_s / 2)))
+        log.info("worker starting", feedback=worker.topics.feedback, metrics_port=settings.worker_port,
+                 labels=worker.store.label_counts(), learn=learn)
         run_app(app, loglevel=settings.log_level)
     finally:
         worker.close()
+
+
+def await_kafka(settings: Settings, log_every_s: float = 5.0) -> None:
+    """Return once the broker answers; ``SystemExit`` naming the setting after ``kafka_start_timeout_s``.
+
+    faust exits on its first failed bootstrap, so a worker started while the broker restarts (or before it, in
+    any orchestration) would die at once. Waiting a bounded time, and saying so, is what a supervisor expects;
+    once running, the consumer reconnects by itself.
+    """
+    from streams.broker import answers_metadata
+
+    deadline_s = settings.kafka_start_timeout_s
+    start = time.monotonic()
+    next_log = start
+    while not answers_metadata(settings.bootstrap_servers, timeout_s=2.0):
+        now = time.monotonic()
+        if now >= next_log:
+            log.warning("waiting for kafka", bootstrap=settings.bootstrap_servers, waited_s=round(now - start, 1),
+                        deadline_s=deadline_s)
+            next_log = now + log_every_s
+        if now - start >= deadline_s:
+            raise SystemExit(f"Kafka did not answer at {settings.bootstrap_servers} within {deadline_s:g}s "
+                             "(FLYWHEEL_KAFKA_START_TIMEOUT_S); the worker exits")
+        time.sleep(min(1.0, start + deadline_s - now))
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ def test_api_bench_briefly(kafka: Settings, tmp_path: Path) -> None:
     out = tmp_path / "api.json"
     r = run_api_bench(kafka.model_copy(update={"state_dir": tmp_path}), out, duration_s=1.0)
     assert r["classify_rps"] > 0 and r["classify"]["failed"] == 0
-    assert r["swap_ok"] and r["swap_failed_requests"] == 0
+    assert r["swap_ok"] and r["swap_failed_requests"] == 0, r["swap_failures"]
     assert set(r["ratios_to_targets"]) == {"classify_rps", "p99_ms_at_500rps", "batch_msgs_per_s"}
     assert json.loads(out.read_text())["classify_rps"] == r["classify_rps"]
 
