@@ -210,6 +210,7 @@ async def _open_loop(host: str, port: int, requests: list[bytes], rate: float, d
                 return conn
             conn.close()
         return _Conn(host, port)
+
     n = int(rate * (duration_s + warmup_s))
     start = time.perf_counter() + 0.05
     tasks = []
