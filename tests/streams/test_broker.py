@@ -37,6 +37,10 @@ def _consumer(bootstrap: str, group: str, topic: str):  # type: ignore[no-untype
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         consumer_timeout_ms=500,
+        # A group joined while a restarted broker has no partition metadata for the topic yet gets an empty
+        # assignment, and kafka-python rejoins only when its metadata refresh shows the partitions: every 5 min
+        # by default, every second here.
+        metadata_max_age_ms=1000,
     )
 
 
