@@ -54,6 +54,10 @@ class Loop:
         assert r.status_code == 202, r.text
         return dict(r.json())
 
+    def applied(self, answer: dict[str, Any]) -> bool:
+        """The flag ``/feedback`` answered with (its partition and offset) is in the worker's store."""
+        return self.stack.applied_offsets(self.topics.feedback).get(answer["partition"], -1) >= answer["offset"]
+
     def settle(self, timeout_s: float = 300.0) -> None:
         wait_until(self.stack.settled, timeout_s, "the worker to settle", 0.5)
 
@@ -170,8 +174,7 @@ def test_broker_restart_api_keeps_classifying_and_feedback_503_until_back(loop: 
         pytest.skip("stops and restarts the project's own broker: run it with FLYWHEEL_TEST_BACKEND=local")
     first, m = loop.take(2)
     before = loop.flag(first, HONEST[0])  # the worker is consuming (not merely started) before the broker goes
-    wait_until(lambda: loop.stack.applied_offsets(loop.topics.feedback).get(before["partition"], -1)
-               >= before["offset"], 120, "the worker to consume", 0.5)
+    wait_until(lambda: loop.applied(before), 120, "the worker to consume", 0.5)
     broker.stop(kafka.streams())
     try:
         wait_until(lambda: not broker.answers_metadata(loop.s.bootstrap_servers, 1.0), 30, "the broker to be down")
@@ -192,8 +195,7 @@ def test_broker_restart_api_keeps_classifying_and_feedback_503_until_back(loop: 
     flag = wait_until(accepted, 60, "/feedback to accept again", 1.0)
     # this very flag reaches the worker's store (an events counter read after the 202 could miss a fast worker)
     try:
-        wait_until(lambda: loop.stack.applied_offsets(loop.topics.feedback).get(flag["partition"], -1)
-                   >= flag["offset"], 120, "the worker to consume again", 0.5)
+        wait_until(lambda: loop.applied(flag), 120, "the worker to consume again", 0.5)
     except TimeoutError as exc:
         raise AssertionError(f"{exc}; worker alive: {loop.stack.worker.alive()}; its log ends:\n"
                              f"{tail(loop.stack.worker.logfile, 40)}") from None
