@@ -17,13 +17,15 @@ and exactly what random or hostile label noise looks like otherwise. The same ho
 model is *unsure* of: that is the hard mail, where a model learns the most from a right label and loses the
 most from a wrong one. So the base model vouches for a label only where it is very sure of the same class; any
 other label is learned only when its reporters' reliability reaches ``RELIABLE`` (with no base model at all, as
-on a replay that starts from nothing, every label is learned). Learned labels are weighted by their :func:`confidence`.
+on a replay that starts from nothing, every label is learned). Learned labels are weighted by their
+:func:`confidence`.
 
 Measured on the labels of a flywheel benchmark run with 30% random noise (reporters' reliability near 0.73),
 retrained offline: the base model is sure of about 85% of the flagged mail, so the contradicting noise is
 dropped, but the wrong third of the labels on the unsure 15% (about 70 of 1,000 kept labels, weighted 0.46 each)
-took the model's ranking error on the unflagged mail from 0.385% to 0.49%; without them it fell to 0.305%. An honest reporter is proven after a dozen flags on mail the model is
-sure of (reliability 0.9), and from then on all their labels, past ones included, are learned at full weight.
+took the model's ranking error on the unflagged mail from 0.385% to 0.49%; without them it fell to 0.305%. An
+honest reporter is proven after a dozen flags on mail the model is sure of (reliability 0.9), and from then on
+all their labels, past ones included, are learned at full weight.
 
 Held-out membership is a hash of the message id: the same corpus message is held out in every run and every
 process and is never part of a base training set, so the clean reference set stays out of sample for good.

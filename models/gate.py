@@ -40,7 +40,8 @@ easy mail, both models scored AUC 1.0 there, and a challenger worse on unflagged
 The evaluation set (:func:`compose_eval_set`): flags first, scored out of sample for both models (each model's
 cross-fitted scores on the flags it trained on; on flags it never saw, its fold models' scores where the caller
 has them, else its served model's), the newest per class (recency-weighted as a window), stratified so both
-classes are represented; the corpus's held-out part tops a class up only while flags are few. Its composition is recorded with every decision.
+classes are represented; the corpus's held-out part tops a class up only while flags are few. Its composition is
+recorded with every decision.
 """
 
 from __future__ import annotations
