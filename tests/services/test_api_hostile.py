@@ -294,21 +294,31 @@ def test_healthz_answers_while_large_messages_are_scored(pools: dict[str, ApiPro
 def test_a_full_classification_pool_answers_503_with_retry_after(pools: dict[str, ApiProcess]) -> None:
     base = pools["pool"].base_url
     msgs = [large_message(100 + i) for i in range(16)]
-    results: list[httpx.Response] = []
-    lock = threading.Lock()
-    start = threading.Barrier(len(msgs))  # all at once: threads started one by one could each find the pool free
 
-    def send(m: bytes) -> None:
-        start.wait(timeout=60)
-        r = _classify(base, m)
-        with lock:
-            results.append(r)
+    def burst() -> list[httpx.Response]:
+        results: list[httpx.Response] = []
+        lock = threading.Lock()
+        start = threading.Barrier(len(msgs))  # all at once: threads started one by one could each find the pool free
 
-    threads = [threading.Thread(target=send, args=(m,)) for m in msgs]  # 16 at once: 2 scored + 2 waiting fit
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+        def send(m: bytes) -> None:
+            start.wait(timeout=60)
+            r = _classify(base, m)
+            with lock:
+                results.append(r)
+
+        threads = [threading.Thread(target=send, args=(m,)) for m in msgs]  # 16 at once: 2 scored + 2 waiting fit
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        return results
+
+    # How closely 16 bodies of 1.5 MB arrive depends on the machine's load: once in CI all 16 were scored (the pool
+    # kept up). A burst that did not fill the pool proves nothing either way; a pool that never refuses fails all 3.
+    for _ in range(3):
+        results = burst()
+        if any(r.status_code == 503 for r in results):
+            break
     codes = sorted(r.status_code for r in results)
     assert len(codes) == len(msgs) and set(codes) == {200, 503}, codes
     assert codes.count(200) >= 2
