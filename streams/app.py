@@ -67,6 +67,9 @@ def make_app(
         f"{config.topic_prefix}-worker",
         broker=[f"kafka://{b.strip()}" for b in config.bootstrap_servers.split(",")],
         store="memory://",
+        # faust keeps its table state here (default: ``<app id>-data`` in the current directory, which litters
+        # whatever directory the worker, a test or a benchmark was started from)
+        datadir=str(config.state_dir / f"{config.topic_prefix}-worker-data"),
         web_enabled=False,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,

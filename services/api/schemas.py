@@ -6,11 +6,13 @@ validate the (small, infrequent) admin and feedback bodies.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Label = Literal["spam", "ham"]
+_MESSAGE_ID = re.compile(r"[0-9a-f]*")
 
 
 class _Strict(BaseModel):
@@ -93,8 +95,20 @@ class FeedbackIn(_Strict):
     """A flag: by ``message_id`` of a recent /classify, or with the message itself in ``raw``."""
 
     label: Label
-    message_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[0-9a-f]+$")
+    message_id: str | None = Field(
+        None, min_length=1, max_length=128, pattern=r"^[0-9a-f]+$",
+        description="The `message_id` field of the answer POST /classify gave for this message (lowercase hex).")
     raw: str | None = Field(None, min_length=1)
+
+    @field_validator("message_id", mode="before")
+    @classmethod
+    def _message_id(cls, value: Any) -> Any:
+        """Say what a message id is (a client pasting a placeholder learns where the real one comes from)."""
+        if isinstance(value, str) and not _MESSAGE_ID.fullmatch(value):
+            raise ValueError("a message id is the 'message_id' field of the answer POST /classify gave for the "
+                             "message (lowercase hex characters); classify the message first and send that "
+                             "id, or send the message itself in 'raw'")
+        return value
 
     @model_validator(mode="after")
     def _one(self) -> FeedbackIn:
