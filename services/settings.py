@@ -130,6 +130,14 @@ class Settings(BaseSettings):
     spamd_max_connections: int = Field(
         64, ge=1, description="Concurrent spamd connections per API worker; more are answered 75 and closed."
     )
+    spamd_max_connections_per_peer: int = Field(
+        32, ge=1, description="Concurrent spamd connections one client address may hold per API worker (at most "
+        "spamd_max_connections); more from it are answered 75 and closed, so one client cannot take every slot.",
+    )
+    spamd_idle_timeout_s: float = Field(
+        5.0, gt=0, description="A spamd client must send its request line and headers within this many seconds "
+        "(the body then within client_timeout_s); an idle connection is closed.",
+    )
 
     @model_validator(mode="after")
     def _keys_from_file(self) -> Settings:
@@ -184,6 +192,9 @@ class Settings(BaseSettings):
     gate_fpr_tolerance: float = Field(
         0.002, description="Gate: a challenger is blocked when its FPR rise is shown (at gate_alpha) to exceed this."
     )
+    gate_clean_error: float = Field(
+        0.005, description="Gate: where the champion's 1-AUC on the evaluation set is at most this, a refit on more of "
+        "the same data is promoted unless shown worse (models.gate).")
     gate_eval_min_per_class: int = Field(
         50, description="Gate: flags per class below which the corpus's held-out part tops the evaluation set up."
     )
@@ -194,6 +205,22 @@ class Settings(BaseSettings):
     reporter_metrics_max: int = Field(20, description="Reporters shown by flywheel_reporter_weight (bounded series).")
     worker_base_corpus: bool = Field(
         True, description="Train on the corpus's earlier collection besides the flags (off: learn from flags alone)."
+    )
+    worker_store_retry_s: float = Field(
+        300.0, gt=0, description="How long the worker retries a batch its store refuses (database locked, disk "
+        "full), with backoff, before it exits without acknowledging the batch (a supervisor restarts it from its "
+        "committed offsets). Below faust's max poll interval (1000 s).",
+    )
+    store_quota_bytes: int = Field(
+        1024**3, ge=1024 * 1024, description="Raw mail the worker's store keeps, in bytes; beyond it the oldest "
+        "raw bytes of the largest user are dropped (their votes stay; a message without bytes is not trained on).",
+    )
+    store_reporter_share: float = Field(
+        0.1, gt=0, le=1, description="Share of store_quota_bytes the raw mail one reporter supplied may take.",
+    )
+    store_source_share: float = Field(
+        0.5, gt=0, le=1, description="Share of store_quota_bytes the raw mail one source (a relay, spamd, or a key's "
+        "own identity: a reporter's name before ':') may take.",
     )
 
     # --- logging -------------------------------------------------------------------------------------

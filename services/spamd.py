@@ -13,8 +13,11 @@ never flag, relabel or retract as a user of the HTTP API; flags are rate-limited
 address like HTTP feedback (services.api.limits).
 
 Messages are scored on the process's bounded classification pool, off the event loop; a full pool answers
-EX_TEMPFAIL. Each worker serves at most ``spamd_max_connections`` connections at once; one more is answered
-``SPAMD/1.0 75 Too many connections`` and closed.
+EX_TEMPFAIL. Each worker serves at most ``spamd_max_connections`` connections at once, and at most
+``spamd_max_connections_per_peer`` from one client address, so a client holding idle connections cannot take the
+slots of a mail server on another host; one more is answered ``SPAMD/1.0 75 Too many connections`` and closed. A
+client must send its request line and headers within ``spamd_idle_timeout_s`` (the body then within
+``client_timeout_s``), so idle connections are closed early instead of holding a slot for the whole timeout.
 
 One request per connection, like spamd. Every read has a deadline; a malformed request gets the protocol's
 error reply (``SPAMD/1.0 76 Bad header line: ...``) and the connection is closed, the server goes on.
@@ -60,6 +63,9 @@ _COMMANDS = frozenset({"PING", "CHECK", "SYMBOLS", "REPORT", "REPORT_IFSPAM", "P
 _MAX_LINE = 8192
 _IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 _MAX_HEADERS = 64
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,15}")
+"""ASCII digits only: ``str.isdigit`` also accepts superscripts and other scripts' digits, which ``int`` refuses
+or reads as numbers no spamc sends."""
 
 
 class ProtocolError(Exception):
@@ -98,22 +104,35 @@ class SpamdServer:
         secret = s.spamd_tell_secret.get_secret_value() if s.spamd_tell_secret is not None else ""
         self.tell_secret = secret.encode("utf-8")
         self.max_connections = s.spamd_max_connections
+        self.max_per_peer = min(s.spamd_max_connections_per_peer, s.spamd_max_connections)
+        self.idle_timeout_s = min(s.spamd_idle_timeout_s, timeout_s)
         self.active = 0
+        self.per_peer: dict[_IP | None, int] = {}
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self.max_connections:
-            await self._refuse_connection(reader, writer)
+        peer = _peer_ip(writer)
+        held = self.per_peer.get(peer, 0)
+        if self.active >= self.max_connections or held >= self.max_per_peer:
+            await self._refuse_connection(reader, writer, per_peer=held >= self.max_per_peer)
             return
         self.active += 1
+        self.per_peer[peer] = held + 1
         try:
             await self._handle(reader, writer)
         finally:
             self.active -= 1
+            left = self.per_peer.get(peer, 1) - 1
+            if left > 0:
+                self.per_peer[peer] = left
+            else:
+                self.per_peer.pop(peer, None)
 
-    async def _refuse_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _refuse_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                                 per_peer: bool = False) -> None:
         """Over the cap: say so and close, after a short bounded drain (closing with unread input would reset
         the connection and could lose the reply before the client reads it)."""
-        metrics.SPAMD_REQUESTS.labels("connection", "too_many_connections").inc()
+        metrics.SPAMD_REQUESTS.labels(
+            "connection", "too_many_from_peer" if per_peer else "too_many_connections").inc()
         try:
             writer.write(f"SPAMD/1.0 {EX_TEMPFAIL} Too many connections\r\n".encode())
             async with asyncio.timeout(0.5):
@@ -196,9 +215,8 @@ class SpamdServer:
         raise ProtocolError(EX_NOPERM,
                             f"TELL not permitted from {peer} (FLYWHEEL_SPAMD_TELL_CLIENTS, or a Secret header)")
 
-    async def _read_request(
-        self, reader: asyncio.StreamReader, peer: _IP | None = None
-    ) -> tuple[str, dict[str, str], bytes]:
+    async def _read_head(self, reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]:
+        """The request line and the header lines (the part an idle client is given ``idle_timeout_s`` for)."""
         first = await self._readline(reader)
         m = _REQUEST_LINE.match(first)
         if m is None:
@@ -206,15 +224,15 @@ class SpamdServer:
         command = m.group(1).decode("ascii")
         if command not in _COMMANDS:
             raise ProtocolError(EX_PROTOCOL, f"Unknown command: {command}")
-        if command == "PING":
-            return command, {}, b""
         headers: dict[str, str] = {}
+        if command == "PING":
+            return command, headers
         while True:
             try:
                 line = await self._readline(reader)
             except ProtocolError:
                 if command == "SKIP":
-                    return command, headers, b""
+                    return command, headers
                 raise
             if not line:
                 break
@@ -224,14 +242,24 @@ class SpamdServer:
             if len(headers) >= _MAX_HEADERS:
                 raise ProtocolError(EX_PROTOCOL, "Too many header lines")
             headers[hm.group(1).decode("ascii").lower()] = hm.group(2).decode("utf-8", "replace").strip()
-        if command == "SKIP":
+        return command, headers
+
+    async def _read_request(
+        self, reader: asyncio.StreamReader, peer: _IP | None = None
+    ) -> tuple[str, dict[str, str], bytes]:
+        try:
+            async with asyncio.timeout(self.idle_timeout_s):
+                command, headers = await self._read_head(reader)
+        except TimeoutError:
+            raise ProtocolError(EX_TIMEOUT, "Timeout reading request (idle connection)") from None
+        if command in ("PING", "SKIP"):
             return command, headers, b""
         if command == "TELL":
             self._check_tell(headers, peer)  # before reading a body a refused client would make us hold
         limit = self.state.settings.max_message_bytes
         length_text = headers.get("content-length")
         if length_text is not None:
-            if not length_text.isdigit():
+            if not _CONTENT_LENGTH.fullmatch(length_text):
                 raise ProtocolError(EX_PROTOCOL, "Bad Content-length: " + length_text[:40])
             length = int(length_text)
             if length > limit:
