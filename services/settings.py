@@ -170,6 +170,10 @@ class Settings(BaseSettings):
 
     # --- worker --------------------------------------------------------------------------------------
     worker_port: int = Field(6066, description="Port of the worker's metrics page.")
+    worker_host: str = Field(
+        "127.0.0.1", description="Bind address of the worker's metrics page (0.0.0.0 in a container, so that a "
+        "Prometheus elsewhere can scrape it)."
+    )
     linear_refit_s: float = Field(
         2.0, description="The linear model refits on every current label at most this often while labels change."
     )

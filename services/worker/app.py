@@ -52,7 +52,7 @@ class Worker:
         self.topics = Topics.from_config(settings.streams())
         self.metrics = WorkerMetrics(reporters_max=settings.reporter_metrics_max, versions_max=settings.registry_keep)
         if serve_metrics:
-            self.metrics.serve(settings.worker_port)
+            self.metrics.serve(settings.worker_port, settings.worker_host)
         self.store = LabelStore(settings.state_dir / "worker" / "labels.db", min_weight=settings.consensus_min_weight)
         self.producer = EventProducer(settings.streams(), timeout_s=5.0, client_id="flywheel-worker")
         self.learner: Learner | None = None
