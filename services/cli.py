@@ -24,10 +24,28 @@ from services.settings import Settings, get_settings
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _configure_logging(settings: Settings) -> None:
-    from services.logging import configure
+def _configure_logging(settings: Settings, process: str | None = None) -> None:
+    """Logs of a server or the stack (``process``: api, worker, stack) go to ``<log_dir>/<process>.jsonl``, and
+    the console shows their warnings only; other commands log to the console."""
+    from services.logging import configure, log_file
 
-    configure(settings.log_level, settings.log_json)
+    if process is None:
+        configure(settings.log_level, settings.log_json)
+    else:
+        configure(settings.log_level, settings.log_json, file=log_file(settings.logs, process),
+                  console_level=settings.log_console_level)
+
+
+def _state_settings() -> Settings:
+    """The settings of the stack that is running (``flywheel run`` records its state dir and ports under the
+    configured state dir), else the configured ones: commands that read state describe what serves."""
+    from services.stack import live_settings
+
+    s = get_settings()
+    live, pid = live_settings(s)
+    if pid is not None and live.state_dir != s.state_dir:
+        click.echo(f"(the running stack, pid {pid}: state in {live.state_dir})", err=True)
+    return live
 
 
 def friendly_errors(fn: F) -> F:
@@ -334,23 +352,36 @@ def _train_seed(s: Settings, progress: Progress) -> str:
     return version
 
 
+def _preflight_stack(s: Settings) -> None:
+    """Every port and prerequisite of the whole stack, before anything (the replay's fresh state included)."""
+    from services.stack import preflight
+
+    preflight(s, api=True, worker=True, kafka=True, prometheus=True)
+
+
 @main.command()
 @click.option("--serve-only", is_flag=True, help="Serve the configured state (no replay): the stack alone.")
 @click.option("--quick", is_flag=True, help="A short replay (one message in seven; under two minutes).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="After the replay, write its results as `flywheel replay --json` does, then keep serving.")
 @friendly_errors
-def run(serve_only: bool, quick: bool) -> None:
+def run(serve_only: bool, quick: bool, json_path: Path | None) -> None:
     """The main job: the whole stack, replaying the corpus as its users and operator would (both improvement
     curves and a report), then serving on; with --serve-only just the stack. Ctrl-C stops it all."""
-    from services.replay import empty_champion, replay_settings, replay_then
+    from services.replay import empty_champion, replay_keys, replay_settings, replay_then
     from services.stack import run_stack
 
     s = get_settings()
-    _configure_logging(s)
     if serve_only:
+        _preflight_stack(s)
+        _configure_logging(s, "stack")
         sys.exit(run_stack(s))
     r = replay_settings(s, quick=quick)
+    _preflight_stack(r)
     empty_champion(r)
-    sys.exit(run_stack(r, after_start=replay_then(r, quick=quick, json_path=None, keep_running=True)))
+    _configure_logging(r, "stack")
+    sys.exit(run_stack(r, after_start=replay_then(r, quick=quick, json_path=json_path, keep_running=True),
+                       home=s.state_dir, public_keys=list(replay_keys())))
 
 
 @main.command()
@@ -364,10 +395,12 @@ def replay(quick: bool, json_path: Path | None) -> None:
     from services.stack import run_stack
 
     s = get_settings()
-    _configure_logging(s)
     r = replay_settings(s, quick=quick)
+    _preflight_stack(r)
     empty_champion(r)
-    sys.exit(run_stack(r, after_start=replay_then(r, quick=quick, json_path=json_path, keep_running=False)))
+    _configure_logging(r, "stack")
+    sys.exit(run_stack(r, after_start=replay_then(r, quick=quick, json_path=json_path, keep_running=False),
+                       home=s.state_dir))
 
 
 # ---------------------------------------------------------------------------------------------- status
@@ -613,7 +646,7 @@ def _print_status(st: dict[str, Any]) -> None:
 def status(decisions: int, as_json: bool) -> None:
     """The stack at a glance: which servers answer, the champion and its data, the worker's lag, the last gate
     decisions. Exit 1, with one line per missing part on stderr, unless everything answers."""
-    st = stack_status(get_settings(), decisions=decisions)
+    st = stack_status(_state_settings(), decisions=decisions)
     if as_json:
         _dump(st)
     else:
@@ -633,10 +666,12 @@ def kafka() -> None:
 @friendly_errors
 def kafka_start() -> None:
     """Start the broker (no-op if running), wait until it answers, create the project's topics."""
+    from services.stack import preflight
     from streams import broker
     from streams.topics import topic_specs
 
     s = get_settings()
+    preflight(s, kafka=True)
     _configure_logging(s)
     with Progress() as progress, progress.stage(f"Kafka at {s.bootstrap_servers}"):
         broker.start(s.streams())
@@ -661,7 +696,7 @@ def kafka_status() -> None:
     """Print the broker's state as JSON; exit 1 when it is not reachable."""
     from streams import broker
 
-    st = broker.status(get_settings().streams())
+    st = broker.status(_state_settings().streams())
     _dump(st)
     sys.exit(0 if st.get("reachable") else 1)
 
@@ -676,9 +711,11 @@ def prometheus() -> None:
 @friendly_errors
 def prometheus_start() -> None:
     """Start Prometheus (no-op if running) and wait until it is ready."""
+    from services.stack import preflight
     from services.stack import prometheus_start as start
 
     s = get_settings()
+    preflight(s, prometheus=True)
     _configure_logging(s)
     with Progress() as progress, progress.stage(f"Prometheus on port {s.prometheus_port}"):
         start(s)
@@ -702,7 +739,7 @@ def prometheus_status() -> None:
     """Print Prometheus's state as JSON; exit 1 when it is not ready."""
     from services.stack import prometheus_status as status
 
-    st = status(get_settings())
+    st = status(_state_settings())
     _dump(st)
     sys.exit(0 if st.get("ready") else 1)
 
@@ -751,10 +788,14 @@ def corpus_info() -> None:
 def serve(host: str | None, port: int | None, spamd_port: int | None, workers: int | None) -> None:
     """Serve /classify, /feedback, the admin API and the spamd protocol."""
     from services.api.app import serve as run_api
+    from services.api.safety import check_serving_settings
+    from services.stack import preflight
 
     overrides = {"api_host": host, "api_port": port, "spamd_port": spamd_port, "workers": workers}
     s = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    _configure_logging(s)
+    check_serving_settings(s)
+    preflight(s, api=True, flags={"api_host": "--host", "api_port": "--port", "spamd_port": "--spamd-port"})
+    _configure_logging(s, "api")
     run_api(s)
 
 
@@ -762,10 +803,14 @@ def serve(host: str | None, port: int | None, spamd_port: int | None, workers: i
 @friendly_errors
 def worker() -> None:
     """Run the retraining worker: feedback -> labels -> challengers -> gate -> promotion."""
+    from services.stack import preflight
     from services.worker.app import run_worker
 
     s = get_settings()
-    _configure_logging(s)
+    preflight(s, worker=True)
+    _configure_logging(s, "worker")
+    click.echo(f"==> worker: metrics on http://127.0.0.1:{s.worker_port}/metrics; logs in "
+               f"{s.logs / 'worker.jsonl'}", err=True)
     run_worker(s)
 
 
@@ -890,7 +935,7 @@ def models_list(limit: int) -> None:
     """List versions, newest last: kind, when, the data behind them, the gate's decision, the champion marked."""
     from models.registry import Registry
 
-    reg = Registry(get_settings().registry)
+    reg = Registry(_state_settings().registry)
     champion = reg.champion()
     decisions = {d["challenger"]: d for d in reg.decisions()}
     infos = reg.list()
@@ -930,7 +975,7 @@ def models_show(version: str | None) -> None:
     """Print a version's metadata, lineage and gate decision (default: the champion)."""
     from models.registry import Registry
 
-    reg = Registry(get_settings().registry)
+    reg = Registry(_state_settings().registry)
     version = version or reg.champion()
     if not version:
         raise click.ClickException("the registry has no champion yet; run `flywheel setup`")
@@ -948,7 +993,7 @@ def models_promote(version: str, reason: str) -> None:
     """Make VERSION the champion (after its load-time self-check)."""
     from models.registry import Registry
 
-    reg = Registry(get_settings().registry)
+    reg = Registry(_state_settings().registry)
     reg.load(version)  # refuses a corrupt artifact before the pointer moves
     reg.promote(version, reason)
     click.echo(f"champion is now {version}")
@@ -961,7 +1006,7 @@ def models_rollback(reason: str) -> None:
     """Point the champion back at the previous one."""
     from models.registry import Registry
 
-    click.echo(f"champion is now {Registry(get_settings().registry).rollback(reason)}")
+    click.echo(f"champion is now {Registry(_state_settings().registry).rollback(reason)}")
 
 
 @models.command("seed")
@@ -988,7 +1033,7 @@ def rules_list() -> None:
     """List the active rule set (name, kind, weight, added, enabled)."""
     from models.rules import RuleEngine
 
-    s = get_settings()
+    s = _state_settings()
     engine = RuleEngine.load(s.rules_file) if s.rules_file.exists() else RuleEngine.default()
     for r in engine.rules:
         click.echo(f"{'+' if r.enabled else '-'} {r.name:32} {r.kind:8} {r.weight:6.2f}  {r.added}  {r.description}")

@@ -91,11 +91,15 @@ def plan_replay(corpus: Sequence[CorpusMessage], rule_order: Sequence[str], *, q
 
 
 def replay_settings(settings: Settings, *, quick: bool) -> Settings:
-    """The replay's own state (the user's registry is never touched), keys for its users and its operator."""
+    """The replay's own state (the user's registry is never touched), keys for its users and its operator besides
+    the configured ones (the development keys on loopback by default, so the README's examples work on the stack
+    ``make run`` leaves serving; the API still refuses them on any other address)."""
     root = settings.state_dir / "replay"
     return settings.model_copy(update={
         "state_dir": root, "registry_dir": None, "rules_path": None, "downloads_dir": settings.downloads,
-        "worker_base_corpus": False, "api_keys": replay_keys(), "admin_identities": ["admin"],
+        "log_dir": None if settings.log_dir is None else settings.log_dir / "replay",
+        "worker_base_corpus": False, "api_keys": {**settings.api_keys, **replay_keys()}, "api_keys_file": None,
+        "admin_identities": sorted({*settings.admin_identities, "admin"}),
         "neural_retrain": not quick, "linear_refit_s": min(settings.linear_refit_s, 1.0),
         "model_poll_s": min(settings.model_poll_s, 0.5),
     })
@@ -265,7 +269,9 @@ def format_summary(r: dict[str, Any]) -> str:
         f = r["rules_fit"]
         lines.append(f"  fit (line): {f['formula']}  R^2={f['r2']:.3f}")
     lines.append("model: recall on the quality set against the flagged messages behind the champion")
-    for x, r01, r1 in r["model_curve"]:
+    model = r["model_curve"]
+    step = max(1, len(model) // 12)
+    for x, r01, r1 in [*model[:-1:step], *model[-1:]]:
         lines.append(f"  {int(x):5} flags   R@0.1% {r01:6.1%}   R@1% {r1:6.1%}")
     if "model_fit" in r:
         f = r["model_fit"]

@@ -230,6 +230,14 @@ class Settings(BaseSettings):
     # --- logging -------------------------------------------------------------------------------------
     log_level: str = Field("INFO", description="Log level of every process.")
     log_json: bool = Field(False, description="Logs as JSON lines (default: key=value for humans).")
+    log_dir: Path | None = Field(
+        None, description="Every record at log_level of the servers and the stack, as JSON lines (api.jsonl, "
+        "worker.jsonl, stack.jsonl; default: <state_dir>/logs)."
+    )
+    log_console_level: str = Field(
+        "WARNING", description="What the servers and the stack print on the console besides their progress lines "
+        "(the log files keep everything at log_level)."
+    )
 
     @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over @property; pydantic's documented form
     @property
@@ -245,6 +253,11 @@ class Settings(BaseSettings):
     @property
     def rules_file(self) -> Path:
         return self.rules_path or self.state_dir / "rules.yaml"
+
+    @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over @property; pydantic's documented form
+    @property
+    def logs(self) -> Path:
+        return self.log_dir or self.state_dir / "logs"
 
     @computed_field  # type: ignore[prop-decorator]  # mypy refuses a decorator over @property; pydantic's documented form
     @property

@@ -240,6 +240,114 @@ def prometheus_query(settings: Settings, query: str, timeout_s: float = 2.0) -> 
     return list(body["data"]["result"])
 
 
+# ------------------------------------------------------------------------------------------------- preflight
+def _bind_host(host: str) -> str:
+    return "0.0.0.0" if host in ("", "0.0.0.0") else host  # noqa: S104 - checks the address the API will bind
+
+
+def preflight(settings: Settings, *, api: bool = False, worker: bool = False, kafka: bool = False,
+              prometheus: bool = False, flags: dict[str, str] | None = None) -> None:
+    """Check what the named servers need before any of them starts: their ports free, Java for the local broker,
+    a Prometheus binary. Raises ``StackError`` with one line naming each problem and the setting (or ``flags``:
+    the command's own option for a setting) to change, so nothing is left half-started.
+
+    A server already running as this stack's own (the broker or Prometheus of ``flywheel kafka start``) needs
+    nothing: it is used as it is.
+    """
+    from streams import broker
+
+    named = flags or {}
+
+    def setting(name: str) -> str:
+        env = f"FLYWHEEL_{name.upper()}"
+        return f"{named[name]} or {env}" if name in named else env
+
+    problems: list[str] = []
+
+    def port(name: str, value: int, host: str = "127.0.0.1") -> None:
+        try:
+            free = port_free(value, host)
+        except OSError as exc:  # an address this host does not have
+            problems.append(f"cannot bind {host}:{value} ({exc.strerror or exc}); change {setting('api_host')}")
+            return
+        if not free:
+            problems.append(f"port {value} is in use by another program; stop it or change {setting(name)}")
+
+    if api:
+        port("api_port", settings.api_port, _bind_host(settings.api_host))
+        port("spamd_port", settings.spamd_port, _bind_host(settings.api_host))
+    if worker:
+        port("worker_port", settings.worker_port)
+    s = settings.streams()
+    if kafka and s.manages_kafka and not broker.is_running(s):
+        port("kafka_port", settings.kafka_port)
+        port("kafka_controller_port", settings.kafka_controller_port)
+        try:
+            broker.find_java()
+        except broker.BrokerError as exc:
+            problems.append(str(exc))
+    if prometheus and not _prometheus_daemon(settings).running():
+        port("prometheus_port", settings.prometheus_port)
+        if _resolve_binary(settings.prometheus_bin) is None and (
+                settings.prometheus_bin != "prometheus" or os.geteuid() != 0 or shutil.which("apt-get") is None):
+            problems.append(f"Prometheus binary {settings.prometheus_bin!r} not found; install Debian's "
+                            "'prometheus' package or set FLYWHEEL_PROMETHEUS_BIN")
+    if problems:
+        raise StackError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------- live record
+LIVE_FILE = "live-stack.json"
+"""Under the configured state directory while a stack runs: which state directory and ports it serves from, so
+``flywheel status`` (and every command that reads state) follows the stack that is running."""
+
+_LIVE_SETTINGS = ("state_dir", "registry_dir", "rules_path", "log_dir", "api_host", "api_port", "spamd_port",
+                  "worker_port", "prometheus_port", "kafka_port", "kafka_controller_port", "kafka_bootstrap",
+                  "topic_prefix")
+
+
+def record_live(home: Path, settings: Settings) -> Path:
+    """Write the live record under ``home`` (the configured state dir) for the stack ``settings`` describe."""
+    home.mkdir(parents=True, exist_ok=True)
+    values = {name: getattr(settings, name) for name in _LIVE_SETTINGS}
+    record = {"pid": os.getpid(), "started_at": time.time(),
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}}
+    path = home / LIVE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def clear_live(home: Path) -> None:
+    """Remove the live record if it is this process's."""
+    path = home / LIVE_FILE
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+
+
+def live_settings(settings: Settings) -> tuple[Settings, int | None]:
+    """``settings`` pointed at the stack running from this state directory (its state dir and ports), and that
+    stack's pid; ``settings`` and None when no stack runs (no record, or its process is gone)."""
+    path = settings.state_dir / LIVE_FILE
+    try:
+        record = json.loads(path.read_text())
+        pid = int(record["pid"])
+        values = dict(record["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return settings, None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return settings, None  # a stack killed without its clean-up: stale
+    except PermissionError:
+        pass  # alive, another user's
+    paths = {"state_dir", "registry_dir", "rules_path", "log_dir"}
+    update = {k: (Path(v) if k in paths and v is not None else v) for k, v in values.items() if k in _LIVE_SETTINGS}
+    return settings.model_copy(update=update), pid
+
+
 # ------------------------------------------------------------------------------------------------- the stack
 @dataclass(slots=True)
 class Child:
@@ -306,11 +414,16 @@ def run_stack(
     stop_event: threading.Event | None = None,
     install_signal_handlers: bool = True,
     after_start: Callable[[threading.Event], bool] | None = None,
+    home: Path | None = None,
+    public_keys: Sequence[str] = (),
 ) -> int:
     """Run the whole stack until Ctrl-C/SIGTERM (exit 0) or until a child dies (exit 1).
 
     ``children`` replaces the API and worker (tests); ``stop_event`` stops the stack from another thread;
     ``after_start`` runs once everything is up (the replay) and says whether the stack keeps running after it.
+    Every port and prerequisite is checked before anything starts (one line, exit 1). While it runs, the live
+    record under ``home`` (the configured state dir; default ``settings.state_dir``) names this stack's state
+    dir and ports. ``public_keys``: API keys the banner may print (known values, such as the replay's).
     """
     from streams import broker
 
@@ -322,7 +435,15 @@ def run_stack(
     teardown: list[tuple[str, Callable[[], None]]] = []
     kids = list(children) if children is not None else default_children(settings)
     exit_code = 0
+    home = home or settings.state_dir
+    recorded = False
     try:
+        preflight(settings, api=children is None, worker=children is None, kafka=True, prometheus=True)
+        taken = [c for c in kids if children is not None and c.port is not None and not port_free(
+            c.port, _bind_host(settings.api_host) if c.name == "api" else "127.0.0.1")]
+        if taken:
+            raise StackError("; ".join(f"{c.name}: port {c.port} is in use by another program; stop it or change "
+                                       "its port setting" for c in taken))
         # --- servers (each stopped at the end only if this run started it)
         kafka = settings.streams()
         if kafka.manages_kafka:
@@ -344,19 +465,18 @@ def run_stack(
         for child in kids:
             if stop.is_set():
                 return 0
-            if child.port is not None and not port_free(child.port, settings.api_host if child.name == "api" else "127.0.0.1"):
-                raise StackError(f"{child.name}: port {child.port} is already in use; stop that program or change "
-                                 f"the port setting")
             _start_child(child, env)
             teardown.append((child.name, functools.partial(_stop_child, child)))
             _wait_child_ready(child, settings, stop)
         if stop.is_set():
             return 0
+        record_live(home, settings)
+        recorded = True
         if after_start is not None:
             keep = after_start(stop)
             if not keep or stop.is_set():
                 return 0
-        _print_addresses(settings, kids)
+        _print_addresses(settings, kids, public_keys)
         # --- wait for Ctrl-C or a child's death
         while not stop.wait(0.5):
             dead = [c for c in kids if c.proc is not None and c.proc.poll() is not None]
@@ -373,6 +493,8 @@ def run_stack(
     except KeyboardInterrupt:
         _progress("\n==> interrupted; stopping the stack")
     finally:
+        if recorded:
+            clear_live(home)
         for name, fn in reversed(teardown):
             try:
                 fn()
@@ -413,21 +535,70 @@ def _wait_child_ready(child: Child, settings: Settings, stop: threading.Event) -
     raise StackError(f"{child.name} did not listen on port {child.port} within {CHILD_READY_TIMEOUT_S:.0f}s")
 
 
-def _print_addresses(settings: Settings, kids: Sequence[Child]) -> None:
+def _keys_line(settings: Settings, public_keys: Sequence[str]) -> list[str]:
+    """Which API key opens what, for the banner: the development keys and ``public_keys`` by value (known values,
+    nothing secret), any other key by where it is configured."""
+    from services.api.safety import DEV_KEYS
+
+    admins = set(settings.admin_identities)
+    operators = admins | set(settings.operator_identities)
+    shown = [k for k in settings.api_keys if k in DEV_KEYS or k in public_keys]
+    lines: list[str] = []
+    op = [k for k in shown if settings.api_keys[k] in operators]
+    users = [k for k in shown if settings.api_keys[k] not in operators]
+    if op:
+        lines.append(f"  operator key   {', '.join(op)}   (X-API-Key: /operator, models, rules, /feedback)")
+    if users:
+        lines.append(f"  user keys      {_compact(users)}   (X-API-Key: /feedback)")
+    hidden = len(settings.api_keys) - len(shown)
+    if hidden:
+        where = f"FLYWHEEL_API_KEYS_FILE ({settings.api_keys_file})" if settings.api_keys_file else "FLYWHEEL_API_KEYS"
+        lines.append(f"  other keys     {hidden} from {where}")
+    return lines
+
+
+def _compact(keys: Sequence[str]) -> str:
+    """``k-user-0..7`` for a numbered run of keys, the keys themselves otherwise."""
+    import re
+
+    runs: dict[str, list[int]] = {}
+    plain: list[str] = []
+    for k in keys:
+        m = re.fullmatch(r"(.*?)(\d+)", k)
+        if m:
+            runs.setdefault(m[1], []).append(int(m[2]))
+        else:
+            plain.append(k)
+    for stem, nums in runs.items():
+        nums.sort()
+        if len(nums) > 2 and nums == list(range(nums[0], nums[-1] + 1)):
+            plain.append(f"{stem}{nums[0]}..{nums[-1]}")
+        else:
+            plain.extend(f"{stem}{n}" for n in nums)
+    return ", ".join(plain)
+
+
+def _print_addresses(settings: Settings, kids: Sequence[Child], public_keys: Sequence[str] = ()) -> None:
+    """Every address with what it needs: the API and its docs, the operator page and its key, spamd, the
+    worker's metrics, Prometheus, Kafka, where the state and the logs are."""
     host = "127.0.0.1" if settings.api_host in ("0.0.0.0", "") else settings.api_host  # noqa: S104 - reads a wildcard bind, binds nothing
+    api = f"http://{host}:{settings.api_port}"
     lines = ["", "Flywheel is running:"]
     names = {c.name for c in kids}
     if "api" in names:
         lines += [
-            f"  API            http://{host}:{settings.api_port}   (docs: /docs, metrics: /metrics)",
-            f"  spamd          {host}:{settings.spamd_port}        (spamc -p {settings.spamd_port})",
+            f"  API            {api}   (POST /classify needs no key; docs: {api}/docs)",
+            f"  operator page  {api}/operator   (an operator or admin key)",
+            f"  spamd          {host}:{settings.spamd_port}   (spamc -p {settings.spamd_port})",
+            *_keys_line(settings, public_keys),
         ]
     if "worker" in names:
         lines.append(f"  worker metrics http://127.0.0.1:{settings.worker_port}/metrics")
     lines += [
         f"  Prometheus     {prometheus_url(settings)}",
         f"  Kafka          {settings.bootstrap_servers}" + ("" if settings.manages_kafka else "  (external)"),
-        f"  state          {settings.state_dir}",
+        f"  state          {settings.state_dir}   (flywheel status follows it)",
+        f"  logs           {settings.logs}/   (JSON lines: api.jsonl, worker.jsonl, stack.jsonl)",
         "Press Ctrl-C to stop everything.",
         "",
     ]
@@ -435,12 +606,15 @@ def _print_addresses(settings: Settings, kids: Sequence[Child]) -> None:
 
 
 __all__ = [
+    "LIVE_FILE",
     "Child",
     "PrometheusError",
     "StackError",
     "default_children",
     "ensure_prometheus",
     "flywheel_argv",
+    "live_settings",
+    "preflight",
     "prometheus_query",
     "prometheus_ready",
     "prometheus_start",

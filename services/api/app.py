@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,6 +39,10 @@ Every answer shows both deciders: the rule baseline and the learned model.
 setting `api_keys` (`FLYWHEEL_API_KEYS`, JSON) or `api_keys_file` (`FLYWHEEL_API_KEYS_FILE`, a JSON file such as
 a mounted secret). The identity tied to the key is the reporter of its flags. The server refuses to start on a
 non-loopback address while the development keys are configured.
+
+**Roles.** Any key may flag (and classify, which needs no key unless `classify_requires_key`); operator
+identities (`operator_identities`) and administrators (`admin_identities`) may also read `/models`, `/rules` and
+`/operator/data`; only administrators promote, roll back and change rules. Other keys get 403 there.
 
 **Relay identities.** A key whose identity is listed in `relay_identities` (`FLYWHEEL_RELAY_IDENTITIES`) belongs
 to a relay that reports for its own users, such as an IMAP server's Junk-folder hook. On `POST /feedback` and
@@ -163,10 +168,10 @@ def create_worker_app() -> FastAPI:
     """Entry point of each uvicorn worker process: configure logging, then build the app from the env."""
     import sys
 
-    from services.logging import configure
+    from services.logging import configure_inherited
 
     settings = Settings()
-    configure(settings.log_level, settings.log_json)
+    configure_inherited(settings.log_level, settings.log_json)
     if settings.classify_threads > 0:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
     return create_app(settings)
@@ -195,6 +200,8 @@ def serve(settings: Settings) -> None:
     version = ensure_champion(settings)  # a fresh install classifies from the first message
     log.info("serving", champion=version, host=settings.api_host, port=settings.api_port,
              spamd_port=settings.spamd_port, workers=settings.workers)
+    print(f"==> serving http://{settings.api_host}:{settings.api_port} and spamd on port {settings.spamd_port} "
+          f"(champion {version}); logs in {settings.logs / 'api.jsonl'}", file=sys.stderr, flush=True)
     _ensure_topics(settings, topic_specs(settings.streams()))
     os.environ.update(settings.child_env())
     prepare_metrics_dir(settings)
@@ -224,7 +231,15 @@ def serve(settings: Settings) -> None:
 def _ensure_topics(settings: Settings, specs: list[tuple[str, int]]) -> None:
     """Create the topics when the broker is up (best effort: the API also starts while Kafka is down)."""
     from streams.broker import ensure_topics
+    from streams.daemon import port_open
 
+    first = settings.bootstrap_servers.split(",")[0].strip()
+    host, _, port = first.rpartition(":")
+    if port.isdigit() and not port_open(int(port), host.strip("[]") or "127.0.0.1"):
+        # nothing listens: say so once instead of the Kafka client's retries for ten seconds
+        log.warning("kafka unreachable: topics not created; /feedback answers 503 until it is up",
+                    bootstrap=settings.bootstrap_servers)
+        return
     try:
         ensure_topics(settings.streams(), specs, timeout_s=10.0)
     except Exception as exc:  # noqa: BLE001 - Kafka down at start is allowed; /readyz reports it
