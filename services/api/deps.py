@@ -77,6 +77,20 @@ def require_admin(request: Request, ident: Annotated[str, Depends(require_identi
     return ident
 
 
+def require_operator(request: Request, ident: Annotated[str, Depends(require_identity)]) -> str:
+    """An administrator or a read-only operator identity (``operator_identities``); others get 403.
+
+    What only operators may read (the champion's lineage and the gate's statistics on ``/models``, every rule's
+    pattern and weight on ``/rules``, the operator page's data) is what a poisoner or a spammer tuning mail
+    against the rules would like to watch; a plain user key classifies and flags, nothing more.
+    """
+    settings = request.app.state.settings
+    if ident not in settings.admin_identities and ident not in settings.operator_identities:
+        raise HTTPException(403, f"identity {ident!r} may not read this (models, rules and the operator page's "
+                            "data are for operators): use an admin or operator identity")
+    return ident
+
+
 RELAY_USER_HEADER = "X-Flywheel-User"
 
 

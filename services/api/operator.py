@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from services.api import metrics
-from services.api.deps import get_state, require_identity
+from services.api.deps import get_state, require_operator
 from services.api.state import ServingState
 
 log = structlog.get_logger(__name__)
@@ -78,16 +78,6 @@ _PAGE_HEADERS = {
 }
 _STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
                  ".html": "text/html; charset=utf-8"}
-
-
-# --------------------------------------------------------------------------------------------- access
-def require_operator(request: Request, ident: Annotated[str, Depends(require_identity)]) -> str:
-    """An administrator or a read-only operator identity (``operator_identities``); others get 403."""
-    settings = request.app.state.settings
-    if ident not in settings.admin_identities and ident not in settings.operator_identities:
-        raise HTTPException(403, f"identity {ident!r} may not read the operator page's data (it names reporters "
-                            "and lineage): use an admin or operator identity")
-    return ident
 
 
 # --------------------------------------------------------------------------------------------- the page

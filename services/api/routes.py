@@ -31,7 +31,7 @@ from services.api.deps import (
     parse_json,
     read_body,
     require_admin,
-    require_identity,
+    require_operator,
     require_reporter,
 )
 from services.api.offload import Busy
@@ -58,9 +58,9 @@ from services.api.state import FileStore, ServingState
 log = structlog.get_logger(__name__)
 router = APIRouter()
 
-Identity = Annotated[str, Depends(require_identity)]
 ReporterDep = Annotated[Reporter, Depends(require_reporter)]
 Admin = Annotated[str, Depends(require_admin)]
+Operator = Annotated[str, Depends(require_operator)]
 State = Annotated[ServingState, Depends(get_state)]
 
 _ERR = {"model": ErrorOut}
@@ -381,8 +381,9 @@ async def _publish(state: ServingState, topic: str, key: str, event: Any) -> str
     return str(event.event_id)
 
 
-@router.get("/models", response_model=ModelsOut, responses={401: _ERR}, tags=["models"])
-async def list_models(_: Identity, state: State) -> Response:
+@router.get("/models", response_model=ModelsOut, responses={401: _ERR, 403: _ERR}, tags=["models"])
+async def list_models(_: Operator, state: State) -> Response:
+    """Every version with its lineage and the gate's statistics: for operators and administrators only."""
     infos = await run_in_threadpool(state.registry.list)
     champion = state.registry.champion()
     serving = state.current().version
@@ -457,8 +458,9 @@ async def rollback(request: Request, ident: Admin, state: State) -> Response:
 
 
 # --------------------------------------------------------------------------------------------- rules
-@router.get("/rules", response_model=RulesOut, responses={401: _ERR}, tags=["rules"])
-async def list_rules(_: Identity, state: State) -> Response:
+@router.get("/rules", response_model=RulesOut, responses={401: _ERR, 403: _ERR}, tags=["rules"])
+async def list_rules(_: Operator, state: State) -> Response:
+    """Every rule's pattern and weight (what a spammer would tune mail against): operators and administrators."""
     engine = state.current().engine
     rules = [
         {"name": r.name, "kind": r.kind, "pattern": r.pattern, "weight": r.weight, "description": r.description,

@@ -292,7 +292,8 @@ def test_every_bad_input_gets_its_4xx(api: httpx.Client, api_base: Settings) -> 
         assert r.status_code == want, (path, kwargs, r.status_code, r.text)
         assert "detail" in r.json(), r.text
     assert api.get("/models").status_code == 401
-    assert api.get("/models", headers=USER).status_code == 200
+    assert api.get("/models", headers=USER).status_code == 403  # operators and admins only
+    assert api.get("/models", headers=ADMIN).status_code == 200
 
 
 @pytest.mark.integration
@@ -346,7 +347,7 @@ def test_promotion_reaches_two_api_processes_and_corrupt_artifact_is_refused(
     v1, v2, bad = versions["v1"], versions["v2"], versions["bad"]
     assert _served_versions(a.base_url, raw, 6) == {v1} and _served_versions(b.base_url, raw, 3) == {v1}
 
-    listing = api.get("/models", headers=USER).json()
+    listing = api.get("/models", headers=ADMIN).json()
     assert listing["champion"] == v1
     by_version = {v["version"]: v for v in listing["versions"]}
     assert by_version[v1]["champion"] and not by_version[v2]["champion"]
@@ -420,7 +421,7 @@ def test_rules_added_and_disabled_at_run_time_reach_every_replica(
         wait_until(lambda rep=rep: all("TEST_TOKEN_RULE" in hits(rep.base_url) for _ in range(10)), 60,
                  f"rule on {rep.base_url}")
     assert "TEST_TOKEN_RULE" in api_base.rules_file.read_text()
-    listed = {x["name"]: x for x in api.get("/rules", headers=USER).json()["rules"]}
+    listed = {x["name"]: x for x in api.get("/rules", headers=ADMIN).json()["rules"]}
     assert listed["TEST_TOKEN_RULE"]["enabled"] is True
 
     assert api.post("/rules/TEST_TOKEN_RULE/disable", headers=ADMIN).status_code == 200
@@ -557,7 +558,7 @@ def test_a_relay_cannot_invent_reporters_without_bound(api: httpx.Client, sample
 def test_a_rule_that_would_recurse_is_refused_and_never_saved(replicas: tuple[ApiProcess, ApiProcess],
                                                              api: httpx.Client, api_base: Settings) -> None:
     before = api_base.rules_file.read_text()
-    base_rule = api.get("/rules", headers=USER).json()["rules"][0]["name"]
+    base_rule = api.get("/rules", headers=ADMIN).json()["rules"][0]["name"]
     depth = (4990 - len(base_rule)) // 2  # within the 5000 characters a pattern may have
     for name, pattern in (("DEEP_META", "(" * depth + base_rule + ")" * depth),
                           ("NOT_META", "!" * 2 * depth + base_rule)):
@@ -567,7 +568,7 @@ def test_a_rule_that_would_recurse_is_refused_and_never_saved(replicas: tuple[Ap
         assert name in r.json()["detail"], r.text[:300]
     assert api_base.rules_file.read_text() == before
     for rep in replicas:
-        names = {x["name"] for x in httpx.get(rep.base_url + "/rules", headers=USER, timeout=30).json()["rules"]}
+        names = {x["name"] for x in httpx.get(rep.base_url + "/rules", headers=ADMIN, timeout=30).json()["rules"]}
         assert not names & {"DEEP_META", "NOT_META"}
     events = consume_all(api_base, api_base.topic("rule-changes"))
     assert not [e for e in events if isinstance(e.get("rule"), dict) and e["rule"].get("name") in

@@ -26,11 +26,13 @@ from services.api.deps import get_state
 from services.api.state import FileStore, MessageCache, ServingState
 from services.settings import Settings
 
-KEYS = {"user-key": "alice", "bob-key": "bob", "admin-key": "admin", "relay-key": "mx"}
+KEYS = {"user-key": "alice", "bob-key": "bob", "admin-key": "admin", "relay-key": "mx", "ops-key": "ops"}
 USER = {"X-API-Key": "user-key"}
 BOB = {"X-API-Key": "bob-key"}
 ADMIN = {"Authorization": "Bearer admin-key"}
 RELAY = {"X-API-Key": "relay-key"}
+OPS = {"X-API-Key": "ops-key"}
+"""A read-only operator (``operator_identities``)."""
 MODEL_VERSION = "20260101T000000000000Z-linear-abcdef"
 
 HAM = (b"From: Alice <alice@example.org>\r\nTo: bob@example.com\r\nSubject: lunch on friday?\r\n"
@@ -167,6 +169,7 @@ class FakeState:
 def api_settings(root: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "state_dir": root, "api_keys": KEYS, "admin_identities": ["admin"], "relay_identities": ["mx"],
+        "operator_identities": ["ops"],
         "max_message_bytes": 4096, "client_timeout_s": 2.0, "topic_prefix": "t",
     }
     values.update(overrides)

@@ -119,7 +119,7 @@ def test_the_routes_take_identity_from_the_dependency(api: Api) -> None:
     api.app.dependency_overrides[require_identity] = lambda: "alice"
     assert api.client.post("/rules/MAKE_MONEY/enable").status_code == 403
     del api.app.dependency_overrides[require_identity]
-    assert api.client.get("/rules", headers=USER).status_code == 200 and api.client.get("/rules").status_code == 401
+    assert api.client.get("/rules", headers=USER).status_code == 403 and api.client.get("/rules").status_code == 401
     assert api.client.get("/rules", headers=ADMIN).status_code == 200
 
 
