@@ -44,10 +44,6 @@ non-loopback address while the development keys are configured.
 identities (`operator_identities`) and administrators (`admin_identities`) may also read `/models`, `/rules` and
 `/operator/data`; only administrators promote, roll back and change rules. Other keys get 403 there.
 
-**Roles.** Any key may flag (and classify, which needs no key unless `classify_requires_key`); operator
-identities (`operator_identities`) and administrators (`admin_identities`) may also read `/models`, `/rules` and
-`/operator/data`; only administrators promote, roll back and change rules. Other keys get 403 there.
-
 **Relay identities.** A key whose identity is listed in `relay_identities` (`FLYWHEEL_RELAY_IDENTITIES`) belongs
 to a relay that reports for its own users, such as an IMAP server's Junk-folder hook. On `POST /feedback` and
 `DELETE /feedback/{event_id}` it may send `X-Flywheel-User: <name>` (1..128 characters of `A-Z a-z 0-9 . _ @ + -`);
