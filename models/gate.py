@@ -19,6 +19,20 @@ Decision rule (every test one-sided at level ``alpha``, default 5%, on the SAME 
   other challenger (a retrain on the same or older data, another family) must be *better*. So that a chain of
   "not worse" steps cannot drift down, a fresher challenger must also be not worse than the *anchor* (the best
   champion of recent history, re-scored on the same set) when one is given.
+* **A refit on more of the same data** - a fresher challenger of the champion's family that trained on every flag
+  the champion trained on (and newer ones) is the same learner with more evidence: its expected error is no
+  higher. Where the champion's observed error on the set is tiny (``1 - AUC <= clean_error``, labels the models
+  all but agree with), the non-inferiority test lacks the power to say so: the standard error of the paired
+  difference does not shrink with the errors (measured on the flywheel benchmark: champion 1-AUC 0.00105, margin
+  0.00036, se 0.00021, so a refit on every flag, worse by 0.00023 on the set, was refused and a refit on part of
+  the flags stayed served at 1.73 times the offline refit on B). There the burden is reversed: such a refit is
+  promoted unless it is *shown worse* (``(e_c - e_k) / se > z(1 - alpha)``), against the champion and against
+  the anchor, and the guards below still apply. Error rates: a refit no worse than the champion is refused with
+  probability <= alpha, so once the flags settle the newest refit serves whatever order they came in (the end
+  state no longer depends on which refit happened to pass); one worse by ``d`` is promoted with probability
+  ``Phi(z - d / se)``, a risk taken only where the labels are clean. Label noise or poisoning raises the
+  champion's observed error above ``clean_error`` (30% wrong flags: about 0.3), and then the non-inferiority
+  test with its margin decides, as before.
 * **Reference guard** - when a clean reference set is given (messages with known labels that no feedback can
   touch: the corpus's held-out part), a challenger *shown worse* there beyond the margin (the mirror of the
   not-worse test) is blocked. Flags come from the same users as the training flags, so coordinated reporters
@@ -198,6 +212,8 @@ class GatePolicy:
     margin_cap: float = 0.002  # ... but never by more than this much AUC ...
     floor: float = 1e-4  # ... and by at least this much (a champion without errors on the set)
     fpr_tolerance: float = 0.002  # FPR rise at the operating point that is not held against a challenger
+    clean_error: float = 0.005  # champion's 1-AUC on the set at or below which a refit on more data needs only
+    # not to be shown worse
     min_per_class: int = 30  # fewer messages of a class: the set cannot judge, nothing is promoted on it
 
     @property
@@ -224,7 +240,7 @@ class ScoredModel:
 class GateResult:
     promote: bool
     reason: str
-    test: str  # "better" | "not_worse" | "first" | "none"
+    test: str  # "better" | "not_worse" | "not_shown_worse" | "first" | "none"
     figures: dict[str, Any] = field(default_factory=dict)
 
 
@@ -241,13 +257,16 @@ def decide(
     policy: GatePolicy,
     anchor: ScoredModel | None = None,
     reference: tuple[np.ndarray, ScoredModel, ScoredModel] | None = None,
+    refit: bool = False,
 ) -> GateResult:
     """Promote or reject ``challenger`` (see the module docstring for the rule and its error rates).
 
     ``reference`` is ``(labels, challenger scores, champion scores)`` on the clean reference set, or None.
+    ``refit``: the challenger is of the champion's family and trained on every flag the champion trained on
+    (with ``fresher``, a refit on more of the same data).
     """
     y = np.asarray(labels).astype(bool)
-    figures: dict[str, Any] = {"policy": policy.to_dict(), "fresher": fresher, "n_spam": int(y.sum()),
+    figures: dict[str, Any] = {"policy": policy.to_dict(), "fresher": fresher, "refit": refit, "n_spam": int(y.sum()),
                                "n_ham": int((~y).sum())}
     if champion is None:
         return GateResult(True, "no champion to beat", "first", figures)
@@ -266,12 +285,17 @@ def decide(
     figures["margin"] = margin
     better = auc.z_better() > z
     not_worse = auc.z_not_worse(margin) > z
-    figures["better"], figures["not_worse"] = better, not_worse
+    # A refit on more of the same data, judged where the labels are clean: it needs only not to be shown worse.
+    lenient = fresher and refit and (1.0 - auc.auc_b) <= policy.clean_error
+    shown_worse = -auc.z_better() > z
+    figures["better"], figures["not_worse"], figures["shown_worse"] = better, not_worse, shown_worse
+    figures["lenient"] = lenient
     anchor_ok = True
     if anchor is not None:
         anchor_auc = delong(challenger.ranking, anchor.ranking, y)
         figures["anchor_auc"] = anchor_auc.to_dict()
-        anchor_ok = anchor_auc.z_not_worse(policy.margin(anchor_auc.auc_b)) > z
+        anchor_ok = (-anchor_auc.z_better() <= z if lenient
+                     else anchor_auc.z_not_worse(policy.margin(anchor_auc.auc_b)) > z)
     if reference is not None:
         ry, rc, rk = reference
         ry = np.asarray(ry).astype(bool)
@@ -284,6 +308,18 @@ def decide(
     d = f"AUC {auc.auc_b:.5f} -> {auc.auc_a:.5f} (diff {auc.diff:+.5f}, se {auc.se:.5f})"
     if better:
         return GateResult(True, f"better: {d}, z={auc.z_better():.2f} > {z:.2f}", "better", figures)
+    if lenient and not shown_worse and anchor_ok:
+        return GateResult(True, f"a refit on more of the same data, not shown worse: {d}, "
+                                f"z={-auc.z_better():.2f} <= {z:.2f} (champion's 1-AUC {1.0 - auc.auc_b:.5f} <= "
+                                f"{policy.clean_error})", "not_shown_worse", figures)
+    if lenient and not shown_worse:
+        a = figures["anchor_auc"]
+        return GateResult(False, f"a refit on more data, but shown worse than the anchor: AUC "
+                                 f"{a['auc_champion']:.5f} -> {a['auc_challenger']:.5f} (se {a['se']:.5f})",
+                          "none", figures)
+    if lenient:
+        return GateResult(False, f"a refit on more data, shown worse: {d}, z={-auc.z_better():.2f} > {z:.2f}",
+                          "none", figures)
     if fresher and not_worse and anchor_ok:
         return GateResult(True, f"fresher data and not worse: {d}, z={auc.z_not_worse(margin):.2f} > {z:.2f} "
                                 f"at margin {margin:.5f}", "not_worse", figures)

@@ -908,9 +908,12 @@ def bench_loop(json_path: Path | None) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
 @click.option("--noise", type=click.FloatRange(0.0, 0.5), default=0.3, show_default=True,
               help="Share of wrong labels in the second run's flags.")
-@click.option("--no-noisy-run", is_flag=True, help="Skip the second run (with wrong flags).")
+@click.option("--no-noisy-run", is_flag=True, help="Skip the runs with wrong flags.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=1, show_default=True,
+              help="Clean runs, each with its own split and flag order (and at least two noisy runs when > 1); "
+                   "the worst and the median are reported.")
 @friendly_errors
-def bench_flywheel(json_path: Path | None, noise: float, no_noisy_run: bool) -> None:
+def bench_flywheel(json_path: Path | None, noise: float, no_noisy_run: bool, repeats: int) -> None:
     """On the real stack: flag half of the later mail, and measure the other half before and after, against an
     offline refit on the same data (and again with wrong flags)."""
     from services.flywheelbench import run_flywheel_bench
@@ -918,7 +921,7 @@ def bench_flywheel(json_path: Path | None, noise: float, no_noisy_run: bool) -> 
     s = get_settings()
     _configure_logging(s)
     with _bench_progress() as progress, progress.stage("bench flywheel"):
-        run_flywheel_bench(s, json_path, noise=noise, noisy_run=not no_noisy_run)
+        run_flywheel_bench(s, json_path, noise=noise, noisy_run=not no_noisy_run, repeats=repeats)
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -16,6 +16,11 @@ Measured from outside, on the real broker, API and worker (a :class:`~services.h
 ``seconds_to_effect``: from the last flag to the promotion of the first champion whose figure on B is within
 1.25x of the final one (champions are re-scored offline through the serving path, one per promotion).
 The noisy figure comes from a second, fresh stack whose flags carry 30% wrong labels.
+
+Where the end state depends on timing and order (which refit the gate saw when), one run proves little:
+``--repeats N`` runs N clean stacks, each with its own split salt and flag order (and its own offline
+reference), and at least two noisy ones, then reports the worst and the median of each figure. The flat keys
+(``after_one_minus_auc_pct``, ...) are those of the worst clean run and the worst noisy run.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ TARGETS = {
     "recall_gap_points": 5.0,  # after recall@0.1% at most 5 points below offline's
     "after_fpr_at_verdict": 0.005,
     "seconds_to_effect": 60.0,
+    "median_after_vs_offline": 1.10,  # with --repeats: the median clean run
+    "median_noisy_after_vs_before": 0.9,  # with --repeats: the median noisy run learns from the 70% right flags
 }
 
 
@@ -60,14 +67,15 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def split_flagged(msgs: Sequence[CorpusMessage]) -> tuple[list[CorpusMessage], list[CorpusMessage]]:
+def split_flagged(msgs: Sequence[CorpusMessage], salt: str = SPLIT_SALT,
+                  ) -> tuple[list[CorpusMessage], list[CorpusMessage]]:
     """(A, B) by a salted hash of the message id: independent of the worker's own held-out hash."""
     from models.consensus import message_id_for
 
     a: list[CorpusMessage] = []
     b: list[CorpusMessage] = []
     for m in msgs:
-        h = int(hashlib.sha256((SPLIT_SALT + message_id_for(m.raw)).encode()).hexdigest()[:8], 16)
+        h = int(hashlib.sha256((salt + message_id_for(m.raw)).encode()).hexdigest()[:8], 16)
         (a if h % 2 == 0 else b).append(m)
     return a, b
 
@@ -153,7 +161,7 @@ def _iso_epoch(at: str) -> float:
 
 
 def run_once(settings: Settings, root: Path, flagged: Sequence[CorpusMessage], unflagged: Sequence[CorpusMessage],
-             *, noise: float, label: str) -> dict[str, Any]:
+             *, noise: float, label: str, order_seed: int = 20261201) -> dict[str, Any]:
     """One stack: before, flags, settle, after, and the timeline of champions."""
     from models.consensus import message_id_for
 
@@ -171,7 +179,7 @@ def run_once(settings: Settings, root: Path, flagged: Sequence[CorpusMessage], u
         out["before"] = before
         _say(f"    before: (1-AUC)% {before['one_minus_auc_pct']:.3f}, recall@0.1% {before['recall_at_fpr_0_1pct']:.1%}, "
              f"FPR at verdict {before['fpr_at_verdict']:.2%}")
-        rng = random.Random(20261201)
+        rng = random.Random(order_seed)
         order = list(flagged)
         rng.shuffle(order)
         wrong = set(rng.sample(range(len(order)), round(noise * len(order)))) if noise else set()
@@ -235,29 +243,60 @@ def run_once(settings: Settings, root: Path, flagged: Sequence[CorpusMessage], u
     return out
 
 
+def _salt(run: int) -> str:
+    return SPLIT_SALT if run == 0 else f"{SPLIT_SALT}{run}:"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("inf")
+
+
 def run_flywheel_bench(settings: Settings, json_path: Path | None, *, noise: float = 0.3,
-                       noisy_run: bool = True, every: int = 1) -> dict[str, Any]:
-    """Both runs and the offline reference; prints a table and writes the JSON. ``every`` > 1 keeps one message in
-    ``every`` of the test period (a smaller, quicker run; the targets are stated for the whole period)."""
+                       noisy_run: bool = True, every: int = 1, repeats: int = 1) -> dict[str, Any]:
+    """The clean runs with their offline references and the noisy runs; prints a table and writes the JSON.
+
+    ``repeats`` clean runs (each its own split salt and flag order) and, with ``noisy_run``, one noisy run for a
+    single repeat or at least two otherwise. ``every`` > 1 keeps one message in ``every`` of the test period (a
+    smaller, quicker run; the targets are stated for the whole period)."""
     from models.corpus import load_corpus, split_p1
 
     started = time.monotonic()
     corpus = load_corpus(settings.downloads, settings.corpus_dir)
     _, test = split_p1(corpus)
     test = test[:: max(1, every)]
-    flagged, unflagged = split_flagged(test)
     root = settings.state_dir / "bench-flywheel" / time.strftime("%Y%m%dT%H%M%S")
-    result: dict[str, Any] = {"flagged": len(flagged), "unflagged": len(unflagged), "reporters": REPORTERS}
-    clean = run_once(settings, root / "clean", flagged, unflagged, noise=0.0, label="correct flags")
-    result["clean"] = clean
-    kind = clean["champion"]["kind"]
-    _say(f"==> offline reference: a refit of the served kind ({kind}) on the same data")
-    offline = offline_reference(clean_settings(settings, root / "clean"), flagged, unflagged, kind)
-    result["offline"] = offline
-    if noisy_run:
-        result["noisy"] = run_once(settings, root / "noisy", flagged, unflagged, noise=noise,
-                                   label=f"{noise:.0%} wrong flags")
-    b, a = clean["before"], clean["after"]
+    runs: list[dict[str, Any]] = []
+    result: dict[str, Any] = {"reporters": REPORTERS, "repeats": repeats, "runs": runs}
+    for r in range(repeats):
+        flagged, unflagged = split_flagged(test, _salt(r))
+        tag = f"run {r + 1}/{repeats}: " if repeats > 1 else ""
+        clean = run_once(settings, root / f"clean-{r}", flagged, unflagged, noise=0.0,
+                         label=f"{tag}correct flags", order_seed=20261201 + r)
+        kind = clean["champion"]["kind"]
+        _say(f"==> [{tag}offline reference] a refit of the served kind ({kind}) on the same data")
+        offline = offline_reference(clean_settings(settings, root / f"clean-{r}"), flagged, unflagged, kind)
+        runs.append({"kind": "clean", "split": r, "flagged": len(flagged), "unflagged": len(unflagged),
+                     "run": clean, "offline": offline, **_run_figures(clean, offline)})
+    for r in range((1 if repeats == 1 else max(2, repeats // 2)) if noisy_run else 0):
+        flagged, unflagged = split_flagged(test, _salt(r))
+        noisy = run_once(settings, root / f"noisy-{r}", flagged, unflagged, noise=noise,
+                         label=f"noisy run {r + 1}: {noise:.0%} wrong flags", order_seed=20261201 + r)
+        runs.append({"kind": "noisy", "split": r, "noise": noise, "flagged": len(flagged),
+                     "unflagged": len(unflagged), "run": noisy, **_run_figures(noisy, None)})
+    clean_runs = [x for x in runs if x["kind"] == "clean"]
+    noisy_runs = [x for x in runs if x["kind"] == "noisy"]
+    worst = max(clean_runs, key=lambda x: x["after_vs_offline"])
+    effects = [x["seconds_to_effect"] for x in clean_runs]
+    result.update({
+        "flagged": worst["flagged"], "unflagged": worst["unflagged"],
+        "clean": worst["run"], "offline": worst["offline"],
+        "worst_after_vs_offline": worst["after_vs_offline"],
+        "median_after_vs_offline": float(np.median([x["after_vs_offline"] for x in clean_runs])),
+        "worst_seconds_to_effect": None if any(e is None for e in effects) else max(effects),
+        "worst_after_fpr_at_verdict": max(x["after_fpr_at_verdict"] for x in clean_runs),
+        "worst_after_vs_before": max(x["after_vs_before"] for x in clean_runs),
+    })
+    b, a, offline = worst["run"]["before"], worst["run"]["after"], worst["offline"]
     result.update({
         "before_one_minus_auc_pct": b["one_minus_auc_pct"],
         "after_one_minus_auc_pct": a["one_minus_auc_pct"],
@@ -265,20 +304,46 @@ def run_flywheel_bench(settings: Settings, json_path: Path | None, *, noise: flo
         "before_recall_at_fpr_0_1pct": b["recall_at_fpr_0_1pct"],
         "after_recall_at_fpr_0_1pct": a["recall_at_fpr_0_1pct"],
         "offline_recall_at_fpr_0_1pct": offline["recall_at_fpr_0_1pct"],
-        "seconds_to_effect": clean["seconds_to_effect"],
+        "seconds_to_effect": worst["run"]["seconds_to_effect"],
         "before_fpr_at_verdict": b["fpr_at_verdict"],
         "after_fpr_at_verdict": a["fpr_at_verdict"],
         "after_recall_at_verdict": a["recall_at_verdict"],
-        "noisy_after_one_minus_auc_pct": result["noisy"]["after"]["one_minus_auc_pct"] if noisy_run else None,
-        "noisy_before_one_minus_auc_pct": result["noisy"]["before"]["one_minus_auc_pct"] if noisy_run else None,
-        "wall_s": round(time.monotonic() - started, 1),
+        "noisy_after_one_minus_auc_pct": None, "noisy_before_one_minus_auc_pct": None,
+        "worst_noisy_after_vs_before": None, "median_noisy_after_vs_before": None,
     })
+    if noisy_runs:
+        worst_noisy = max(noisy_runs, key=lambda x: x["after_vs_before"])
+        result.update({
+            "noisy": worst_noisy["run"],
+            "noisy_after_one_minus_auc_pct": worst_noisy["run"]["after"]["one_minus_auc_pct"],
+            "noisy_before_one_minus_auc_pct": worst_noisy["run"]["before"]["one_minus_auc_pct"],
+            "worst_noisy_after_vs_before": worst_noisy["after_vs_before"],
+            "median_noisy_after_vs_before": float(np.median([x["after_vs_before"] for x in noisy_runs])),
+        })
+    result["wall_s"] = round(time.monotonic() - started, 1)
     result["checks"] = checks(result)
     _say(format_result(result))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2, default=float))
     return result
+
+
+def _run_figures(run: dict[str, Any], offline: dict[str, Any] | None) -> dict[str, Any]:
+    """One run's headline figures (the per-run row of ``runs``)."""
+    b, a = run["before"], run["after"]
+    out: dict[str, Any] = {
+        "before_one_minus_auc_pct": b["one_minus_auc_pct"], "after_one_minus_auc_pct": a["one_minus_auc_pct"],
+        "after_vs_before": _ratio(a["one_minus_auc_pct"], b["one_minus_auc_pct"]),
+        "after_recall_at_fpr_0_1pct": a["recall_at_fpr_0_1pct"], "after_fpr_at_verdict": a["fpr_at_verdict"],
+        "seconds_to_effect": run["seconds_to_effect"], "champion_kind": run["champion"]["kind"],
+        "decisions": run["decisions"],
+    }
+    if offline is not None:
+        out.update({"offline_one_minus_auc_pct": offline["one_minus_auc_pct"],
+                    "offline_recall_at_fpr_0_1pct": offline["recall_at_fpr_0_1pct"],
+                    "after_vs_offline": _ratio(a["one_minus_auc_pct"], offline["one_minus_auc_pct"])})
+    return out
 
 
 def clean_settings(settings: Settings, root: Path) -> Settings:
@@ -305,6 +370,15 @@ def checks(r: dict[str, Any]) -> dict[str, dict[str, Any]]:
     add("seconds to effect", r["seconds_to_effect"], TARGETS["seconds_to_effect"])
     if r.get("noisy_after_one_minus_auc_pct") is not None:
         add("noisy after <= noisy run's before", r["noisy_after_one_minus_auc_pct"], r["noisy_before_one_minus_auc_pct"])
+    if r.get("repeats", 1) > 1:
+        add("worst after / offline", r["worst_after_vs_offline"], TARGETS["after_vs_offline"])
+        add("median after / offline", r["median_after_vs_offline"], TARGETS["median_after_vs_offline"])
+        add("worst seconds to effect", r["worst_seconds_to_effect"], TARGETS["seconds_to_effect"])
+        add("worst FPR at verdict after", r["worst_after_fpr_at_verdict"], TARGETS["after_fpr_at_verdict"])
+        if r.get("worst_noisy_after_vs_before") is not None:
+            add("worst noisy after / before", r["worst_noisy_after_vs_before"], 1.0)
+            add("median noisy after / before", r["median_noisy_after_vs_before"],
+                TARGETS["median_noisy_after_vs_before"])
     return out
 
 
@@ -314,15 +388,21 @@ def format_result(r: dict[str, Any]) -> str:
         f"flywheel bench: {r['flagged']} flagged / {r['unflagged']} unflagged (P1 test period), {r['reporters']} reporters",
         f"{'':28}{'(1-AUC)%':>10}{'R@0.1%':>9}{'R@1%':>8}{'FPR@verdict':>13}{'recall@verdict':>16}",
     ]
-    rows = [("before (seed, over HTTP)", r["clean"]["before"]), ("after (over HTTP)", r["clean"]["after"]),
-            (f"offline refit ({r['offline']['kind']})", r["offline"])]
-    if "noisy" in r:
-        rows += [("noisy run: before", r["noisy"]["before"]), ("noisy run: after", r["noisy"]["after"])]
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for x in r["runs"]:
+        tag = f"{x['kind']} {x['split'] + 1}: " if r.get("repeats", 1) > 1 else ("noisy: " if x["kind"] == "noisy" else "")
+        rows += [(f"{tag}before (HTTP)", x["run"]["before"]), (f"{tag}after (HTTP)", x["run"]["after"])]
+        if x["kind"] == "clean":
+            rows.append((f"{tag}offline ({x['offline']['kind']})", x["offline"]))
     for name, f in rows:
         lines.append(f"{name:28}{f['one_minus_auc_pct']:>10.3f}{f['recall_at_fpr_0_1pct']:>9.1%}"
                      f"{f['recall_at_fpr_1pct']:>8.1%}{f['fpr_at_verdict']:>13.2%}{f['recall_at_verdict']:>16.1%}")
-    lines.append(f"seconds to effect: {r['seconds_to_effect']}   settle: {r['clean']['settle_s']} s   "
-                 f"decisions: {r['clean']['decisions']}   wall: {r['wall_s']} s")
+    for x in r["runs"]:
+        lines.append(f"{x['kind']} run {x['split'] + 1}: after/before {x['after_vs_before']:.2f}"
+                     + (f", after/offline {x['after_vs_offline']:.2f}" if "after_vs_offline" in x else "")
+                     + f", seconds to effect {x['seconds_to_effect']}, champion {x['champion_kind']}, "
+                       f"decisions {x['decisions']}")
+    lines.append(f"wall: {r['wall_s']} s")
     lines.append("targets:")
     for name, c in r["checks"].items():
         v = "n/a" if c["value"] is None else f"{c['value']:.4g}"

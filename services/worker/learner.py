@@ -216,7 +216,8 @@ class Learner:
         self.oof_dir = self.dir / "oof"
         (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
         self.policy = GatePolicy(alpha=settings.gate_alpha, relative_margin=settings.gate_relative_margin,
-                                 margin_cap=settings.gate_margin_cap, fpr_tolerance=settings.gate_fpr_tolerance)
+                                 margin_cap=settings.gate_margin_cap, fpr_tolerance=settings.gate_fpr_tolerance,
+                                 clean_error=settings.gate_clean_error)
         self.schedule = RetrainSchedule(first=settings.neural_first, growth=settings.neural_growth,
                                         surprises=settings.neural_surprises)
         self.features = FeatureConfig()
@@ -656,6 +657,8 @@ class Learner:
                 return ScoredModel(z, cal.combined(z, rules) >= cal.threshold)
 
             fresher = champ is None or cand.data_version > champ.data_version
+            # A refit on more of the same data: the champion's family, every flag the champion trained on.
+            refit = champ is not None and cand.kind == champ.kind and champ.trained <= cand.trained
             anchor = None
             if champ is not None and self.anchor_version not in (None, champ.version):
                 a = self._judge(self.anchor_version) if self.anchor_version else None
@@ -669,7 +672,7 @@ class Learner:
             result: GateResult = decide(
                 y, scored(ec, cand.calibration, s_rules),
                 scored(ek, champ.calibration, s_rules) if champ is not None else None,
-                fresher=fresher, policy=self.policy, anchor=anchor,
+                fresher=fresher, refit=refit, policy=self.policy, anchor=anchor,
                 # A champion that trained on the reference set (an older seed) would look better there than it is.
                 reference=(ref_y, scored(rc, cand.calibration, ref_rules), scored(rk, champ.calibration, ref_rules))
                 if (ref and champ is not None and champ.reference_held_out) else None,
