@@ -343,9 +343,10 @@ class SpamdServer:
         mid = message_id_for(body)
         loop = asyncio.get_running_loop()
         state = self.state
+        source = f"{SPAMD_NAMESPACE}@{peer}"
         try:
             refusal = await loop.run_in_executor(None, lambda: state.limiter.check(
-                reporter, f"{SPAMD_NAMESPACE}@{peer}", new_reporter_allowed=bool(sets)))
+                reporter, source, new_reporter_allowed=bool(sets)))
         except sqlite3.Error as exc:  # fail closed, as over HTTP
             log.error("feedback limiter unavailable", error=str(exc))
             raise ProtocolError(EX_TEMPFAIL, "Feedback cannot be rate-limited now, not recorded") from None
@@ -356,18 +357,18 @@ class SpamdServer:
         out_headers: list[str] = []
         try:
             if removes:
-                last = state.last_feedback(reporter, mid)
+                last = state.last_feedback(reporter, mid, source)
                 if last is not None:
                     ev = RetractionEvent(retracts=last["event_id"], message_id=mid, reporter=reporter)
                     await loop.run_in_executor(None, state.producer.send, state.topics.retractions, mid, ev)
-                    state.forget_last_feedback(reporter, mid)
+                    state.forget_last_feedback(reporter, mid, last.get("source"))
                     metrics.FEEDBACK.labels("retracted", "").inc()
                     out_headers.append("DidRemove: " + ",".join(sorted(removes)))
             if sets:
                 fb = FeedbackEvent.create(message_id=mid, label="spam" if klass == "spam" else "ham", reporter=reporter,
                                           raw=body, served=self.state.messages.served(mid))
                 await loop.run_in_executor(None, state.producer.send, state.topics.feedback, mid, fb)
-                state.remember_feedback(fb.event_id, mid, reporter)
+                state.remember_feedback(fb.event_id, mid, reporter, source)
                 metrics.FEEDBACK.labels("accepted", "").inc()
                 log.info("spamd feedback accepted", event_id=fb.event_id, message_id=mid, label=klass,
                          reporter=reporter)

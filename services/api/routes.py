@@ -283,7 +283,7 @@ async def feedback(request: Request, reporter: ReporterDep, state: State) -> Res
     finally:
         if store_key is not None:
             state.idempotency.release(store_key)
-    state.remember_feedback(event.event_id, mid, ident)
+    state.remember_feedback(event.event_id, mid, ident, reporter.source)
     metrics.FEEDBACK.labels("accepted", "").inc()
     log.info("feedback accepted", event_id=event.event_id, message_id=mid, label=fb.label, reporter=ident)
     return ORJSONResponse(answer, status_code=202)
@@ -345,7 +345,7 @@ async def retract(
         event_id = str(uuid.UUID(event_id))
     except ValueError:
         raise HTTPException(404, f"unknown feedback event {event_id!r}") from None
-    rec = state.feedback_record(event_id)
+    rec = state.feedback_record(event_id, reporter.source)
     if rec is None:
         raise HTTPException(404, f"unknown feedback event {event_id}")
     if rec["reporter"] != reporter.name and reporter.name not in state.settings.admin_identities:
@@ -359,7 +359,7 @@ async def retract(
     except BrokerUnavailable:
         raise HTTPException(503, "Kafka is unavailable; the retraction was NOT recorded, retry later",
                             headers={"Retry-After": _RETRY_AFTER_S}) from None
-    state.forget_last_feedback(rec["reporter"], rec["message_id"])
+    state.forget_last_feedback(rec["reporter"], rec["message_id"], rec.get("source"))
     metrics.FEEDBACK.labels("retracted", "").inc()
     return ORJSONResponse(
         {"event_id": event.event_id, "retracts": event_id, "message_id": rec["message_id"], "reporter": rec["reporter"]},

@@ -173,7 +173,10 @@ class MessageCache:
 
     Each entry also keeps the verdict served for it (version, spam or not, probability), so a later flag on
     the message carries a free label for that answer (see ``streams.events.ServedVerdict``). With several
-    workers every entry is also spooled to a shared ``FileStore`` so another worker finds it.
+    workers every entry is also spooled to a shared ``FileStore`` so another worker finds it. Both kinds of
+    record live in the spool under keys derived from their kind and the id (``spool_key``), never under the id
+    itself: a message id a client sends can then name only a message, not a served-verdict record (which a
+    flag would otherwise carry to the worker as if it were the message).
     """
 
     def __init__(self, max_entries: int, max_bytes: int, spool: FileStore | None) -> None:
@@ -200,9 +203,9 @@ class MessageCache:
         if self._spool is not None:
             try:
                 if fresh:
-                    self._spool.put_if_absent(message_id, raw)
+                    self._spool.put_if_absent(spool_key("message", message_id), raw)
                 if verdict is not None:
-                    self._spool.put(FileStore.key("served", message_id), verdict)
+                    self._spool.put(spool_key("served", message_id), verdict)
             except OSError as exc:  # a full disk must not fail /classify; feedback by raw still works
                 log.warning("message spool write failed", error=str(exc))
 
@@ -213,7 +216,7 @@ class MessageCache:
                 self._items.move_to_end(message_id)
                 return item[0]
         if self._spool is not None and _is_hex(message_id):
-            return self._spool.get(message_id)
+            return self._spool.get(spool_key("message", message_id))
         return None
 
     def served(self, message_id: str) -> dict[str, Any] | None:
@@ -222,15 +225,94 @@ class MessageCache:
             item = self._items.get(message_id)
         data = item[1] if item is not None else None
         if data is None and self._spool is not None:
-            data = self._spool.get(FileStore.key("served", message_id))
+            data = self._spool.get(spool_key("served", message_id))
         return orjson.loads(data) if data else None
 
     def __len__(self) -> int:
         return len(self._items)
 
 
+def spool_key(kind: str, message_id: str) -> str:
+    """The spool's key of a ``kind`` ("message" or "served") record of ``message_id``: a digest of both, so no
+    id names another kind's record."""
+    return FileStore.key("spool", kind, message_id)
+
+
 def _is_hex(s: str) -> bool:
     return 0 < len(s) <= 64 and all(c in "0123456789abcdef" for c in s)
+
+
+# --------------------------------------------------------------------------------------------- feedback records
+FEEDBACK_RECORDS_PER_SOURCE = 100_000
+"""Records (two per flag) one source's store keeps, oldest dropped first."""
+
+
+class FeedbackRecords:
+    """Who flagged what, for retractions: the event behind each flag and each reporter's last flag on a message.
+
+    One bounded ``FileStore`` per source (the key identity a flag came through, or a spamd client address), so a
+    flood from one relay or key evicts only its own records, never the records other reporters need to retract
+    their flags. Lookups try the caller's source first, then every other (an administrator retracts anyone's
+    flag; a spamd user may come through another address), then the single store of earlier versions.
+    """
+
+    def __init__(self, root: Path, per_source: int = FEEDBACK_RECORDS_PER_SOURCE) -> None:
+        self.root = root
+        self.per_source = per_source
+        self._stores: dict[str, FileStore] = {}
+        self._lock = threading.Lock()
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _dir(self, source: str) -> Path:
+        return self.root / ("source-" + FileStore.key("source", source)[:32])
+
+    def store(self, source: str) -> FileStore:
+        d = self._dir(source)
+        with self._lock:
+            st = self._stores.get(d.name)
+            if st is None:
+                st = self._stores[d.name] = FileStore(d, self.per_source)
+            return st
+
+    def _candidates(self, source: str | None) -> Iterator[Path]:
+        first = self._dir(source) if source is not None else None
+        if first is not None:
+            yield first
+        try:
+            with os.scandir(self.root) as it:
+                others = [Path(e.path) for e in it if e.name.startswith("source-") and e.is_dir()]
+        except FileNotFoundError:
+            others = []
+        yield from (d for d in others if d != first)
+        yield self.root  # records written before stores were per source
+
+    def _find(self, key: str, source: str | None) -> tuple[Path, bytes] | None:
+        for d in self._candidates(source):
+            try:
+                return d / key, (d / key).read_bytes()
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                continue
+        return None
+
+    def remember(self, event_id: str, message_id: str, reporter: str, source: str) -> None:
+        rec = orjson.dumps({"event_id": event_id, "message_id": message_id, "reporter": reporter, "source": source})
+        st = self.store(source)
+        st.put(FileStore.key("event", event_id), rec)
+        st.put(FileStore.key("last", reporter, message_id), rec)
+
+    def event(self, event_id: str, source: str | None = None) -> dict[str, Any] | None:
+        found = self._find(FileStore.key("event", event_id), source)
+        return orjson.loads(found[1]) if found else None
+
+    def last(self, reporter: str, message_id: str, source: str | None = None) -> dict[str, Any] | None:
+        found = self._find(FileStore.key("last", reporter, message_id), source)
+        return orjson.loads(found[1]) if found else None
+
+    def forget_last(self, reporter: str, message_id: str, source: str | None = None) -> None:
+        found = self._find(FileStore.key("last", reporter, message_id), source)
+        if found is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(found[0])
 
 
 # --------------------------------------------------------------------------------------------- serving state
@@ -274,7 +356,7 @@ class ServingState:
         # Idempotency keys and feedback records are always on disk: low rate, and they must survive a worker
         # restart between a client's attempt and its retry.
         self.idempotency = FileStore(api_dir / "idempotency", 10_000)
-        self.feedback_records = FileStore(api_dir / "feedback", 100_000)
+        self.feedback_records = FeedbackRecords(api_dir / "feedback")
         self.served: Served | None = None
         self.rejected: dict[str, str] = {}
         self._rules_stamp: tuple[int, int] | None = None
@@ -530,22 +612,18 @@ class ServingState:
         return ok
 
     # ------------------------------------------------------------------ feedback records
-    def remember_feedback(self, event_id: str, message_id: str, reporter: str) -> None:
-        rec = orjson.dumps({"event_id": event_id, "message_id": message_id, "reporter": reporter})
-        self.feedback_records.put(FileStore.key("event", event_id), rec)
-        self.feedback_records.put(FileStore.key("last", reporter, message_id), rec)
+    def remember_feedback(self, event_id: str, message_id: str, reporter: str, source: str) -> None:
+        """Keep what a retraction of this flag needs, in its source's share of the records."""
+        self.feedback_records.remember(event_id, message_id, reporter, source)
 
-    def feedback_record(self, event_id: str) -> dict[str, Any] | None:
-        data = self.feedback_records.get(FileStore.key("event", event_id))
-        return orjson.loads(data) if data else None
+    def feedback_record(self, event_id: str, source: str | None = None) -> dict[str, Any] | None:
+        return self.feedback_records.event(event_id, source)
 
-    def last_feedback(self, reporter: str, message_id: str) -> dict[str, Any] | None:
-        data = self.feedback_records.get(FileStore.key("last", reporter, message_id))
-        return orjson.loads(data) if data else None
+    def last_feedback(self, reporter: str, message_id: str, source: str | None = None) -> dict[str, Any] | None:
+        return self.feedback_records.last(reporter, message_id, source)
 
-    def forget_last_feedback(self, reporter: str, message_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.feedback_records.root / FileStore.key("last", reporter, message_id))
+    def forget_last_feedback(self, reporter: str, message_id: str, source: str | None = None) -> None:
+        self.feedback_records.forget_last(reporter, message_id, source)
 
 
 @contextlib.contextmanager

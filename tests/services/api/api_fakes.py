@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from models.classifier import ModelSide, Verdict
 from models.rules import Rule, RuleEngine, RuleHit, RuleResult
 from services.api.deps import get_state
-from services.api.state import FileStore, MessageCache, ServingState
+from services.api.state import FeedbackRecords, FileStore, MessageCache, ServingState
 from services.settings import Settings
 
 KEYS = {"user-key": "alice", "bob-key": "bob", "admin-key": "admin", "relay-key": "mx", "ops-key": "ops"}
@@ -134,7 +134,7 @@ class FakeState:
         self.classify_pool = ClassifyPool(2, 4)
         self.limiter = FeedbackLimiter.from_settings(self.root / "limits.sqlite3", self.settings)
         self.idempotency = FileStore(self.root / "idempotency", 100)
-        self.feedback_records = FileStore(self.root / "feedback", 1000)
+        self.feedback_records = FeedbackRecords(self.root / "feedback", 1000)
         self.served: Snapshot | None = Snapshot(PhraseClassifier(), small_engine())
 
     def current(self) -> Snapshot:

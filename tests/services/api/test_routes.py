@@ -268,6 +268,41 @@ def test_only_the_reporter_or_an_admin_retracts(api: Api) -> None:
     assert api.client.delete("/feedback/not-a-uuid", headers=USER).status_code == 404
 
 
+def test_a_relay_flood_does_not_cost_other_reporters_their_retractions(tmp_path: Path) -> None:
+    """Feedback records are shared out per source: 600 flags from one relay (1,200 records, more than the fake's
+    1,000 per source) leave another reporter's flag retractable."""
+    a = make_api(tmp_path, feedback_identity_burst=1000)
+    try:
+        mid = classify(a)
+        mine = a.client.post("/feedback", json={"message_id": mid, "label": "spam"}, headers=USER).json()["event_id"]
+        flood = {**RELAY, "X-Flywheel-User": "flood"}
+        for i in range(600):
+            raw = f"Subject: flood {i}\r\n\r\nmake money {i}\r\n"
+            assert a.client.post("/feedback", json={"raw": raw, "label": "ham"}, headers=flood).status_code == 202
+        r = a.client.delete(f"/feedback/{mine}", headers=USER)
+        assert r.status_code == 202, r.text
+        assert r.json()["retracts"] == mine
+    finally:
+        a.state.close()
+
+
+def test_a_flag_cannot_name_a_served_verdict_record(tmp_path: Path) -> None:
+    """With a shared spool (several workers), a message id is looked up among messages only: the key under which
+    the spool once kept the served verdict of a message is an unknown message, not a message to flag."""
+    from services.api.state import FileStore, MessageCache
+
+    a = make_api(tmp_path)
+    try:
+        a.state.messages = MessageCache(1000, 1 << 22, spool=FileStore(tmp_path / "spool", 1000, 1 << 24))
+        mid = classify(a)
+        assert a.client.post("/feedback", json={"message_id": mid, "label": "spam"}, headers=USER).status_code == 202
+        r = a.client.post("/feedback", json={"message_id": FileStore.key("served", mid), "label": "spam"},
+                          headers=USER)
+        assert r.status_code == 404, r.text
+    finally:
+        a.state.close()
+
+
 def test_validation_errors_never_echo_the_input(api: Api) -> None:
     r = api.client.delete("/feedback/" + "z" * 65, headers=USER)  # FastAPI's own path validation
     assert r.status_code == 422
