@@ -6,12 +6,22 @@ records in small batches (``take_events``) so the handler can apply each batch i
 events are acknowledged only after the handler returns (at-least-once). Agent concurrency is 1 and faust's
 exactly-once mode is off: ordering per partition is what makes the handler's offset filter exact.
 
+A handler that raises must not be acknowledged: faust's ``take_events`` acknowledges the batch in a ``finally``
+block, so an exception unwinding the agent would move the committed offsets past records nobody stored, and the
+dead agent would consume nothing more while the process looked alive. The agent therefore ends the process at
+once (exit status ``EXIT_UNACKNOWLEDGED``), before the next commit, and a supervisor restarts it from its
+committed offsets. Handlers retry what can pass (a locked database) themselves and raise only when giving up.
+
 Flags and retractions share the feedback topic (see streams.topics), so one agent sees them in order.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import asyncio
+import contextlib
+import os
+import sys
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import faust
 import structlog
@@ -25,13 +35,20 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+EXIT_UNACKNOWLEDGED = 70
+"""Exit status of a worker whose handler failed a batch: nothing after its committed offsets was acknowledged."""
+
 
 class BatchHandler(Protocol):
     """What the app drives: ``handle`` each batch of records (in partition order), ``tick`` on the timer."""
 
     async def on_start(self, app: faust.App) -> None: ...
 
-    async def handle(self, records: Sequence[Record]) -> None: ...
+    async def handle(self, records: Sequence[Record]) -> None:
+        """Apply a batch durably, or raise (the process then exits unacknowledged). Cancelled (at shutdown), it
+        must not return before the batch is stored or known not to be: faust acknowledges it as the agent
+        unwinds."""
+        ...
 
     async def tick(self) -> None: ...
 
@@ -95,7 +112,12 @@ def make_app(
                 Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
                 for e in events
             ]
-            await h.handle(records)
+            try:
+                await h.handle(records)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - whatever it was, the batch must not be acknowledged
+                exit_unacknowledged(records, exc)
 
     @app.task
     async def start_handler() -> None:
@@ -106,6 +128,19 @@ def make_app(
         await h.tick()
 
     return app
+
+
+def exit_unacknowledged(records: Sequence[Record], exc: BaseException) -> NoReturn:
+    """End the process now, before faust acknowledges ``records`` (see the module docstring), saying why."""
+    first = records[0] if records else None
+    log.critical("batch not stored: the worker exits without acknowledging it, to restart from its committed "
+                 "offsets", error=repr(exc), records=len(records),
+                 partition=first.partition if first else None, first_offset=first.offset if first else None,
+                 exit_status=EXIT_UNACKNOWLEDGED)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing more can be said
+            stream.flush()
+    os._exit(EXIT_UNACKNOWLEDGED)
 
 
 def run_app(app: faust.App, loglevel: str = "WARNING") -> None:

@@ -4,12 +4,22 @@ Ingest and learning run on different threads: a batch of records is applied to t
 the ingest thread (faust acknowledges it only after that), and the learner catches up in the background (a burst
 of flags makes the models lag for a moment, never the consumer). ``flywheel worker`` (or
 ``python -m services.worker``) runs it until SIGTERM.
+
+A store that refuses a batch (``database is locked`` while a backup or another process holds it, a full disk) is
+retried with backoff for up to ``worker_store_retry_s``, loudly (``flywheel_worker_store_errors_total``, the
+``flywheel_worker_store_ok`` gauge, an error line per attempt); nothing after the batch is consumed meanwhile.
+Past that bound the worker exits without acknowledging the batch (``streams.app.exit_unacknowledged``) and
+restarts from its committed offsets: consuming on would acknowledge flags nobody stored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import errno
+import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +40,29 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Worker", "await_kafka", "main", "run_worker"]
+__all__ = ["StoreUnavailable", "Worker", "await_kafka", "main", "run_worker", "store_error_cause"]
 
 STATUS_EVERY_S = 2.0
+STORE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.DatabaseError, OSError)
+"""What a store may raise for reasons outside the batch (a lock held elsewhere, a full or failing disk)."""
+STORE_BACKOFF_S = (0.5, 10.0)
+"""First and longest wait between two attempts at a batch the store refused (doubling in between)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store refused a batch for longer than ``worker_store_retry_s`` (or while the worker stops)."""
+
+
+def store_error_cause(exc: BaseException) -> str:
+    """A bounded label for ``flywheel_worker_store_errors_total``: locked, disk_full, io or other."""
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
+        return "locked"
+    if "full" in text or (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return "disk_full"
+    if isinstance(exc, OSError) or "disk i/o" in text:
+        return "io"
+    return "other"
 
 
 class Worker:
@@ -65,6 +95,7 @@ class Worker:
             self.learner.update_quality()
             self.learner.start()
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest")
+        self._closing = threading.Event()  # set at shutdown: a batch still refused is given up, unacknowledged
         self._app: faust.App | None = None
         for label in self.store.label_counts():
             self.metrics.labels.labels(label=label).inc(0)
@@ -108,18 +139,77 @@ class Worker:
         self._app = app
 
     async def handle(self, records: Sequence[Record]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._exec, self.process, list(records))
+        fut = self._exec.submit(self.process, list(records))
+        try:
+            await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            # Stopping mid-batch: faust acknowledges the batch as the agent unwinds, so it must be stored first
+            # (or the process must end unacknowledged). Give up retrying, then wait for the outcome.
+            self._closing.set()
+            concurrent.futures.wait([fut])
+            exc = fut.exception()
+            if exc is not None:
+                from streams.app import exit_unacknowledged
+
+                exit_unacknowledged(records, exc)
+            raise
 
     async def tick(self) -> None:
         if self.learner is not None:
             self.learner.wake()
         self._update_lag()
         if time.monotonic() - self._status_at >= STATUS_EVERY_S:
-            await asyncio.get_running_loop().run_in_executor(self._exec, self.publish_status)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._exec, self.publish_status)
+            except STORE_ERRORS as exc:  # the status page waits for the store like everything else
+                log.warning("worker status not published", error=str(exc))
+                self._status_at = time.monotonic()
 
     # -- work (ingest thread) -------------------------------------------------------------------------
+    def apply_durably(self, records: list[Record]) -> BatchResult:
+        """Apply a batch, retrying while the store refuses it (see the module docstring); ``StoreUnavailable``
+        past ``worker_store_retry_s`` or at shutdown. Retrying is exact: the store's offset filter skips any
+        record a failed attempt did commit."""
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                res = self.store.apply(records)
+            except STORE_ERRORS as exc:
+                attempt += 1
+                cause = store_error_cause(exc)
+                self.metrics.store_errors.labels(error=cause).inc()
+                self.metrics.store_ok.set(0)
+                waited = time.monotonic() - start
+                first = records[0] if records else None
+                where = {"partition": first.partition if first else None,
+                         "first_offset": first.offset if first else None, "records": len(records)}
+                left = self.settings.worker_store_retry_s - waited
+                if left <= 0 or self._closing.is_set():
+                    log.critical("store refused a batch; giving up", error=str(exc), cause=cause, attempts=attempt,
+                                 waited_s=round(waited, 1), **where)
+                    raise StoreUnavailable(f"the store refused a batch for {waited:.0f}s: {exc}") from exc
+                delay = min(STORE_BACKOFF_S[1], STORE_BACKOFF_S[0] * 2 ** (attempt - 1), left)
+                log.error("store refused a batch; retrying", error=str(exc), cause=cause, attempt=attempt,
+                          retry_in_s=round(delay, 2), waited_s=round(waited, 1), **where)
+                if self._closing.wait(delay):
+                    continue  # one last attempt, then give up (above)
+                continue
+            if attempt:
+                log.warning("store accepts batches again", attempts=attempt,
+                            waited_s=round(time.monotonic() - start, 1))
+            self.metrics.store_ok.set(1)
+            return res
+
     def process(self, records: list[Record]) -> BatchResult:
-        res = self.store.apply(records)
+        res = self.apply_durably(records)
+        try:
+            self._after_batch(res)
+        except STORE_ERRORS as exc:  # the batch is stored; metrics that read the store catch up on the next one
+            log.warning("metrics after a batch not updated", error=str(exc))
+        return res
+
+    def _after_batch(self, res: BatchResult) -> None:
         self._dead_letter(res.dead)
         m = self.metrics
         if res.skipped:
@@ -142,7 +232,6 @@ class Worker:
         m.data_version.set(self.store.data_version)
         if self.learner is not None:
             self.learner.wake()
-        return res
 
     def _dead_letter(self, dead: list[tuple[Record, str]]) -> None:
         from streams.events import dead_letter
@@ -179,6 +268,7 @@ class Worker:
             log.debug("lag update failed", exc_info=True)
 
     def close(self) -> None:
+        self._closing.set()
         self._exec.shutdown(wait=True)
         if self.learner is not None:
             self.learner.stop()

@@ -67,6 +67,23 @@ class WorkerMetrics:
                                     registry=r)
         self.refit_seconds = Gauge("flywheel_refit_seconds", "Duration of the last training, by kind.", ["kind"],
                                    registry=r)
+        self.store_errors = Counter("flywheel_worker_store_errors_total",
+                                    "Batches the store refused (retried, not acknowledged), by cause.", ["error"],
+                                    registry=r)
+        self.store_ok = Gauge("flywheel_worker_store_ok",
+                              "1 while the store applies batches, 0 while it refuses them (the worker retries).",
+                              registry=r)
+        self.store_bytes = Gauge("flywheel_worker_store_bytes",
+                                 "The worker's store: raw mail kept (raw) and the database on disk (file).", ["part"],
+                                 registry=r)
+        self.store_quota = Gauge("flywheel_worker_store_quota_bytes", "store_quota_bytes: raw mail the store keeps.",
+                                 registry=r)
+        self.store_dropped = Counter("flywheel_worker_store_dropped_bytes_total",
+                                     "Raw mail dropped to stay within the quota (votes kept), by whose share was full.",
+                                     ["share"], registry=r)
+        self.disk_free = Gauge("flywheel_worker_disk_free_bytes", "Free bytes on the store's file system.",
+                               registry=r)
+        self.store_ok.set(1)
         self._champion_key: tuple[str, str] | None = None
         self._shown_reporters: set[str] = set()
         self._live_versions: list[str] = []
