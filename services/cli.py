@@ -787,14 +787,14 @@ def corpus_info() -> None:
 @friendly_errors
 def serve(host: str | None, port: int | None, spamd_port: int | None, workers: int | None) -> None:
     """Serve /classify, /feedback, the admin API and the spamd protocol."""
-    from services.api.app import serve as run_api
-    from services.api.safety import check_serving_settings
     from services.stack import preflight
 
     overrides = {"api_host": host, "api_port": port, "spamd_port": spamd_port, "workers": workers}
     s = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    check_serving_settings(s)
+    # the ports before the web framework and the models are even imported: a taken port is known in a second
     preflight(s, api=True, flags={"api_host": "--host", "api_port": "--port", "spamd_port": "--spamd-port"})
+    from services.api.app import serve as run_api
+
     _configure_logging(s, "api")
     run_api(s)
 
@@ -804,10 +804,11 @@ def serve(host: str | None, port: int | None, spamd_port: int | None, workers: i
 def worker() -> None:
     """Run the retraining worker: feedback -> labels -> challengers -> gate -> promotion."""
     from services.stack import preflight
-    from services.worker.app import run_worker
 
     s = get_settings()
-    preflight(s, worker=True)
+    preflight(s, worker=True)  # before the training libraries are imported (seconds)
+    from services.worker.app import run_worker
+
     _configure_logging(s, "worker")
     click.echo(f"==> worker: metrics on http://127.0.0.1:{s.worker_port}/metrics; logs in "
                f"{s.logs / 'worker.jsonl'}", err=True)

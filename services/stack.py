@@ -280,12 +280,14 @@ def preflight(settings: Settings, *, api: bool = False, worker: bool = False, ka
         port("worker_port", settings.worker_port)
     s = settings.streams()
     if kafka and s.manages_kafka and not broker.is_running(s):
+        before = len(problems)
         port("kafka_port", settings.kafka_port)
         port("kafka_controller_port", settings.kafka_controller_port)
-        try:
-            broker.find_java()
-        except broker.BrokerError as exc:
-            problems.append(str(exc))
+        if len(problems) == before:  # Java answers in seconds on a busy host: only when the ports are free
+            try:
+                broker.find_java()
+            except broker.BrokerError as exc:
+                problems.append(str(exc))
     if prometheus and not _prometheus_daemon(settings).running():
         port("prometheus_port", settings.prometheus_port)
         if _resolve_binary(settings.prometheus_bin) is None and (

@@ -106,6 +106,22 @@ def no_process_left_behind() -> Iterator[None]:
     pytest.fail("processes left behind by the tests (killed now):\n" + "\n".join(described), pytrace=False)
 
 
+def _worker_data_dirs() -> set[Path]:
+    """faust data directories (``<app id>-data``, the worker's is ``<prefix>-worker-data``) where a run could drop
+    them by mistake: the checkout and the current directory."""
+    return {p.resolve() for d in {REPO_ROOT, Path.cwd()} for p in d.glob("*-worker-data")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_worker_data_outside_the_state_dir() -> Iterator[None]:
+    """Fail the session if a test's worker left faust's data directory outside its state directory."""
+    before = _worker_data_dirs()
+    yield
+    left = sorted(str(p) for p in _worker_data_dirs() - before)
+    if left:
+        pytest.fail(f"faust data directories outside the state directory: {left}", pytrace=False)
+
+
 # --------------------------------------------------------------------------------------------- backend
 def pytest_configure(config: pytest.Config) -> None:
     """Check FLYWHEEL_TEST_BACKEND before any test: a bad value, or containers without Docker, stops the run here."""

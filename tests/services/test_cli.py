@@ -614,3 +614,44 @@ def _fresh_settings() -> Iterator[None]:
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------- ports taken
+@pytest.mark.integration
+@pytest.mark.parametrize(("args", "taken", "says"), [
+    (("serve", "--port", "{port}"), "api_port", "--port or FLYWHEEL_API_PORT"),
+    (("serve",), "spamd_port", "--spamd-port or FLYWHEEL_SPAMD_PORT"),
+    (("worker",), "worker_port", "FLYWHEEL_WORKER_PORT"),
+    (("kafka", "start"), "kafka_port", "FLYWHEEL_KAFKA_PORT"),
+    (("prometheus", "start"), "prometheus_port", "FLYWHEEL_PROMETHEUS_PORT"),
+    (("run", "--serve-only"), "api_port", "FLYWHEEL_API_PORT"),
+    (("run", "--quick"), "worker_port", "FLYWHEEL_WORKER_PORT"),
+], ids=["serve", "serve-spamd", "worker", "kafka-start", "prometheus-start", "run-serve-only", "run"])
+def test_a_server_command_on_a_taken_port_exits_1_at_once_with_one_line(
+        tmp_path: Path, args: tuple[str, ...], taken: str, says: str) -> None:
+    """Before anything starts (no broker, no Prometheus, no replay state wiped): one line naming the setting or
+    option to change, exit 1, within 5 s."""
+    import socket
+    import time
+
+    from conftest import make_settings
+
+    s = make_settings(tmp_path / "state")
+    port = int(getattr(s, taken))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}, **cli_env(s)}
+    (s.state_dir / "replay").mkdir(parents=True)
+    (s.state_dir / "replay" / "keep").write_text("the last replay's state")
+    with socket.socket() as other:  # another program listening there
+        other.bind(("127.0.0.1", port))
+        other.listen()
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "services.cli", *(a.format(port=port) for a in args)],
+                                cwd=tmp_path, env={k: v for k, v in env.items() if v is not None},
+                                capture_output=True, text=True, timeout=60, check=False)
+        elapsed = time.monotonic() - started
+    shown = f"exit {result.returncode} after {elapsed:.1f}s\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 1 and elapsed < 5.0, shown
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1, shown
+    assert result.stderr.startswith(f"error: port {port} is in use by another program") and says in result.stderr
+    assert (s.state_dir / "replay" / "keep").is_file()  # nothing half-done
+    assert not list(s.state_dir.rglob("*.pid")) and not list(s.state_dir.rglob("live-stack.json"))
