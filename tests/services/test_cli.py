@@ -655,3 +655,23 @@ def test_a_server_command_on_a_taken_port_exits_1_at_once_with_one_line(
     assert result.stderr.startswith(f"error: port {port} is in use by another program") and says in result.stderr
     assert (s.state_dir / "replay" / "keep").is_file()  # nothing half-done
     assert not list(s.state_dir.rglob("*.pid")) and not list(s.state_dir.rglob("live-stack.json"))
+
+
+@pytest.mark.unit
+def test_the_readme_command_list_matches_help() -> None:
+    """Every command and every option ``--help`` shows is in the README's command list (and no command there is
+    unknown)."""
+    text = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"## The `flywheel` command\n.*?```\n(.*?)```", text, re.S)
+    assert block, "the README has no command list"
+    lines = [ln.split("#")[0] for ln in block[1].splitlines() if ln.startswith("flywheel ")]
+    for path in leaf_commands():
+        cmd = command_at(path)
+        mine = [ln for ln in lines if ln.split()[1] == path[0] and (len(path) == 1 or re.search(
+            rf"(^|[\s|]){re.escape(path[1])}($|[\s|])", " ".join(ln.split()[2:])))]
+        assert mine, f"`flywheel {' '.join(path)}` is not in the README's command list"
+        for param in cmd.params:
+            for opt in (o for o in param.opts if o.startswith("--") and o != "--help"):
+                assert any(opt in ln for ln in mine), f"`flywheel {' '.join(path)} {opt}` is not in the README"
+    known = {p[0] for p in leaf_commands()}
+    assert {ln.split()[1] for ln in lines} <= known, lines

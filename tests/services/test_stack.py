@@ -207,3 +207,61 @@ def test_run_stack_exits_1_and_cleans_up_when_a_part_fails(private: Settings, tm
     assert read_pid(s.state_dir / "prometheus" / "prometheus.pid") is None
     if s.manages_kafka:
         assert read_pid(s.state_dir / "kafka" / "kafka.pid") is None and not port_open(s.kafka_port)
+
+
+# --------------------------------------------------------------------------------------------- the live record
+@pytest.mark.unit
+def test_the_live_record_points_state_readers_at_the_running_stack(tmp_path: Path) -> None:
+    """``flywheel run`` serves from ``<state>/replay`` on its ports: commands configured with ``<state>`` follow
+    it while the record's process lives, and go back to their own settings once it is removed or stale."""
+    home = make_settings(tmp_path / "state")
+    live = make_settings(home.state_dir / "replay")
+    assert stack.live_settings(home) == (home, None)
+    path = stack.record_live(home.state_dir, live)
+    assert path == home.state_dir / stack.LIVE_FILE
+    followed, pid = stack.live_settings(home)
+    assert pid == os.getpid()
+    assert followed.state_dir == live.state_dir and followed.registry == live.registry
+    assert (followed.api_port, followed.spamd_port, followed.worker_port, followed.prometheus_port) == (
+        live.api_port, live.spamd_port, live.worker_port, live.prometheus_port)
+    assert followed.topic_prefix == live.topic_prefix and followed.downloads == home.downloads
+    stack.clear_live(home.state_dir)
+    assert not path.exists() and stack.live_settings(home) == (home, None)
+
+    # a stack killed without its clean-up leaves a record whose process is gone: ignored
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    record = json.loads(stack.record_live(home.state_dir, live).read_text())
+    record["pid"] = int(gone.stdout)
+    path.write_text(json.dumps(record))
+    assert stack.live_settings(home) == (home, None)
+
+
+@pytest.mark.unit
+def test_clear_live_leaves_another_stacks_record(tmp_path: Path) -> None:
+    home = make_settings(tmp_path / "state")
+    path = stack.record_live(home.state_dir, home)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "pid": record["pid"] + 1}))
+    stack.clear_live(home.state_dir)
+    assert path.exists()
+
+
+@pytest.mark.unit
+def test_preflight_names_every_problem_on_one_line(tmp_path: Path) -> None:
+    import socket
+
+    s = make_settings(tmp_path / "state", prometheus_bin=str(tmp_path / "no-prometheus"))
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", s.api_port))
+        a.listen()
+        b.bind(("127.0.0.1", s.worker_port))
+        b.listen()
+        with pytest.raises(stack.StackError) as err:
+            stack.preflight(s, api=True, worker=True, prometheus=True, flags={"api_port": "--port"})
+    text = str(err.value)
+    assert "\n" not in text
+    assert f"port {s.api_port} is in use by another program; stop it or change --port or FLYWHEEL_API_PORT" in text
+    assert f"port {s.worker_port} is in use by another program; stop it or change FLYWHEEL_WORKER_PORT" in text
+    assert "FLYWHEEL_PROMETHEUS_BIN" in text
+    stack.preflight(s, api=True, worker=True)  # free again: nothing to say
