@@ -62,6 +62,19 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot be done (unknown version, nothing to roll back to...)."""
 
 
+class ChampionChanged(RegistryError):
+    """A compare-and-swap promotion found another champion than the one its caller judged."""
+
+    def __init__(self, version: str, expected: str | None, current: str | None) -> None:
+        super().__init__(f"not promoting {version}: the champion is {current or 'none'}, not {expected or 'none'} "
+                         "as judged (promoted or rolled back meanwhile)")
+        self.version, self.expected, self.current = version, expected, current
+
+
+_ANY = object()
+"""``promote``'s default ``expected``: promote whatever the champion is (an operator's explicit command)."""
+
+
 class ModelRejected(RegistryError):
     """A version's artifact is missing, corrupt or fails its self-check; the current champion keeps serving."""
 
@@ -494,12 +507,19 @@ class Registry:
                 stack.pop()
         return stack
 
-    def promote(self, version: str, reason: str) -> None:
-        """Make ``version`` the champion (it must exist and have a model file)."""
+    def promote(self, version: str, reason: str, *, expected: str | object | None = _ANY) -> None:
+        """Make ``version`` the champion (it must exist and have a model file).
+
+        ``expected`` makes it a compare-and-swap: the champion must still be that version (None: no champion),
+        checked under the writer lock, or :class:`ChampionChanged` is raised and nothing changes. The gate
+        passes the champion it judged, so an administrator's rollback (or promotion) made while the gate
+        decided is kept instead of silently undone."""
         with self._writer():
             if not (self.versions_dir / version / MODEL_FILE).is_file():
                 raise RegistryError(f"cannot promote {version}: no such version")
             previous = self.champion()
+            if expected is not _ANY and previous != expected:
+                raise ChampionChanged(version, expected if isinstance(expected, str) else None, previous)
             self._append_jsonl(self._history_file, {
                 "at": _now_iso(), "action": "promote", "version": version, "previous": previous, "reason": reason,
             })
@@ -640,6 +660,7 @@ def jsonable(o: Any) -> Any:
 __all__ = [
     "KINDS",
     "SELF_CHECK_TOL",
+    "ChampionChanged",
     "LoadedModel",
     "ModelRejected",
     "Registry",

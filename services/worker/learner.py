@@ -680,7 +680,7 @@ class Learner:
             version = self._save(cand, onnx_path, champ_v, sel.composition, result)
             if cand.cross is not None:
                 self._crosses[version] = cand.cross
-            self._record(cand, version, champ, result, sel.composition, y, ec, ek)
+            self._record(cand, version, champ, result, sel.composition, y, ec, ek, judged=champ_v)
             keep = {self.registry.champion(), self.anchor_version}
             self._crosses = {v: c for v, c in self._crosses.items() if v in keep}
             self._count_surprises(flags, zk, champ, cand.trained)
@@ -725,9 +725,19 @@ class Learner:
         return version
 
     def _record(self, cand: Candidate, version: str, champ: _Judge | None, result: GateResult,
-                composition: dict[str, Any], y: np.ndarray, ec: np.ndarray, ek: np.ndarray) -> None:
+                composition: dict[str, Any], y: np.ndarray, ec: np.ndarray, ek: np.ndarray,
+                judged: str | None = None) -> None:
+        from models.registry import ChampionChanged
         from streams.events import ModelEvent
 
+        if result.promote:  # compare-and-swap: an operator's rollback or promotion while the gate decided is kept
+            try:
+                self.registry.promote(version, result.reason, expected=judged)
+            except ChampionChanged as exc:
+                log.warning("gate decision overtaken", version=version, judged=judged, champion=exc.current)
+                result = GateResult(False, f"champion changed during the gate (now {exc.current or 'none'}, judged "
+                                    f"{judged or 'none'}); the gate had found: {result.reason}", result.test,
+                                    result.figures)
         decision = "promoted" if result.promote else "rejected"
 
         def side(z: np.ndarray) -> dict[str, Any]:
@@ -745,7 +755,6 @@ class Learner:
                    "anchor": self.anchor_version},
         )
         if result.promote:
-            self.registry.promote(version, result.reason)
             anchor_auc = result.figures.get("anchor_auc", {}).get("auc_champion")
             mine = result.figures.get("auc", {}).get("auc_challenger")
             if self.anchor_version is None or champ is None or anchor_auc is None or (

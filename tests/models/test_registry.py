@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 from models.features import FeatureConfig, featurize
 from models.message import parse
 from models.registry import (
+    ChampionChanged,
     ModelRejected,
     Registry,
     RegistryError,
@@ -175,6 +176,27 @@ def test_promote_rollback_and_history(tmp_path: Path, weights: np.ndarray, vecto
         reg.delete(a)  # serving: kept
     reg.delete(b)  # rolled away from: no rollback can reach it any more
     assert [i.version for i in reg.list()] == [a, c]
+
+
+@pytest.mark.unit
+def test_promote_with_expected_is_a_compare_and_swap(tmp_path: Path, weights: np.ndarray,
+                                                      vectors: list[SelfCheckVector]) -> None:
+    """The gate promotes against the champion it judged: a rollback made meanwhile is kept."""
+    reg = Registry(tmp_path / "reg")
+    a, b, c = (save_one(reg, tmp_path, weights, vectors) for _ in range(3))
+    with pytest.raises(ChampionChanged):
+        reg.promote(a, "gate", expected="someone-else")  # no champion yet, not the one expected
+    reg.promote(a, "seed", expected=None)
+    reg.promote(b, "gate", expected=a)
+    judged = reg.champion()
+    assert reg.rollback("an administrator, while the gate judges c against b") == a
+    with pytest.raises(ChampionChanged, match="rolled back meanwhile") as err:
+        reg.promote(c, "gate: better auc", expected=judged)
+    assert err.value.current == a and err.value.expected == b
+    assert reg.champion() == a
+    assert [h["action"] for h in reg.history()] == ["promote", "promote", "rollback"]
+    reg.promote(c, "an operator's explicit promotion")  # no expectation: whatever the champion is
+    assert reg.champion() == c
 
 
 @pytest.mark.unit

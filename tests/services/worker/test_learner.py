@@ -175,3 +175,33 @@ def test_the_gate_judges_on_labels_the_challenger_left_out(rig: Rig, mail: dict[
     assert d["evaluation_set"]["flags"]["spam"] + d["evaluation_set"]["flags"]["ham"] == len(labelled) == 240
     assert d["decision"] == "rejected" and rig.learner.registry.champion() == champion, d["reason"]
     assert d["challenger_metrics"]["one_minus_auc"] > d["champion_metrics"]["one_minus_auc"]
+
+
+def test_a_rollback_during_a_gate_decision_is_kept(rig: Rig, mail: dict[str, Any],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Promotion is a compare-and-swap against the champion the gate judged: an administrator who rolls back
+    while the gate decides keeps the rollback; the decision is recorded as rejected, saying why."""
+    import services.worker.learner as learner_mod
+    from models.gate import GateResult
+
+    reg = rig.learner.registry
+    first = rig.learner.refit()
+    promote_all = lambda *a, **k: GateResult(True, "promoted for the test", "better", {})  # noqa: E731
+    monkeypatch.setattr(learner_mod, "decide", promote_all)
+    rig.flag(mail["flags"][:60])
+    second = rig.learner.refit()
+    assert reg.champion() == second != first
+
+    def rollback_meanwhile(*a: Any, **k: Any) -> GateResult:
+        reg.rollback("an administrator, while the gate decides")
+        return promote_all()
+
+    monkeypatch.setattr(learner_mod, "decide", rollback_meanwhile)
+    rig.flag(mail["flags"][60:100])
+    third = rig.learner.refit()
+    assert third not in (None, first, second)
+    assert reg.champion() == first, "the administrator's rollback was undone"
+    d = reg.decisions()[-1]
+    assert d["challenger"] == third and d["champion"] == second
+    assert d["decision"] == "rejected" and "champion changed during the gate" in d["reason"]
+    assert [h["action"] for h in reg.history()][-1] == "rollback"
