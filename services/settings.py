@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     classify_queue: int = Field(
         64, ge=0, description="Messages that may wait for a classification thread; beyond that 503 + Retry-After."
     )
+    classify_batch_share: int = Field(
+        8, ge=1, description="Slots of the classification pool one /classify/batch holds while it runs: it is "
+        "scored this many messages at a time, so single messages wait behind one such chunk, not a whole batch.",
+    )
     feedback_identity_rate: float = Field(1.0, gt=0, description="Flags per second each reporter earns (token bucket).")
     feedback_identity_burst: int = Field(300, ge=1, description="Flags a reporter may send at once (bucket size).")
     feedback_source_rate: float = Field(

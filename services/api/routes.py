@@ -109,6 +109,48 @@ def classify_and_remember(state: ServingState, served: Any, raw: bytes) -> tuple
     return v, mid
 
 
+class _Refused(Exception):
+    """A message a client sent that cannot be classified: the HTTP status and the reason."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _prepare(item: ClassifyJSON | bytes, limit: int) -> bytes:
+    """The message's bytes: JSON fields assembled (linear in their size, on a classification thread), then the
+    size limit and the check that it is a message at all. Raises ``_Refused``."""
+    if isinstance(item, bytes):
+        raw = item
+    else:
+        try:
+            raw = assemble(item)
+        except ValueError as exc:
+            raise _Refused(422, str(exc)) from None
+        if len(raw) > limit:
+            raise _Refused(413, f"message of {len(raw)} bytes exceeds the limit of {limit} bytes")
+    try:
+        check_message(raw)
+    except NotAMessage as exc:
+        raise _Refused(400, str(exc)) from None
+    return raw
+
+
+def _prepare_and_classify(state: ServingState, served: Any, item: ClassifyJSON | bytes, limit: int) -> tuple[Any, str]:
+    return classify_and_remember(state, served, _prepare(item, limit))
+
+
+def _prepare_all(items: list[ClassifyJSON], limit: int) -> list[bytes]:
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(_prepare(item, limit))
+        except _Refused as exc:
+            raise _Refused(exc.status, f"messages[{i}]: {exc.detail}") from None
+    return out
+
+
 def _classify_batch(state: ServingState, served: Any, raws: list[bytes]) -> list[dict[str, Any]]:
     verdicts = served.classifier.classify_batch(raws)
     out = []
@@ -129,28 +171,22 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def _one_message(request: Request) -> bytes:
+def _parse(model: type[BaseModel], body: bytes) -> Any:
+    """Parse and validate a JSON body (on a thread: a body near the size limit takes milliseconds)."""
+    return _validate(model, parse_json(body))
+
+
+async def _one_message(request: Request) -> ClassifyJSON | bytes:
+    """The request's message: raw bytes, or the validated JSON fields (assembled later, off the event loop)."""
     settings = request.app.state.settings
-    limit = settings.max_message_bytes
-    body = await read_body(request, limit, settings.client_timeout_s)
+    body = await read_body(request, settings.max_message_bytes, settings.client_timeout_s)
     mt = _media_type(request)
     if mt in ("application/json", "text/json") or mt.endswith("+json"):
-        req = _validate(ClassifyJSON, parse_json(body))
-        try:
-            raw = assemble(req)
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        if len(raw) > limit:
-            raise HTTPException(413, f"message of {len(raw)} bytes exceeds the limit of {limit} bytes")
-    elif mt in ("", "message/rfc822", "text/plain", "application/octet-stream"):
-        raw = body
-    else:
-        raise HTTPException(415, f"unsupported Content-Type {mt!r}: send message/rfc822 or application/json")
-    try:
-        check_message(raw)
-    except NotAMessage as exc:
-        raise HTTPException(400, str(exc)) from None
-    return raw
+        req: ClassifyJSON = await run_in_threadpool(_parse, ClassifyJSON, body)
+        return req
+    if mt in ("", "message/rfc822", "text/plain", "application/octet-stream"):
+        return body
+    raise HTTPException(415, f"unsupported Content-Type {mt!r}: send message/rfc822 or application/json")
 
 
 # --------------------------------------------------------------------------------------------- classify
@@ -164,13 +200,16 @@ async def _one_message(request: Request) -> bytes:
     dependencies=[Depends(classify_access)],
 )
 async def classify(request: Request) -> Response:
-    raw = await _one_message(request)
+    item = await _one_message(request)
     state: ServingState = request.app.state.serving
     served = state.current()
     try:
-        v, mid = await state.classify_pool.run(classify_and_remember, state, served, raw)
+        v, mid = await state.classify_pool.run(_prepare_and_classify, state, served, item,
+                                               state.settings.max_message_bytes)
     except Busy as exc:
         raise _busy(exc) from None
+    except _Refused as exc:
+        raise HTTPException(exc.status, exc.detail) from None
     return ORJSONResponse(verdict_dict(v, mid, served.classifier.policy))
 
 
@@ -184,28 +223,27 @@ async def classify(request: Request) -> Response:
     dependencies=[Depends(classify_access)],
 )
 async def classify_batch(request: Request) -> Response:
+    """Charged per message: the batch holds ``classify_batch_share`` slots of the pool while it runs and is scored
+    that many messages at a time, so single messages wait behind one chunk of it, not the whole batch."""
     settings = request.app.state.settings
     body = await read_body(request, settings.max_message_bytes, settings.client_timeout_s)
     mt = _media_type(request)
     if mt not in ("application/json", "text/json", "") and not mt.endswith("+json"):
         raise HTTPException(415, f"unsupported Content-Type {mt!r}: send application/json")
-    req: BatchJSON = _validate(BatchJSON, parse_json(body))
-    raws: list[bytes] = []
-    for i, item in enumerate(req.messages):
-        try:
-            raw = assemble(item)
-            check_message(raw)
-        except NotAMessage as exc:
-            raise HTTPException(400, f"messages[{i}]: {exc}") from None
-        except ValueError as exc:
-            raise HTTPException(422, f"messages[{i}]: {exc}") from None
-        raws.append(raw)
+    req: BatchJSON = await run_in_threadpool(_parse, BatchJSON, body)
     state: ServingState = request.app.state.serving
     served = state.current()
+    chunk = max(1, settings.classify_batch_share)
+    out: list[dict[str, Any]] = []
     try:
-        out = await state.classify_pool.run(_classify_batch, state, served, raws)
+        async with state.classify_pool.share(min(chunk, len(req.messages))) as share:
+            raws = await share.run(_prepare_all, req.messages, settings.max_message_bytes)
+            for start in range(0, len(raws), chunk):
+                out += await share.run(_classify_batch, state, served, raws[start:start + chunk])
     except Busy as exc:
         raise _busy(exc) from None
+    except _Refused as exc:
+        raise HTTPException(exc.status, exc.detail) from None
     return ORJSONResponse({"results": out})
 
 

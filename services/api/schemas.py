@@ -7,7 +7,7 @@ validate the (small, infrequent) admin and feedback bodies.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -20,14 +20,35 @@ class _Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------------------------- classify
+MAX_HEADER_VALUE = 10_000
+"""Characters of one structured header field (``subject``, ``from``, ``to`` as one string, each of ``headers``)."""
+MAX_HEADERS = 100
+"""Entries of ``headers``."""
+MAX_RECIPIENTS = 1000
+"""Addresses in a ``to`` list, each at most ``MAX_RECIPIENT`` characters."""
+MAX_RECIPIENT = 1000
+MAX_HEADER_SECTION = 256 * 1024
+"""Characters of every structured header field together: the most of a message that is analysed by default
+(``analyse_bytes``); the body fields are bounded by the request size (``max_message_bytes``)."""
+
+_HeaderValue = Annotated[str, Field(max_length=MAX_HEADER_VALUE)]
+_Recipients = Annotated[list[Annotated[str, Field(max_length=MAX_RECIPIENT)]], Field(max_length=MAX_RECIPIENTS)]
+
+
 class ClassifyJSON(_Strict):
-    """Either ``raw`` (the whole RFC 822 message) or structured fields assembled into one."""
+    """Either ``raw`` (the whole RFC 822 message) or structured fields assembled into one.
+
+    Every field is bounded (422 with the field and its bound beyond), so the work of assembling a message is
+    bounded by the request's size before it starts; ``raw``, ``text`` and ``html`` by the request body limit.
+    """
 
     raw: str | None = Field(None, description="The whole message (RFC 822 / MIME), as text.")
-    subject: str | None = Field(None, max_length=10_000)
-    from_: str | None = Field(None, alias="from", max_length=10_000)
-    to: str | list[str] | None = Field(None, description="Recipient address(es).")
-    headers: dict[str, str] | None = Field(None, description="Further header fields, name -> value.")
+    subject: str | None = Field(None, max_length=MAX_HEADER_VALUE)
+    from_: str | None = Field(None, alias="from", max_length=MAX_HEADER_VALUE)
+    to: _HeaderValue | _Recipients | None = Field(
+        None, description=f"Recipient address(es): one string, or at most {MAX_RECIPIENTS} addresses.")
+    headers: dict[str, _HeaderValue] | None = Field(
+        None, max_length=MAX_HEADERS, description=f"Further header fields, name -> value (at most {MAX_HEADERS}).")
     text: str | None = Field(None, description="Plain-text body.")
     html: str | None = Field(None, description="HTML body.")
 
@@ -40,6 +61,11 @@ class ClassifyJSON(_Strict):
             raise ValueError("give 'raw' or at least one of subject, from, to, headers, text, html")
         if self.raw is not None and any(v is not None for v in structured):
             raise ValueError("give either 'raw' or structured fields, not both")
+        to = self.to if isinstance(self.to, str) or self.to is None else ", ".join(self.to)
+        total = sum(len(v) for v in (self.subject or "", self.from_ or "", to or ""))
+        total += sum(len(k) + len(v) for k, v in (self.headers or {}).items())
+        if total > MAX_HEADER_SECTION:
+            raise ValueError(f"the header fields total {total} characters, more than {MAX_HEADER_SECTION}")
         return self
 
 

@@ -4,7 +4,9 @@ verdict."""
 
 from __future__ import annotations
 
+import base64
 import math
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -70,6 +72,24 @@ def test_fields_become_a_message_the_parser_reads_back() -> None:
     assert msg.header("X-Mailer") == "test 1.0" and "a@x.org, b@x.org" in msg.header("To")
     assert "Bonjour, voilà." in msg.body_text
     check_message(raw)
+
+
+def test_a_long_non_ascii_header_is_encoded_in_linear_time_and_read_back() -> None:
+    """The e-mail package's header encoder took 3 s for one "é" and 40,000 letters (7.7 s for 400,000, on the
+    event loop); the encoder here cuts the UTF-8 bytes into encoded words in one pass."""
+    value = "é" + "a" * 400_000
+    t0 = time.perf_counter()
+    raw = assemble(ClassifyJSON.model_construct(subject=value, raw=None, from_=None, to=None, headers=None,
+                                                text="x", html=None))
+    took = time.perf_counter() - t0
+    assert took < 0.5, took
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert head.isascii() and max(len(line) for line in head.split(b"\r\n")) <= 998
+    subject = head.split(b"Subject: ", 1)[1].split(b"\r\nMIME-Version", 1)[0].decode().replace("\r\n ", " ")
+    assert "".join(base64.b64decode(w[10:-2]).decode("utf-8") for w in subject.split(" ")) == value
+    assert value.startswith(parse(raw).subject[:1000])  # the parser reads what it analyses of it
+    for v in ("日本語のテキスト 😀" * 40, "a" * 44 + "é" * 30, "😀"):  # never a character cut between two words
+        assert parse(assemble(ClassifyJSON(subject=v))).subject == v
 
 
 def test_header_values_cannot_inject_headers() -> None:

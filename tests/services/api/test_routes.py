@@ -139,6 +139,94 @@ def test_a_full_classification_pool_answers_503_with_retry_after(tmp_path: Path)
     a.state.close()
 
 
+@pytest.mark.parametrize(("body", "field", "says"), [
+    ({"headers": {"X-A": "\u00e9" + "a" * 400_000}}, ["headers", "X-A"], "at most 10000 characters"),
+    ({"to": "\u00e9" + "a" * 400_000}, ["to"], "at most 10000 characters"),
+    ({"to": ["a@example.org"] * 1001}, ["to"], "at most 1000 items"),
+    ({"to": ["a" * 1001 + "@example.org"]}, ["to"], "at most 1000 characters"),
+    ({"subject": "s", "headers": {f"X-{i}": "v" for i in range(101)}}, ["headers"], "at most 100 items"),
+    ({"subject": "x" * 10_000, "headers": {f"X-{i}": "v" * 9_990 for i in range(26)}}, [], "more than 262144"),
+])
+def test_every_structured_field_is_capped(tmp_path: Path, body: dict[str, Any], field: list[str], says: str) -> None:
+    a = make_api(tmp_path, max_message_bytes=2 * 1024 * 1024)
+    try:
+        for url, payload in (("/classify", body), ("/classify/batch", {"messages": [{"subject": "ok"}, body]})):
+            r = a.client.post(url, json=payload)
+            assert r.status_code == 422, r.text
+            (first, *_) = [e for e in r.json()["detail"] if says in e["msg"]]
+            loc = first["loc"] if url == "/classify" else first["loc"][2:]
+            assert not field or [x for x in loc if x in field] == field, (url, r.json())
+        assert a.state.current().classifier.seen == []
+    finally:
+        a.state.close()
+
+
+def test_json_fields_are_assembled_off_the_event_loop(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Assembling a message from JSON fields is work in proportion to the request: a classification thread's, never
+    the event loop's (where it would hold up /healthz, /metrics and spamd)."""
+    from services.api import routes
+
+    threads: list[str] = []
+
+    def recording(req: Any) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real(req)
+
+    real = routes.assemble
+    monkeypatch.setattr(routes, "assemble", recording)
+    assert api.client.post("/classify", json={"subject": "Prix sp\u00e9cial", "text": "hi"}).status_code == 200
+    r = api.client.post("/classify/batch", json={"messages": [{"subject": "a"}, {"subject": "b"}]})
+    assert r.status_code == 200
+    assert len(threads) == 3 and all(t.startswith("flywheel-classify") for t in threads), threads
+
+
+def test_a_single_message_is_not_held_behind_batches(tmp_path: Path) -> None:
+    """Four clients post batches of 200 messages at 5 ms each (a second apiece on one of the two threads); a single
+    message sent meanwhile waits behind at most one chunk of each, not behind whole batches. Every batch is
+    answered in full and in order."""
+    import time
+
+    import httpx
+
+    from services.api.offload import ClassifyPool
+
+    a = make_api(tmp_path, max_message_bytes=1024 * 1024, classify_batch_share=8)
+    a.state.classify_pool = ClassifyPool(2, 64)
+    clf = a.state.current().classifier
+    plain = clf.classify
+
+    def slow(raw: bytes) -> Any:
+        time.sleep(0.005)
+        return plain(raw)
+
+    clf.classify = slow  # type: ignore[method-assign]
+    batch = {"messages": [{"subject": f"m{i}", "text": "make money" if i % 2 else "lunch"} for i in range(200)]}
+
+    async def scenario() -> tuple[list[httpx.Response], list[float]]:
+        transport = httpx.ASGITransport(app=a.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+            batches = [asyncio.create_task(c.post("/classify/batch", json=batch)) for _ in range(4)]
+            await asyncio.sleep(0.3)  # the batches are being scored now (they take about 2 s in all)
+            singles = []
+            while not all(t.done() for t in batches) and len(singles) < 10:
+                t0 = time.perf_counter()
+                r = await c.post("/classify", json={"subject": "single", "text": "make money"})
+                assert r.status_code == 200, r.text
+                singles.append(time.perf_counter() - t0)
+            return await asyncio.gather(*batches), singles
+
+    try:
+        answers, singles = asyncio.run(scenario())
+    finally:
+        a.state.close()
+    assert all(r.status_code == 200 for r in answers), [r.text[:200] for r in answers]
+    for r in answers:
+        assert [x["verdict"] for x in r.json()["results"]] == ["spam" if i % 2 else "ham" for i in range(200)]
+    assert len(singles) >= 3, singles
+    print("single /classify during four batches (s):", [round(x, 3) for x in singles])
+    assert max(singles) < 0.5, singles  # one batch alone takes 1 s on a thread
+
+
 def test_batch_answers_in_order_and_names_the_bad_item(api: Api) -> None:
     r = api.client.post("/classify/batch", json={"messages": [{"raw": HAM.decode()}, {"subject": "s", "text":
                                                                                      "make money"}]})
