@@ -378,8 +378,8 @@ def run(serve_only: bool, quick: bool, json_path: Path | None) -> None:
         sys.exit(run_stack(s))
     r = replay_settings(s, quick=quick)
     _preflight_stack(r)
-    empty_champion(r)
     _configure_logging(r, "stack")
+    empty_champion(r)
     sys.exit(run_stack(r, after_start=replay_then(r, quick=quick, json_path=json_path, keep_running=True),
                        home=s.state_dir, public_keys=list(replay_keys())))
 
@@ -397,8 +397,8 @@ def replay(quick: bool, json_path: Path | None) -> None:
     s = get_settings()
     r = replay_settings(s, quick=quick)
     _preflight_stack(r)
-    empty_champion(r)
     _configure_logging(r, "stack")
+    empty_champion(r)
     sys.exit(run_stack(r, after_start=replay_then(r, quick=quick, json_path=json_path, keep_running=False),
                        home=s.state_dir))
 

@@ -90,6 +90,15 @@ class ConsoleFilter(logging.Filter):
         return True
 
 
+class _FileHandler(logging.FileHandler):
+    """Opens its file on the first record, creating the directory then (a state directory wiped and recreated
+    after logging was configured, as the replay does, still gets its log)."""
+
+    def _open(self) -> Any:
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 def log_file(log_dir: Path, process: str) -> Path:
     """Where ``process`` (``api``, ``worker``, ``stack``) writes its JSON lines."""
     return log_dir / f"{process}.jsonl"
@@ -133,12 +142,10 @@ def configure(level: str = "INFO", json: bool = False, *, file: Path | None = No
     root_level = logging.getLevelName(level.upper())
     if file is not None:
         console.setLevel((console_level or "WARNING").upper())
+        to_file: logging.FileHandler | None = None
         with contextlib.suppress(OSError):
             file.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            to_file = logging.FileHandler(file, encoding="utf-8", delay=True)
-        except OSError:
-            to_file = None
+            to_file = _FileHandler(file, encoding="utf-8", delay=True)
         if to_file is None:
             console.setLevel(root_level)  # no file to hold the rest: the console shows what the file would
         else:
