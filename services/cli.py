@@ -892,6 +892,28 @@ def bench_hostile(json_path: Path | None, corpus_messages: int | None, no_http: 
         run_hostile_bench(s, json_path, corpus_messages=corpus_messages, http=not no_http)
 
 
+@bench.command("abuse")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
+@click.option("--attack", "attacks", multiple=True,
+              type=click.Choice(["json_stall", "batch_starvation", "spamd_peer_flood", "farm_rounds", "rollback",
+                                 "store_locked", "store_flood"]),
+              help="Run only this attack (repeatable; default: all).")
+@click.option("--flood-s", type=click.FloatRange(1.0), default=60.0, show_default=True,
+              help="Seconds of flooding the store with unique 500 KB flags.")
+@friendly_errors
+def bench_abuse(json_path: Path | None, attacks: tuple[str, ...], flood_s: float) -> None:
+    """On the real stack, from outside: each attack of an abusive client or an unlucky operator, with its figure
+    against its target (a JSON request that stalls the API, batches that starve single messages, one spamd peer
+    holding every connection, trust farmed by flag-and-retract, flags lost while the store is locked, a store
+    flooded with raw mail, a rollback during a gate decision)."""
+    from services.abusebench import run_abuse_bench
+
+    s = get_settings()
+    _configure_logging(s)
+    with _bench_progress() as progress, progress.stage("bench abuse"):
+        run_abuse_bench(s, json_path, attacks=list(attacks) or None, flood_s=flood_s)
+
+
 @bench.command("loop")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
 @friendly_errors
