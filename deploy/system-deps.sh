@@ -11,6 +11,8 @@ command -v spamc >/dev/null || need+=(spamc)
 [ -x /usr/lib/dovecot/imap ] || need+=(dovecot-imapd)
 [ -e /usr/lib/dovecot/modules/lib95_imap_sieve_plugin.so ] || need+=(dovecot-sieve)
 command -v chromium >/dev/null || need+=(chromium)
+[ -x /usr/sbin/postfix ] || need+=(postfix)
+[ -x /usr/sbin/spamass-milter ] || need+=(spamass-milter)
 if [ ${#need[@]} -eq 0 ]; then
   echo "==> system packages: all present"
   exit 0
@@ -22,8 +24,17 @@ if [ "$(id -u)" -ne 0 ]; then
   SUDO=sudo
 fi
 export DEBIAN_FRONTEND=noninteractive
+# Postfix is installed for the end-to-end test, which runs its own from a temporary configuration: "No
+# configuration" writes no /etc/postfix/main.cf, so the package's service has nothing to start and holds no port 25.
+echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
 $SUDO apt-get update -qq
 # Debian's prometheus post-install tries to start a service; in a container without init that fails harmlessly.
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || {
   echo "error: apt-get install ${need[*]} failed; install them by hand (Debian/Ubuntu package names)" >&2; exit 1; }
+# Where an init system runs the packages' services, the ones the tests start themselves stay off.
+if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+  for unit in postfix spamass-milter; do
+    case " ${need[*]} " in *" $unit "*) $SUDO systemctl disable --now "$unit" >/dev/null 2>&1 || true ;; esac
+  done
+fi
 echo "==> system packages: done"
