@@ -175,6 +175,10 @@ class CampaignIndex:
     def __contains__(self, message_id: object) -> bool:
         return message_id in self._slot
 
+    def spam_count(self) -> int:
+        """Live spam fingerprints (the rest are ham)."""
+        return int(np.count_nonzero(self._spam & self._live))
+
     def label_of(self, message_id: str) -> str | None:
         slot = self._slot.get(message_id)
         return None if slot is None else ("spam" if self._spam[slot] else "ham")

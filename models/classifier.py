@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.message import DEFAULT_MAX_BYTES, ParsedMessage, parse
 from models.registry import LoadedModel
 from models.rules import RuleEngine, RuleResult
+
+if TYPE_CHECKING:
+    from models.campaign import CampaignHit, CampaignIndex
 
 POLICIES = ("combined", "model", "rules", "either")
 
@@ -129,6 +132,7 @@ class Verdict:
     rules_probability: float
     model: ModelSide
     score: float = 0.0  # log-odds of ``probability``, unbounded: rank by this (the probability saturates)
+    campaign: CampaignHit | None = None  # the campaign-memory fingerprint that matched, if any (models.campaign)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -146,6 +150,7 @@ class Verdict:
                 "hits": [{"name": h.name, "weight": float(h.weight), "description": h.description} for h in self.rules.hits],
             },
             "model": self.model.to_dict(),
+            "campaign": self.campaign.to_dict() if self.campaign is not None else None,
         }
 
 
@@ -154,10 +159,17 @@ class Classifier:
 
     ``rules`` and ``model`` are public attributes: assigning a new engine or LoadedModel swaps it for the next
     call without locks (each call reads both once).
+
+    ``campaign``, when set, is the campaign memory (``models.campaign.CampaignIndex``) consulted after both
+    sides: a match at its threshold with a spam fingerprint (one no ham fingerprint is as near to) makes the
+    verdict spam whatever the model and the rules said (``decided_by`` "campaign"; the probability and score
+    stay the blend's, so ranking is unchanged). A ham match never turns a spam verdict into ham: it only keeps
+    campaign memory from blocking the message (a spammer flagging their own mail as "not spam" gains nothing).
     """
 
     def __init__(
         self, rules: RuleEngine, model: LoadedModel, policy: str = "combined", max_bytes: int = DEFAULT_MAX_BYTES,
+        campaign: CampaignIndex | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -165,6 +177,7 @@ class Classifier:
         self.model = model
         self.policy = policy
         self.max_bytes = max_bytes
+        self.campaign: CampaignIndex | None = campaign
         self._cal: tuple[LoadedModel, float, Calibration] | None = None
 
     def _calibration(self, loaded: LoadedModel, rules_threshold: float) -> Calibration:
@@ -190,7 +203,22 @@ class Classifier:
         outs = loaded.model.run(featurize(msgs, results, loaded.features))
         p_model = np.asarray(outs["prob"], dtype=np.float64).reshape(-1)
         z_model = np.asarray(outs["logit"], dtype=np.float64).reshape(-1) if "logit" in outs else logit(p_model)
-        return self._combine(results, p_model, z_model, loaded, engine)
+        verdicts = self._combine(results, p_model, z_model, loaded, engine)
+        memory = self.campaign
+        if memory is not None and len(memory):
+            verdicts = [self._with_campaign(memory, m, v) for m, v in zip(msgs, verdicts, strict=True)]
+        return verdicts
+
+    @staticmethod
+    def _with_campaign(memory: CampaignIndex, msg: ParsedMessage, v: Verdict) -> Verdict:
+        from models.campaign import fingerprint
+
+        hit = memory.query(fingerprint(msg.subject, msg.body_text))
+        if hit is None:
+            return v
+        if hit.flagged == "spam" and not v.is_spam:
+            return replace(v, is_spam=True, decided_by="campaign", campaign=hit)
+        return replace(v, campaign=hit)
 
     def classify_batch(self, raws: Sequence[bytes]) -> list[Verdict]:
         return self.classify_parsed([parse(r, max_bytes=self.max_bytes) for r in raws])

@@ -88,6 +88,15 @@ class Settings(BaseSettings):
     )
     model_poll_s: float = Field(2.0, description="Fallback interval at which the API checks the champion pointer.")
     message_cache_size: int = Field(100_000, description="Recent /classify messages kept for feedback by message id.")
+    campaign_memory: bool = Field(
+        True, description="Campaign memory: a trusted spam flag's near-duplicates are spam for every user (README)."
+    )
+    campaign_capacity: int = Field(
+        100_000, ge=1, description="Fingerprints each process keeps in campaign memory; the oldest are evicted."
+    )
+    campaign_threshold: float = Field(
+        0.6, gt=0.0, le=1.0, description="Estimated Jaccard similarity at which a fingerprint matches (4-word shingles)."
+    )
 
     # --- serving under hostile traffic: keys, feedback identity, limits ------------------------------
     api_keys_file: Path | None = Field(

@@ -446,4 +446,8 @@ def _report(v: Any, score: float, threshold: float) -> str:
     ]
     for h in v.rules.hits:
         lines.append(f"{h.weight:4.1f} {h.name:<22} {h.description[:60]}")
+    hit = getattr(v, "campaign", None)
+    if hit is not None:
+        lines.append(f" 0.0 {'FLYWHEEL_CAMPAIGN':<22} near-duplicate ({hit.similarity:.2f}) of mail flagged "
+                     f"{hit.flagged}" + (" (decided)" if v.decided_by == "campaign" else ""))
     return "\r\n".join(lines) + "\r\n"

@@ -550,8 +550,12 @@ def ensure_topics(config: StreamsConfig, specs: Iterable[tuple[str, int]], timeo
         existing = {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics()}
         missing = {n: p for n, p in wanted.items() if n not in existing}
         if missing:
+            from streams.topics import topic_configs
+
+            configs = topic_configs(config)
             result = admin.create_topics(
-                {n: {"num_partitions": p, "replication_factor": rf} for n, p in missing.items()},
+                {n: {"num_partitions": p, "replication_factor": rf, **({"configs": configs[n]} if n in configs else {})}
+                 for n, p in missing.items()},
                 timeout_ms=int(timeout_s * 1000),
                 raise_errors=False,
                 wait_for_metadata=True,

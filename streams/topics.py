@@ -45,6 +45,7 @@ class Topics:
     model_events: str
     rule_changes: str
     dead_letter: str
+    campaigns: str  # compacted: the fingerprints of trusted labels (streams.campaign)
 
     @classmethod
     def from_config(cls, config: StreamsConfig) -> Topics:
@@ -55,13 +56,15 @@ class Topics:
             model_events=config.topic("model-events"),
             rule_changes=config.topic("rule-changes"),
             dead_letter=config.topic("dead-letter"),
+            campaigns=config.topic("campaigns"),
         )
 
 
 def topic_specs(config: StreamsConfig) -> list[tuple[str, int]]:
     """(name, partitions) of every topic to create before producers or the worker start.
 
-    Model events and rule changes have one partition so every consumer sees one total order of decisions.
+    Model events and rule changes have one partition so every consumer sees one total order of decisions; so
+    has the campaign topic, which every API replica reads whole.
     """
     t = Topics.from_config(config)
     return [
@@ -69,7 +72,15 @@ def topic_specs(config: StreamsConfig) -> list[tuple[str, int]]:
         (t.model_events, 1),
         (t.rule_changes, 1),
         (t.dead_letter, 1),
+        (t.campaigns, 1),
     ]
+
+
+def topic_configs(config: StreamsConfig) -> dict[str, dict[str, str]]:
+    """Topic-level settings a topic is created with (the others take the broker's defaults)."""
+    from streams.campaign import CAMPAIGN_TOPIC_CONFIG
+
+    return {Topics.from_config(config).campaigns: dict(CAMPAIGN_TOPIC_CONFIG)}
 
 
 class EventProducer:
@@ -166,8 +177,9 @@ class EventProducer:
         """Encode ``event`` and send it (see :meth:`send_bytes`)."""
         return self.send_bytes(topic, key, encode(event))
 
-    def send_many(self, topic: str, items: Sequence[tuple[str | bytes | None, bytes]]) -> list[tuple[int, int]]:
-        """Send a batch pipelined (one wait for all); for replay and benchmarks."""
+    def send_many(self, topic: str, items: Sequence[tuple[str | bytes | None, bytes | None]]) -> list[tuple[int, int]]:
+        """Send a batch pipelined (one wait for all); for replay, benchmarks and the campaign topic (a None value
+        is a tombstone: compaction then removes the key)."""
         from kafka.errors import KafkaError
 
         producer = self._client()
@@ -203,5 +215,6 @@ __all__ = [
     "BrokerUnavailable",
     "EventProducer",
     "Topics",
+    "topic_configs",
     "topic_specs",
 ]

@@ -56,6 +56,20 @@ RULE_CHANGES = Counter("flywheel_rule_changes_total", "Rule changes applied thro
 SPAMD_REQUESTS = Counter(
     "flywheel_spamd_requests_total", "spamd-protocol requests.", ["command", "outcome"]
 )
+CAMPAIGN_HITS = Counter(
+    "flywheel_campaign_hits_total",
+    "Classified messages that matched a campaign-memory fingerprint, by its label and whether the match made the "
+    "verdict spam (decided: the model and the rules alone said ham).",
+    ["flagged", "decided"],
+)
+CAMPAIGN_FINGERPRINTS = Gauge(
+    "flywheel_campaign_fingerprints", "Fingerprints in this process's campaign memory.", ["flagged"],
+    multiprocess_mode="livemax",
+)
+CAMPAIGN_RECORDS = Counter(
+    "flywheel_campaign_records_total", "Campaign-topic records applied, by kind (fingerprint, withdrawn, invalid).",
+    ["kind"],
+)
 
 
 @lru_cache(maxsize=4096)

@@ -92,6 +92,8 @@ def record_verdict(v: Any) -> None:
     metrics.probability("rules").observe(v.rules_probability)
     for h in v.rules.hits:
         metrics.rule_hits(h.name).inc()
+    if getattr(v, "campaign", None) is not None:
+        metrics.CAMPAIGN_HITS.labels(v.campaign.flagged, "true" if v.decided_by == "campaign" else "false").inc()
 
 
 def served_record(v: Any) -> dict[str, Any]:

@@ -98,6 +98,15 @@ class ModelSide(BaseModel):
     provider: str = Field(description="ONNX Runtime execution provider in use.")
 
 
+class CampaignMatch(BaseModel):
+    """A near-duplicate of a message a trusted reporter flagged: a spam match makes the verdict spam (decided_by
+    "campaign") unless a ham fingerprint is as near; a ham match only protects the message from campaign memory."""
+
+    match: float = Field(ge=0.0, le=1.0, description="Estimated Jaccard similarity of the 4-word shingles.")
+    flagged: Label = Field(description="The trusted label of the flagged message.")
+    message_id: str = Field(description="The flagged message's id.")
+
+
 class ClassifyResponse(BaseModel):
     message_id: str = Field(description="Stable id (SHA-256 of the bytes, 32 hex chars) for POST /feedback.")
     verdict: Label
@@ -106,10 +115,13 @@ class ClassifyResponse(BaseModel):
     score: float = Field(description="Log-odds of the served probability, unbounded: rank messages by this (the "
                                      "probability saturates at 0 and 1).")
     threshold: float = Field(description="Probability threshold of the deciding side.")
-    decided_by: str = Field(description="Which side decided under the policy (rules, model, combined, either).")
+    decided_by: str = Field(description="Which side decided under the policy (rules, model, combined, either), or "
+                                        "campaign (a trusted spam flag's near-duplicate).")
     policy: str
     rules: RulesSide
     model: ModelSide
+    campaign: CampaignMatch | None = Field(
+        None, description="The campaign-memory fingerprint this message matched (null when none did).")
 
 
 class BatchResponse(BaseModel):

@@ -35,6 +35,7 @@ import structlog
 from services.api import metrics
 
 if TYPE_CHECKING:
+    from models.campaign import CampaignIndex
     from models.classifier import Classifier
     from models.registry import LoadedModel, Registry
     from models.rules import RuleEngine
@@ -359,6 +360,12 @@ class ServingState:
         self.feedback_records = FeedbackRecords(api_dir / "feedback")
         self.served: Served | None = None
         self.rejected: dict[str, str] = {}
+        self.campaign: CampaignIndex | None = None
+        if settings.campaign_memory:
+            from models.campaign import CampaignIndex
+
+            self.campaign = CampaignIndex(settings.campaign_capacity, settings.campaign_threshold)
+        self.campaign_position = -1  # the campaign topic's offset applied last (-1: none yet)
         self._rules_stamp: tuple[int, int] | None = None
         self._reload_lock = threading.Lock()
         self._wake = threading.Event()
@@ -377,7 +384,10 @@ class ServingState:
         model = self._first_servable(version)
         self._install(engine, model)
         metrics.MODEL_RELOADS.labels("ok").inc()
-        for target, name in ((self._reload_loop, "flywheel-reloader"), (self._events_loop, "flywheel-events")):
+        loops = [(self._reload_loop, "flywheel-reloader"), (self._events_loop, "flywheel-events")]
+        if self.campaign is not None:
+            loops.append((self._campaign_loop, "flywheel-campaigns"))
+        for target, name in loops:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -425,7 +435,8 @@ class ServingState:
     def _build(self, engine: RuleEngine, model: LoadedModel) -> Classifier:
         from models.classifier import Classifier
 
-        return Classifier(engine, model, policy=self.settings.policy, max_bytes=self.settings.analyse_bytes)
+        return Classifier(engine, model, policy=self.settings.policy, max_bytes=self.settings.analyse_bytes,
+                          campaign=self.campaign)
 
     def _install(self, engine: RuleEngine, model: LoadedModel) -> None:
         classifier = self._build(engine, model)
@@ -591,6 +602,79 @@ class ServingState:
                 if consumer is not None:
                     with contextlib.suppress(Exception):
                         consumer.close()
+
+    def _campaign_loop(self) -> None:
+        """Follow the compacted campaign topic from its beginning: every trusted label's fingerprint, whenever
+        it was published, ends up in this replica's campaign memory (a tombstone removes one)."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        memory = self.campaign
+        assert memory is not None
+        topic = self.topics.campaigns
+        backoff = 0.5
+        while not self._stop.is_set():
+            consumer = None
+            try:
+                consumer = KafkaConsumer(
+                    bootstrap_servers=self.settings.bootstrap_servers.split(","),
+                    group_id=None,
+                    enable_auto_commit=False,
+                    client_id=f"flywheel-api-campaigns-{os.getpid()}",
+                    request_timeout_ms=5000,
+                    reconnect_backoff_max_ms=2000,
+                    fetch_max_wait_ms=100,
+                )
+                parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+                if not parts:
+                    raise RuntimeError("the campaign topic does not exist yet")
+                consumer.assign(parts)
+                for tp in parts:  # after a reconnect, go on where this replica stopped
+                    if self.campaign_position >= 0:
+                        consumer.seek(tp, self.campaign_position + 1)
+                    else:
+                        consumer.seek_to_beginning(tp)
+                log.info("following campaign fingerprints", topic=topic, from_offset=self.campaign_position + 1)
+                backoff = 0.5
+                while not self._stop.is_set():
+                    batches = consumer.poll(timeout_ms=200)
+                    for records in batches.values():
+                        for rec in records:
+                            self.apply_campaign_record(rec.key, rec.value)
+                            self.campaign_position = int(rec.offset)
+                    if batches:
+                        spam = memory.spam_count()
+                        metrics.CAMPAIGN_FINGERPRINTS.labels("spam").set(spam)
+                        metrics.CAMPAIGN_FINGERPRINTS.labels("ham").set(len(memory) - spam)
+            except Exception as exc:  # noqa: BLE001 - Kafka down: keep the memory, retry later
+                log.debug("campaign follower retrying", error=str(exc))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        consumer.close()
+
+    def apply_campaign_record(self, key: bytes | None, value: bytes | None) -> None:
+        """One campaign-topic record into this replica's memory (a fingerprint, or a tombstone withdrawing one)."""
+        from streams.campaign import decode_campaign
+        from streams.events import EventInvalid
+
+        memory = self.campaign
+        if memory is None or key is None:
+            return
+        message_id = key.decode("utf-8", "replace")
+        if value is None:
+            memory.remove(message_id)
+            metrics.CAMPAIGN_RECORDS.labels("withdrawn").inc()
+        else:
+            try:
+                rec = decode_campaign(value)
+            except EventInvalid as exc:
+                metrics.CAMPAIGN_RECORDS.labels("invalid").inc()
+                log.warning("campaign record refused", message_id=message_id, reason=exc.reason)
+                return
+            memory.add(rec.message_id, rec.values(), rec.label)
+            metrics.CAMPAIGN_RECORDS.labels("fingerprint").inc()
 
     # ------------------------------------------------------------------ Kafka readiness
     def kafka_reachable(self, ttl_s: float = 3.0) -> bool:
