@@ -357,6 +357,9 @@ def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> 
             toks.append("atx:" + ext[:8])
 
     toks.extend(["d:" + d for d in msg.defects])
+    auth = getattr(msg, "auth", None)  # SPF/DKIM/DMARC outcomes from the operator's own hosts (message.py)
+    if auth:
+        toks.extend(["auth:" + a for a in auth])
 
     if config.rule_tokens and result is not None:
         toks.extend(["rule:" + h.name for h in result.hits])

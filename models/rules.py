@@ -64,9 +64,12 @@ KINDS = ("header", "body", "rawbody", "uri", "full", "meta")
 DEFAULT_RULES_PATH = Path(__file__).with_name("rules") / "default.yaml"
 DEFECTS_HEADER = "x-flywheel-defects"  # pseudo-header: the parser's defect flags, space separated
 ATTACHMENTS_HEADER = "x-flywheel-attachments"  # pseudo-header: "filename; type" per attachment
+AUTH_HEADER = "x-flywheel-auth"  # pseudo-header: trusted SPF/DKIM/DMARC outcomes, "spf=fail dkim=pass"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 #: Header selectors whose text is computed (see ``_header_value``), not read from the message's headers.
-_COMPUTED_HEADERS = frozenset({"ALL", "ToCc", "MESSAGEID", "EnvelopeFrom", DEFECTS_HEADER, ATTACHMENTS_HEADER})
+_COMPUTED_HEADERS = frozenset(
+    {"ALL", "ToCc", "MESSAGEID", "EnvelopeFrom", DEFECTS_HEADER, ATTACHMENTS_HEADER, AUTH_HEADER}
+)
 
 
 class RuleError(ValueError):
@@ -1020,6 +1023,8 @@ def _header_value(msg: ParsedMessage, name: str, mod: str, hmap: dict[str, str])
         text = " ".join(msg.defects)
     elif name == ATTACHMENTS_HEADER:
         text = "\n".join(f"{fn}; {ct}" for fn, ct in msg.attachments)
+    elif name == AUTH_HEADER:
+        text = " ".join(msg.auth)
     else:
         text = hmap.get(name, "")
     if not mod or not text or mod == "raw":
@@ -1355,6 +1360,7 @@ class RuleEngine:
                     or (name == "tocc" and ("to" in present or "cc" in present))
                     or (name == DEFECTS_HEADER and msg.defects)
                     or (name == ATTACHMENTS_HEADER and msg.attachments)
+                    or (name == AUTH_HEADER and msg.auth)
                 ):
                     hits[i] = 1
         for i, fn in self._metas:
