@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, description="API worker processes.")
     max_message_bytes: int = Field(10 * 1024 * 1024, description="Larger messages get 413.")
     analyse_bytes: int = Field(256 * 1024, description="Only this much of a message is parsed and scored.")
+    trusted_authserv_ids: list[str] = Field(
+        [], description="authserv-ids of the operator's own receiving hosts: only their Authentication-Results "
+                        "(and Received-SPF with that receiver=) become SPF/DKIM/DMARC evidence; empty trusts none.")
     client_timeout_s: float = Field(10.0, description="A client slower than this is disconnected.")
     classify_requires_key: bool = Field(False, description="Require an API key on /classify too.")
     api_keys: dict[str, str] = Field(

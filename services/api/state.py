@@ -334,10 +334,12 @@ class ServingState:
     """Everything one API process serves from; created in the app lifespan, shared by HTTP and spamd."""
 
     def __init__(self, settings: Settings) -> None:
+        from models.message import configure_trusted_authserv_ids
         from models.registry import Registry
         from streams.topics import EventProducer, Topics
 
         self.settings = settings
+        configure_trusted_authserv_ids(settings.trusted_authserv_ids)  # what parse() takes as evidence
         self.registry: Registry = Registry(settings.registry)
         self.topics = Topics.from_config(settings.streams())
         self.producer: EventProducer = EventProducer(settings.streams(), client_id=f"flywheel-api-{os.getpid()}")

@@ -54,6 +54,7 @@ from models.learning import (
     select_linear,
     subset,
 )
+from models.message import configure_trusted_authserv_ids
 from models.metrics import recall_at_fpr, roc_auc
 from models.registry import jsonable
 from services.worker.store import Labelled, LabelStore
@@ -209,6 +210,7 @@ class Learner:
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        configure_trusted_authserv_ids(settings.trusted_authserv_ids)  # as the API parses
         self.emit = emit
         self.corpus = corpus
         self.registry: Registry = Registry(settings.registry)
