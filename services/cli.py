@@ -787,10 +787,12 @@ def corpus_info() -> None:
 @friendly_errors
 def serve(host: str | None, port: int | None, spamd_port: int | None, workers: int | None) -> None:
     """Serve /classify, /feedback, the admin API and the spamd protocol."""
+    from services.api.safety import check_serving_settings
     from services.stack import preflight
 
     overrides = {"api_host": host, "api_port": port, "spamd_port": spamd_port, "workers": workers}
     s = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    check_serving_settings(s)
     # the ports before the web framework and the models are even imported: a taken port is known in a second
     preflight(s, api=True, flags={"api_host": "--host", "api_port": "--port", "spamd_port": "--spamd-port"})
     from services.api.app import serve as run_api

@@ -148,6 +148,17 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _wait(condition: Callable[[], Any], timeout_s: float, what: str, stop: threading.Event) -> None:
+    """Wait for ``condition`` (``TimeoutError`` naming ``what``); a stop (Ctrl-C, a part of the stack that died)
+    ends the wait at once as an interruption."""
+    from streams.daemon import wait_for
+
+    if not wait_for(lambda: bool(condition()), timeout_s, interval_s=0.5, abort=stop.is_set):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what}")
+
+
 def run_replay(settings: Settings, stop: threading.Event, *, quick: bool = False, flag_share: float = 0.5,
                noise: float = 0.02, json_path: Path | None = None, out_dir: Path | None = None) -> dict[str, Any]:
     """Replay against the stack ``settings`` describe (already running); returns the result (curves, fits...)."""
@@ -157,7 +168,6 @@ def run_replay(settings: Settings, stop: threading.Event, *, quick: bool = False
     from models.corpus import load_corpus
     from models.registry import Registry
     from models.rules import RuleEngine
-    from streams.daemon import wait_until
 
     corpus = load_corpus(settings.downloads, settings.corpus_dir)
     plan = plan_replay(corpus, RuleEngine.default().order_added(), quick=quick, flag_share=flag_share, noise=noise)
@@ -169,8 +179,8 @@ def run_replay(settings: Settings, stop: threading.Event, *, quick: bool = False
          f"the quality set is the corpus's held-out part ({plan.held_out} messages, never replayed)")
     # The curves start where the worker first measured (no rules, the empty champion): wait for that point, or
     # rules enabled before the worker is up would be folded into its first one.
-    wait_until(lambda: {p["side"] for p in reg.curve_points()} >= {"rules", "model"}, 300,
-               "the worker's first point of both curves", 0.5)
+    _wait(lambda: {p["side"] for p in reg.curve_points()} >= {"rules", "model"}, 300,
+          "the worker's first point of both curves", stop)
     started = time.monotonic()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[status]}"), transient=False) as bar:
@@ -200,7 +210,7 @@ def run_replay(settings: Settings, stop: threading.Event, *, quick: bool = False
     from services.harness import LocalStack
 
     probe = LocalStack.attach(settings)
-    wait_until(probe.settled, 900, "the worker to settle", 1.0)
+    _wait(probe.settled, 900, "the worker to settle", stop)
     replay_s = time.monotonic() - started
     result = summarize(reg, plan, replay_s=replay_s)
     out = out_dir or settings.state_dir

@@ -475,7 +475,22 @@ def run_stack(
         record_live(home, settings)
         recorded = True
         if after_start is not None:
-            keep = after_start(stop)
+            died: list[Child] = []
+            done = threading.Event()
+            watch = threading.Thread(target=_watch_children, args=(kids, stop, done, died), daemon=True,
+                                     name="stack-watch")
+            watch.start()
+            try:
+                keep = after_start(stop)
+            except KeyboardInterrupt:
+                if not died:
+                    raise
+                keep = False
+            finally:
+                done.set()
+                watch.join()
+            if died:
+                return 1
             if not keep or stop.is_set():
                 return 0
         _print_addresses(settings, kids, public_keys)
@@ -508,6 +523,20 @@ def run_stack(
         if teardown:
             _progress("==> stack stopped")
     return exit_code
+
+
+def _watch_children(kids: Sequence[Child], stop: threading.Event, done: threading.Event,
+                    died: list[Child]) -> None:
+    """While the replay runs in the main thread (until ``done``): a child that exits stops the stack (``died``
+    says which)."""
+    while not done.wait(0.5) and not stop.is_set():
+        dead = [c for c in kids if c.proc is not None and c.proc.poll() is not None]
+        if dead:
+            for c in dead:
+                _progress(f"!!  {c.name} exited with code {c.proc.returncode if c.proc else '?'}; stopping the stack")
+            died.extend(dead)
+            stop.set()
+            return
 
 
 def _ensure_project_topics(settings: Settings) -> None:

@@ -135,12 +135,19 @@ _STACK_SCRIPT = textwrap.dedent(
     s = Settings()
     mode = sys.argv[1]
     serve = lambda port: [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    after = None
     if mode == "ok":
         kids = [Child("api", serve(s.api_port), s.api_port), Child("worker", serve(s.worker_port), s.worker_port)]
+    elif mode == "dies-during-replay":  # the worker listens, then exits while the replay runs
+        listens = ("import socket, time; s = socket.socket(); s.bind(('127.0.0.1', %d)); s.listen(); time.sleep(3)"
+                   % s.worker_port)
+        kids = [Child("api", serve(s.api_port), s.api_port),
+                Child("worker", [sys.executable, "-c", listens], s.worker_port)]
+        after = lambda stop: stop.wait(300) or True  # a replay that only ends when told to
     else:
         kids = [Child("api", serve(s.api_port), s.api_port),
                 Child("worker", [sys.executable, "-c", "import sys; sys.exit(3)"], s.worker_port)]
-    sys.exit(run_stack(s, children=kids))
+    sys.exit(run_stack(s, children=kids, after_start=after))
     """
 )
 
@@ -265,3 +272,20 @@ def test_preflight_names_every_problem_on_one_line(tmp_path: Path) -> None:
     assert f"port {s.worker_port} is in use by another program; stop it or change FLYWHEEL_WORKER_PORT" in text
     assert "FLYWHEEL_PROMETHEUS_BIN" in text
     stack.preflight(s, api=True, worker=True)  # free again: nothing to say
+
+
+@pytest.mark.integration
+def test_a_part_that_dies_during_the_replay_stops_the_stack_with_1(private: Settings, tmp_path: Path) -> None:
+    """The replay does not wait for a worker that is gone: the stack says which part exited and stops it all."""
+    s = private
+    proc, log = _launch_stack(s, tmp_path, "dies-during-replay")
+    try:
+        assert proc.wait(timeout=150) == 1, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "worker exited with code 0; stopping the stack" in text, text[-3000:]
+    assert "Press Ctrl-C" not in text and not (s.state_dir / stack.LIVE_FILE).exists()
+    assert not port_open(s.api_port) and not port_open(s.prometheus_port)
