@@ -42,6 +42,7 @@ __all__ = [
     "RetrainSchedule",
     "TrainingSet",
     "calibrate",
+    "canonical",
     "cross_fit_linear",
     "fit_neural",
     "fold_key",
@@ -189,6 +190,19 @@ def _folds(train: TrainingSet, k: int, seed: int, repeat: int) -> np.ndarray:
     return fold
 
 
+def canonical(train: TrainingSet, rows: np.ndarray) -> np.ndarray:
+    """``rows`` in an order fixed by the messages themselves (their fold keys), not by when they arrived.
+
+    SGD's epochs shuffle row *positions* with a fixed seed, so the same rows in another order give another fit,
+    and the order of rows moves a fit more than a hundred more flags do. The worker's rows come in the store's
+    order (arrival), an offline refit's in corpus order: fitted in this order, the same data gives the same model
+    however and whenever it arrived."""
+    rows = np.asarray(rows)
+    if train.fold_keys is None:
+        return rows
+    return rows[np.argsort(np.asarray(train.fold_keys)[rows], kind="stable")]
+
+
 def cross_fit_linear(train: TrainingSet, config: LinearConfig, flag_weight: float, *, folds: int = FOLDS,
                      repeats: int = REPEATS, seed: int = 0, features: FeatureConfig | None = None) -> CrossFit:
     """Out-of-fold logits: each row scored by a model fitted without its fold, averaged over ``repeats``
@@ -201,7 +215,7 @@ def cross_fit_linear(train: TrainingSet, config: LinearConfig, flag_weight: floa
     for r in range(repeats):
         fold = _folds(train, folds, seed, r)
         for j in range(folds):
-            tr, va = np.flatnonzero(fold != j), np.flatnonzero(fold == j)
+            tr, va = canonical(train, np.flatnonzero(fold != j)), np.flatnonzero(fold == j)
             if va.size == 0 or np.unique(train.labels[tr]).size < 2:
                 continue
             m = LinearModel(features, config).fit(train.batch.take(tr), train.labels[tr], sample_weight=w[tr])
@@ -214,8 +228,9 @@ def cross_fit_linear(train: TrainingSet, config: LinearConfig, flag_weight: floa
 def refit_linear(train: TrainingSet, choice: LinearChoice, features: FeatureConfig | None = None) -> LinearModel:
     """The served linear model: fitted on every row, averaged with the choice's fold models (a bag of
     ``repeats x folds + 1`` fits; averaging cuts the run-to-run spread of SGD that no evaluation set could resolve)."""
-    full = LinearModel(features, choice.config).fit(train.batch, train.labels,
-                                                    sample_weight=train.weights(choice.flag_weight))
+    rows = canonical(train, np.arange(train.rows))
+    full = LinearModel(features, choice.config).fit(train.batch.take(rows), train.labels[rows],
+                                                    sample_weight=train.weights(choice.flag_weight)[rows])
     return LinearModel.averaged([full, *choice.cross.models])
 
 

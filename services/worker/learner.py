@@ -76,7 +76,8 @@ SELF_CHECK_MESSAGES = 4
 SELECT_FIRST = 100
 SELECT_GROWTH = 4
 """The linear model's configuration is re-chosen by validation once 100 flags are in, then each time the flags
-have grown fourfold (a choice costs four cross-fits; the refits in between reuse it)."""
+have grown fourfold (a choice costs four cross-fits; the refits in between reuse it), and once more when the
+flags settle on more than the last choice saw (see :meth:`Learner.step`)."""
 NEURAL_NICE = 10
 """The slow clock's thread runs at a lower CPU priority: on a small machine the fast clock and serving go first."""
 
@@ -150,6 +151,7 @@ class Candidate:
     training_s: float
     linear_state: LinearModel | None = None
     cross: CrossFit | None = None  # a linear challenger's cross-fit: its fold models score flags it never saw
+    reselected: bool = False  # a refit on the champion's data with its configuration chosen again on all of it
 
 
 @dataclass(slots=True)
@@ -208,9 +210,9 @@ class Learner:
         from models.rules import RuleEngine
 
         self.settings = settings
+        configure_trusted_authserv_ids(settings.trusted_authserv_ids)  # as the API parses
         self.store = store
         self.metrics = metrics
-        configure_trusted_authserv_ids(settings.trusted_authserv_ids)  # as the API parses
         self.emit = emit
         self.corpus = corpus
         self.registry: Registry = Registry(settings.registry)
@@ -234,6 +236,7 @@ class Learner:
         self.current: LinearModel | None = None  # the latest linear refit (evidence: sure where base is sure too)
         self.choice: LinearChoice | None = None
         self._chosen_at_flags = 0
+        self._refit_flags = 0  # trusted flags behind the last refit
         self._refit_at: int | None = None  # data_version of the last refit
         self._last_refit = 0.0
         self._neural_at_labels = sum(store.label_counts().values())  # after a restart, wait for new labels
@@ -375,8 +378,15 @@ class Learner:
             self.update_quality("promotion")
         version = self.store.data_version
         due = self._refit_at is None or version > self._refit_at
-        if due and time.monotonic() - self._last_refit >= self.settings.linear_refit_s:
+        quiet = time.monotonic() - self._last_refit >= self.settings.linear_refit_s
+        if due and quiet:
             self.refit()
+            did = True
+        elif quiet and self.choice is not None and self._refit_flags > self._chosen_at_flags:
+            # The flags have settled on more than the configuration was chosen on: choose again on all of them,
+            # so the champion at rest is the refit an offline run on the same data would choose, whatever the
+            # sizes at which the stream happened to trigger the choices.
+            self.refit(select=True)
             did = True
         self.maybe_retrain_neural()
         return did
@@ -445,17 +455,18 @@ class Learner:
         }
 
     # -- the fast clock -----------------------------------------------------------------------------------------
-    def refit(self) -> str | None:
-        """Refit the linear model on the base corpus plus every trusted label; gate it."""
+    def refit(self, *, select: bool = False) -> str | None:
+        """Refit the linear model on the base corpus plus every trusted label; gate it. ``select`` re-chooses
+        the configuration by validation whatever the flags' growth since the last choice."""
         self.metrics.training.labels(kind="linear").set(1)
         data_version = self.store.data_version
         try:
-            return self._refit(data_version)
+            return self._refit(data_version, select=select)
         finally:
             self.metrics.training.labels(kind="linear").set(0)
             self.metrics.judged_version.set(data_version)
 
-    def _refit(self, data_version: int) -> str | None:
+    def _refit(self, data_version: int, *, select: bool = False) -> str | None:
         started = time.monotonic()
         self._refit_at = data_version
         self._last_refit = started
@@ -468,7 +479,9 @@ class Learner:
             log.info("refit skipped: one class only")
             return None
         n_flags = len(flags)
-        if self.choice is None or n_flags >= max(SELECT_GROWTH * self._chosen_at_flags, SELECT_FIRST):
+        self._refit_flags = n_flags
+        reselected = select and self.choice is not None
+        if select or self.choice is None or n_flags >= max(SELECT_GROWTH * self._chosen_at_flags, SELECT_FIRST):
             self.choice = select_linear(train, features=self.features)
             self._chosen_at_flags = max(n_flags, 1)
         else:
@@ -488,7 +501,7 @@ class Learner:
         training_s = time.monotonic() - started
         self.metrics.refit_seconds.labels(kind="linear").set(training_s)
         cand = Candidate("linear", model, cal, oof, set(oof), data_version, lineage, hp, training_s, linear_state=model,
-                         cross=choice.cross)
+                         cross=choice.cross, reselected=reselected)
         return self.challenge(cand, labelled)
 
     # -- the slow clock -----------------------------------------------------------------------------------------
@@ -658,7 +671,8 @@ class Learner:
             def scored(z: np.ndarray, cal: Calibration, rules: np.ndarray) -> ScoredModel:
                 return ScoredModel(z, cal.combined(z, rules) >= cal.threshold)
 
-            fresher = champ is None or cand.data_version > champ.data_version
+            # Fresher: labels the champion never saw, or (a re-chosen configuration) validation on all of them.
+            fresher = champ is None or cand.data_version > champ.data_version or cand.reselected
             # A refit on more of the same data: the champion's family, every flag the champion trained on.
             refit = champ is not None and cand.kind == champ.kind and champ.trained <= cand.trained
             anchor = None
