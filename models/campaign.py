@@ -55,7 +55,7 @@ ROWS = NUM_PERM // BANDS
 SHINGLE_WORDS = 4
 MIN_SHINGLES = 5
 """A text with fewer distinct shingles (under about 8 words) gets no fingerprint: too short to call a duplicate."""
-_TAIL_MAX = 2048
+_TAIL_MAX = 4096
 """Band entries kept unsorted (scanned linearly) before they are merged into the sorted arrays."""
 
 _URL = re.compile(r"(?:https?://|ftp://|www\.)\S*", re.IGNORECASE)
@@ -67,6 +67,7 @@ _rng = np.random.default_rng(20261207)
 _A = _rng.integers(1, 2**63, size=NUM_PERM, dtype=np.uint64) * np.uint64(2) + np.uint64(1)  # odd multipliers
 _B = _rng.integers(0, 2**63, size=NUM_PERM, dtype=np.uint64)
 _BAND_MIX = _rng.integers(1, 2**63, size=ROWS, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+_BAND_TAG = np.arange(BANDS, dtype=np.uint64) << np.uint64(59)
 
 
 def normalise(text: str) -> list[str]:
@@ -124,6 +125,7 @@ def _band_keys(sig: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         keys = (s * _BAND_MIX).sum(axis=2, dtype=np.uint64)
         keys ^= keys >> np.uint64(31)
+        keys = (keys >> np.uint64(5)) | _BAND_TAG  # the band's number in the top 5 bits: one sorted array for all
     return keys.reshape((*sig.shape[:-1], BANDS)) if sig.ndim > 1 else keys.reshape(BANDS)
 
 
@@ -161,11 +163,11 @@ class CampaignIndex:
         self._age = np.zeros(capacity, dtype=np.int64)  # insertion stamp: the smallest live one is the oldest
         self._stamp = 0
         self._next = 0  # slots are handed out in order, then reused oldest first
-        # The band index: sorted (key, slot) per band, plus an unsorted tail of recent entries.
-        self._keys = np.zeros((BANDS, 0), dtype=np.uint64)
-        self._key_slots = np.zeros((BANDS, 0), dtype=np.int32)
-        self._tail_keys: list[np.ndarray] = []
-        self._tail_slots: list[int] = []
+        # The band index: (band, key) pairs as one sorted array with their slots, plus a dict of recent entries.
+        self._keys = np.zeros(0, dtype=np.uint64)
+        self._key_slots = np.zeros(0, dtype=np.int32)
+        self._tail: dict[int, list[int]] = {}
+        self._tail_n = 0
         self._lock = threading.Lock()
         self.evicted = 0
 
@@ -189,7 +191,7 @@ class CampaignIndex:
         import sys
 
         arrays = (self._sigs.nbytes + self._spam.nbytes + self._live.nbytes + self._age.nbytes + self._keys.nbytes
-                  + self._key_slots.nbytes + sum(k.nbytes for k in self._tail_keys) + 8 * len(self._tail_slots))
+                  + self._key_slots.nbytes + 120 * BANDS * self._tail_n)
         ids = sys.getsizeof(self._ids) + sum(sys.getsizeof(i) for i in self._slot)
         return int(arrays + ids + sys.getsizeof(self._slot))
 
@@ -213,10 +215,11 @@ class CampaignIndex:
             self._stamp += 1
             self._age[slot] = self._stamp
             self._slot[message_id] = slot
-            self._tail_keys.append(_band_keys(sig))
-            self._tail_slots.append(slot)
-            if len(self._tail_slots) > _TAIL_MAX:
+            if self._tail_n == _TAIL_MAX:
                 self._merge()
+            for k in _band_keys(sig).tolist():
+                self._tail.setdefault(k, []).append(slot)
+            self._tail_n += 1
 
     def remove(self, message_id: str) -> bool:
         with self._lock:
@@ -247,29 +250,27 @@ class CampaignIndex:
         return oldest
 
     def _merge(self) -> None:
-        """Rebuild the sorted band arrays from the live slots (stale entries of freed slots go away)."""
+        """Rebuild the sorted array from the live slots (stale entries of freed slots go away)."""
         slots = np.flatnonzero(self._live).astype(np.int32)
-        keys = _band_keys(self._sigs[slots]).T if slots.size else np.zeros((BANDS, 0), dtype=np.uint64)
-        order = np.argsort(keys, axis=1, kind="stable")
-        self._keys = np.take_along_axis(keys, order, axis=1)
-        self._key_slots = slots[order] if slots.size else np.zeros((BANDS, 0), dtype=np.int32)
-        self._tail_keys, self._tail_slots = [], []
+        keys = _band_keys(self._sigs[slots]).reshape(-1)  # slot-major: entry i belongs to slots[i // BANDS]
+        order = np.argsort(keys, kind="stable")
+        self._keys = keys[order]
+        self._key_slots = np.repeat(slots, BANDS)[order]
+        self._tail = {}
+        self._tail_n = 0
 
     # -- queries -----------------------------------------------------------------------------------------
     def _candidates(self, keys: np.ndarray) -> np.ndarray:
         found: list[np.ndarray] = []
-        if self._keys.shape[1]:
-            for b in range(BANDS):
-                row = self._keys[b]
-                lo = np.searchsorted(row, keys[b], side="left")
-                hi = np.searchsorted(row, keys[b], side="right")
-                if hi > lo:
-                    found.append(self._key_slots[b, lo:hi])
-        if self._tail_slots:
-            tk = np.stack(self._tail_keys)
-            hit = (tk == keys[None, :]).any(axis=1)
-            if hit.any():
-                found.append(np.asarray(self._tail_slots, dtype=np.int32)[hit])
+        if self._keys.size:
+            lo = np.searchsorted(self._keys, keys, side="left")
+            hi = np.searchsorted(self._keys, keys, side="right")
+            for a, b in zip(lo[hi > lo].tolist(), hi[hi > lo].tolist(), strict=True):
+                found.append(self._key_slots[a:b])
+        if self._tail:
+            tail = [s for k in keys.tolist() for s in self._tail.get(k, ())]
+            if tail:
+                found.append(np.asarray(tail, dtype=np.int32))
         if not found:
             return np.zeros(0, dtype=np.int32)
         slots = np.unique(np.concatenate(found))

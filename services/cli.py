@@ -916,6 +916,25 @@ def bench_abuse(json_path: Path | None, attacks: tuple[str, ...], flood_s: float
         run_abuse_bench(s, json_path, attacks=list(attacks) or None, flood_s=flood_s)
 
 
+@bench.command("campaign")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
+@click.option("--every", type=click.IntRange(1), default=1, show_default=True,
+              help="Keep one near-duplicate group in this many (a quicker run; targets are for the whole set).")
+@click.option("--memory-fingerprints", type=click.IntRange(1000), default=100_000, show_default=True,
+              help="Fingerprints in the index whose memory is measured (stated per 100,000).")
+@friendly_errors
+def bench_campaign(json_path: Path | None, every: int, memory_fingerprints: int) -> None:
+    """On the real stack, from outside: one trusted flag per near-duplicate group of P1's later spam, the share of
+    the copies the model misses caught within 5 s (campaign_recall), later ham blocked by campaign memory
+    (campaign_fp), and memory per 100,000 fingerprints."""
+    from services.campaignbench import run_campaign_bench
+
+    s = get_settings()
+    _configure_logging(s)
+    with _bench_progress() as progress, progress.stage("bench campaign"):
+        run_campaign_bench(s, json_path, every=every, memory_n=memory_fingerprints)
+
+
 @bench.command("loop")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
 @friendly_errors
