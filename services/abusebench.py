@@ -89,8 +89,12 @@ def _mail(settings: Settings) -> tuple[list[bytes], list[bytes]]:
     from models.corpus import load_corpus
 
     corpus = load_corpus(settings.downloads, settings.corpus_dir)
-    spam = sorted((m.raw for m in corpus if m.is_spam), key=len)
-    ham = sorted((m.raw for m in corpus if not m.is_spam), key=len)
+
+    def utf8(raw: bytes) -> bytes:  # JSON carries text: bytes that are not UTF-8 would make the body invalid
+        return raw.decode("utf-8", "replace").encode("utf-8")
+
+    spam = sorted((utf8(m.raw) for m in corpus if m.is_spam), key=len)
+    ham = sorted((utf8(m.raw) for m in corpus if not m.is_spam), key=len)
     return spam, ham
 
 
@@ -234,12 +238,12 @@ def batch_starvation(stack: LocalStack, spam: list[bytes], ham: list[bytes], *, 
     msgs: list[dict[str, str]] = []
     size = 0
     for raw in pool:
-        text = raw.decode("utf-8", "surrogateescape")
+        text = raw.decode("utf-8")
         size += len(json.dumps(text)) + 16
         if size > 0.9 * limit or len(msgs) >= batch_size:
             break
         msgs.append({"raw": text})
-    body = json.dumps({"messages": msgs}).encode("utf-8", "surrogateescape")
+    body = json.dumps({"messages": msgs}).encode("utf-8")
     single = ham[len(ham) // 2]
     alone, _ = _singles(stack.http, single, 3.0)
     ctx = mp.get_context("spawn")

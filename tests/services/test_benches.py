@@ -59,3 +59,19 @@ def test_flywheel_bench_on_a_quarter_of_the_later_mail(kafka: Settings, tmp_path
         assert key in r
     assert all({"value", "bound", "ratio", "met"} <= set(c) for c in r["checks"].values())
     assert json.loads(out.read_text())["after_one_minus_auc_pct"] == r["after_one_minus_auc_pct"]
+
+
+def test_abuse_bench_briefly(kafka: Settings, tmp_path: Path) -> None:
+    """The API-side attacks, briefly (the worker-side ones take minutes: a 12 s lock, a 60 s flood, a gate)."""
+    from services.abusebench import run_abuse_bench
+
+    out = tmp_path / "abuse.json"
+    r = run_abuse_bench(kafka.model_copy(update={"state_dir": tmp_path}), out,
+                        attacks=["json_stall", "spamd_peer_flood", "batch_starvation"], batch_s=4.0)
+    assert r["json_stall_requests"]["header_value"]["status"] == 422  # beyond the cap, answered at once
+    assert r["json_stall_requests"]["subject_at_the_cap"]["status"] == 200
+    assert r["checks"]["json_stall_healthz_worst_ms"]["met"], r["checks"]
+    assert r["checks"]["spamd_peer_flood_verdict"]["met"], r["spamd_peer_flood_answer"]
+    assert r["batch_starvation_singles"] > 0 and r["batch_starvation_batches_200"] > 0
+    assert set(r["checks"]) == {"json_stall_healthz_worst_ms", "spamd_peer_flood_verdict", "batch_starvation_p99_ms"}
+    assert json.loads(out.read_text())["json_stall_healthz_worst_ms"] == r["json_stall_healthz_worst_ms"]
