@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, computed_field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,19 @@ class Settings(BaseSettings):
         description="The worker's consumer-group session: how long a crashed worker still holds its partitions "
                     "before a restarted one takes them over (the broker's minimum is 6 s).")
     topic_prefix: str = Field("flywheel", description="Prefix of every topic name (tests use their own).")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How every Kafka client (API, worker, CLI) talks to the brokers: TLS (SSL), SASL, "
+        "both (SASL_SSL). The local broker speaks PLAINTEXT or SASL_PLAINTEXT (with the SCRAM user below)."
+    )
+    kafka_sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism of the SASL protocols (the local broker supports the SCRAM ones)."
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user of every Kafka client (SASL protocols).")
+    kafka_sasl_password: SecretStr | None = Field(None, description="That user's password (SASL protocols).")
+    kafka_ssl_cafile: Path | None = Field(
+        None, description="PEM file of the CA that signed the brokers' certificates (TLS protocols; default: the "
+        "system's trust store)."
+    )
 
     # --- Prometheus ----------------------------------------------------------------------------------
     prometheus_port: int = Field(9090, description="Port of the local Prometheus.")
@@ -154,6 +168,19 @@ class Settings(BaseSettings):
         5.0, gt=0, description="A spamd client must send its request line and headers within this many seconds "
         "(the body then within client_timeout_s); an idle connection is closed.",
     )
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> Settings:
+        """A SASL protocol without its credentials, or a CA file that is not there, stops every command at start
+        with one line naming the setting, rather than as a failed handshake on the first request."""
+        if self.kafka_security_protocol.startswith("SASL_") and not (
+            self.kafka_sasl_username and self.kafka_sasl_password and self.kafka_sasl_password.get_secret_value()
+        ):
+            raise SettingsError(f"FLYWHEEL_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
+                                "FLYWHEEL_KAFKA_SASL_USERNAME and FLYWHEEL_KAFKA_SASL_PASSWORD")
+        if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
+            raise SettingsError(f"FLYWHEEL_KAFKA_SSL_CAFILE {self.kafka_ssl_cafile}: no such file")
+        return self
 
     @model_validator(mode="after")
     def _keys_from_file(self) -> Settings:
@@ -323,6 +350,11 @@ class Settings(BaseSettings):
             session_timeout_s=self.kafka_session_timeout_s,
             state_dir=self.state_dir,
             downloads=self.downloads,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None,
+            ssl_cafile=self.kafka_ssl_cafile,
         )
 
 

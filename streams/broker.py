@@ -250,18 +250,38 @@ def find_java() -> str:
 
 
 # ------------------------------------------------------------------------------------------------- config
+def _check_security(config: StreamsConfig) -> None:
+    """The local broker speaks PLAINTEXT, or SASL_PLAINTEXT with a SCRAM user; TLS needs the operator's cluster."""
+    if config.uses_tls:
+        raise BrokerError(
+            f"the local broker does not speak {config.security_protocol} (it has no certificate); point "
+            "FLYWHEEL_KAFKA_BOOTSTRAP at a cluster with TLS, or use PLAINTEXT or SASL_PLAINTEXT locally"
+        )
+    if config.uses_sasl and not config.sasl_mechanism.startswith("SCRAM-"):
+        raise BrokerError(f"the local broker's SASL listener uses SCRAM (FLYWHEEL_KAFKA_SASL_MECHANISM="
+                          f"SCRAM-SHA-256 or SCRAM-SHA-512), not {config.sasl_mechanism}")
+    # the credentials go into a JAAS line of server.properties and kafka-storage's [name=...,password=...]
+    if config.uses_sasl and any(re.search(r'[\s"\\,=\[\]]', v or "") for v in (config.sasl_username, config.sasl_password)):
+        raise BrokerError("the local broker's SCRAM user and password may not contain spaces, quotes, backslashes, "
+                          "commas, '=' or brackets (FLYWHEEL_KAFKA_SASL_USERNAME, FLYWHEEL_KAFKA_SASL_PASSWORD)")
+
+
 def _server_properties(config: StreamsConfig) -> str:
     d = kafka_dir(config)
     port, cport = config.kafka_port, config.kafka_controller_port
+    # The client listener is named after its protocol: PLAINTEXT, or SASL_PLAINTEXT (SCRAM), where a client that
+    # does not authenticate is refused. The broker reaches itself over it too, as the same SCRAM user, which
+    # `kafka-storage format --add-scram` creates before the first start (_format_storage).
+    listener = config.security_protocol
     props = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@127.0.0.1:{cport}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "listeners": f"{listener}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
+        "advertised.listeners": f"{listener}://127.0.0.1:{port}",
         "controller.listener.names": "CONTROLLER",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": listener,
+        "listener.security.protocol.map": f"{listener}:{listener},CONTROLLER:PLAINTEXT",
         "log.dirs": str(d / "data"),
         "num.partitions": "1",
         "default.replication.factor": "1",
@@ -280,6 +300,15 @@ def _server_properties(config: StreamsConfig) -> str:
         "num.network.threads": "2",
         "num.io.threads": "4",
     }
+    if config.uses_sasl:
+        mech = config.sasl_mechanism
+        props.update({
+            "sasl.enabled.mechanisms": mech,
+            "sasl.mechanism.inter.broker.protocol": mech,
+            f"listener.name.{listener.lower()}.{mech.lower()}.sasl.jaas.config":
+                "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                f'username="{config.sasl_username}" password="{config.sasl_password}";',
+        })
     head = "# Written by Flywheel at every start from its settings; edits here are overwritten.\n"
     return head + "".join(f"{k}={v}\n" for k, v in props.items())
 
@@ -323,6 +352,9 @@ def _write_config(config: StreamsConfig) -> Path:
     d = kafka_dir(config)
     (d / "data").mkdir(parents=True, exist_ok=True)
     props = d / "server.properties"
+    # it may hold the SCRAM password: readable by its owner only, from the moment it exists
+    props.touch(mode=0o600, exist_ok=True)
+    props.chmod(0o600)
     props.write_text(_server_properties(config))
     (d / "log4j2.properties").write_text(_LOG4J2)
     return props
@@ -362,6 +394,10 @@ def _format_storage(config: StreamsConfig, java: str, libs: Path, props: Path) -
         return
     cid = _cluster_id(d)
     argv = _java_argv(config, java, libs, "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props))
+    if config.uses_sasl:
+        # the SCRAM user every client (and the broker itself) logs in as, stored in the metadata log at format
+        argv += ["--add-scram", f"{config.sasl_mechanism}=[name={config.sasl_username},"
+                                f"password={config.sasl_password}]"]
     _progress(f"==> formatting Kafka storage in {d / 'data'} (cluster {cid})")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)  # noqa: S603 - argv built here, no shell
     if out.returncode != 0:
@@ -370,13 +406,16 @@ def _format_storage(config: StreamsConfig, java: str, libs: Path, props: Path) -
 
 
 # ------------------------------------------------------------------------------------------------- probing
-def _admin(bootstrap: str, timeout_s: float) -> Any:
+def _admin(target: StreamsConfig | str, timeout_s: float) -> Any:
+    """A kafka-python admin client; on a config's security protocol (TLS, SASL) when given a config."""
     from kafka import KafkaAdminClient
 
+    bootstrap, auth = (target, {}) if isinstance(target, str) else (target.bootstrap_servers, target.kafka_python_auth())
     ms = max(200, int(timeout_s * 1000))
     return KafkaAdminClient(
         bootstrap_servers=bootstrap.split(","),
         client_id="flywheel-admin",
+        **auth,
         request_timeout_ms=ms,
         bootstrap_timeout_ms=ms,
         reconnect_backoff_ms=100,
@@ -397,13 +436,14 @@ def _quiet_client_logs() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def answers_metadata(bootstrap: str, timeout_s: float = 2.0) -> bool:
-    """True when a broker at ``bootstrap`` answers a metadata request within ``timeout_s``."""
+def answers_metadata(target: StreamsConfig | str, timeout_s: float = 2.0) -> bool:
+    """True when a broker answers a metadata request within ``timeout_s``: at a config's bootstrap servers and on
+    its security protocol (a broker that refuses our credentials does not answer), or at a PLAINTEXT address."""
     from kafka.errors import KafkaError
 
     with _quiet_client_logs():
         try:
-            admin = _admin(bootstrap, timeout_s)
+            admin = _admin(target, timeout_s)
         except (KafkaError, OSError, ValueError):
             return False
         try:
@@ -422,7 +462,7 @@ def start(config: StreamsConfig) -> None:
     With ``kafka_bootstrap`` set, only checks that the existing cluster answers.
     """
     if not config.manages_kafka:
-        if not answers_metadata(config.bootstrap_servers, timeout_s=min(10.0, config.kafka_start_timeout_s)):
+        if not answers_metadata(config, timeout_s=min(10.0, config.kafka_start_timeout_s)):
             raise BrokerError(
                 f"the Kafka at FLYWHEEL_KAFKA_BOOTSTRAP={config.kafka_bootstrap} does not answer; "
                 "start it, or unset FLYWHEEL_KAFKA_BOOTSTRAP to let Flywheel run its own broker"
@@ -434,6 +474,7 @@ def start(config: StreamsConfig) -> None:
         _wait_ready(config, daemon, started_at=None)
         log.info("kafka already running", pid=daemon.pid(), bootstrap=config.bootstrap_servers)
         return
+    _check_security(config)
     java = find_java()
     libs = ensure_jars(config)
     for setting, port in (("kafka_port", config.kafka_port), ("kafka_controller_port", config.kafka_controller_port)):
@@ -457,7 +498,7 @@ def start(config: StreamsConfig) -> None:
 def _wait_ready(config: StreamsConfig, daemon: Daemon, started_at: float | None) -> None:
     deadline_s = config.kafka_start_timeout_s
     ok = wait_for(
-        lambda: answers_metadata(config.bootstrap_servers, timeout_s=1.0),
+        lambda: answers_metadata(config, timeout_s=1.0),
         deadline_s,
         interval_s=0.25,
         abort=lambda: not daemon.running(),
@@ -483,7 +524,7 @@ def _wait_ready(config: StreamsConfig, daemon: Daemon, started_at: float | None)
 def stop(config: StreamsConfig) -> None:
     """Stop the local broker (SIGTERM, then SIGKILL after 30 s); a no-op when it is not running."""
     if not config.manages_kafka:
-        reachable = answers_metadata(config.bootstrap_servers, timeout_s=2.0)
+        reachable = answers_metadata(config, timeout_s=2.0)
         log.info("external kafka is not managed by flywheel; nothing stopped",
                  bootstrap=config.bootstrap_servers, reachable=reachable)
         return
@@ -525,7 +566,7 @@ def status(config: StreamsConfig) -> dict[str, Any]:
             data_dir=str(kafka_dir(config) / "data"),
             jars=str(jars_dir(config)),
         )
-    st["reachable"] = answers_metadata(config.bootstrap_servers, timeout_s=2.0)
+    st["reachable"] = answers_metadata(config, timeout_s=2.0)
     return st
 
 
@@ -543,7 +584,7 @@ def ensure_topics(config: StreamsConfig, specs: Iterable[tuple[str, int]], timeo
     # One node: replication 1. Someone else's cluster: its own default (-1).
     rf = 1 if config.manages_kafka else -1
     try:
-        admin = _admin(config.bootstrap_servers, timeout_s)
+        admin = _admin(config, timeout_s)
     except (KafkaError, OSError) as exc:
         raise BrokerError(f"Kafka at {config.bootstrap_servers} is not reachable to create topics: {exc}") from exc
     try:
@@ -598,7 +639,7 @@ def _wait_topics_ready(admin: Any, wanted: dict[str, int], timeout_s: float) -> 
 
 def topic_partitions(config: StreamsConfig, names: Iterable[str]) -> dict[str, int]:
     """Partition count of each named topic that exists (for status pages and tests)."""
-    with contextlib.closing(_admin(config.bootstrap_servers, 10.0)) as admin:
+    with contextlib.closing(_admin(config, 10.0)) as admin:
         return {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics(list(names))
                 if t.get("error_code", 0) == 0}
 

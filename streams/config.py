@@ -3,14 +3,24 @@
 ``streams`` imports nothing from ``services``: the services build a :class:`StreamsConfig` from their settings
 (``Settings.streams()``) and hand it to the topics, the producer, the faust app and the local broker. Every field
 is required, so the defaults live in one place (the services' settings), never here as a second copy.
+
+How every client reaches a secured cluster (TLS, SASL/SCRAM) is part of the same value: :meth:`kafka_python_auth`
+gives the kafka-python producer, consumers and admin client their keyword arguments, :meth:`faust_credentials` the
+faust worker's (aiokafka's) ``broker_credentials``, both from the same fields, so no client can be left on
+PLAINTEXT by accident.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["StreamsConfig"]
+__all__ = ["SASL_MECHANISMS", "SECURITY_PROTOCOLS", "StreamsConfig"]
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -33,6 +43,24 @@ class StreamsConfig:
     """The local broker keeps its config, data, pidfile and log under ``<state_dir>/kafka``."""
     downloads: Path
     """The Kafka jars are fetched once into ``<downloads>/kafka-<version>/libs``."""
+    security_protocol: str
+    """How every client talks to the brokers: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS)."""
+    sasl_mechanism: str
+    """SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN; used with the SASL protocols only."""
+    sasl_username: str | None
+    sasl_password: str | None = field(repr=False)
+    """Never in a repr, so never in a log line that prints the config."""
+    ssl_cafile: Path | None
+    """PEM file of the CA that signed the brokers' certificates (TLS protocols); None: the system's trust store."""
+
+    def __post_init__(self) -> None:
+        """Refuse a combination no client could use, naming it (the services' settings check the same earlier)."""
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise ValueError(f"Kafka security protocol {self.security_protocol!r}: expected one of {SECURITY_PROTOCOLS}")
+        if self.sasl_mechanism not in SASL_MECHANISMS:
+            raise ValueError(f"SASL mechanism {self.sasl_mechanism!r}: expected one of {SASL_MECHANISMS}")
+        if self.uses_sasl and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"Kafka security protocol {self.security_protocol} needs a SASL username and password")
 
     @property
     def bootstrap_servers(self) -> str:
@@ -45,3 +73,43 @@ class StreamsConfig:
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}.{name}"
+
+    # --- security: one source for every client ---------------------------------------------------------
+    @property
+    def uses_sasl(self) -> bool:
+        return self.security_protocol in ("SASL_PLAINTEXT", "SASL_SSL")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def kafka_python_auth(self) -> dict[str, Any]:
+        """Keyword arguments that put a kafka-python client (producer, consumer, admin) on this security protocol."""
+        kwargs: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.uses_tls:
+            kwargs["ssl_check_hostname"] = True
+            if self.ssl_cafile is not None:
+                kwargs["ssl_cafile"] = str(self.ssl_cafile)
+        if self.uses_sasl:
+            # kafka-python takes SCRAM's credentials through its sasl_plain_* arguments too
+            kwargs.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                          sasl_plain_password=self.sasl_password)
+        return kwargs
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of the aiokafka clients under faust (hostname checked, this CA or the system's)."""
+        if not self.uses_tls:
+            return None
+        return ssl.create_default_context(cafile=str(self.ssl_cafile) if self.ssl_cafile is not None else None)
+
+    def faust_credentials(self) -> Any:
+        """faust's ``broker_credentials`` for this protocol (None for PLAINTEXT): aiokafka then authenticates the
+        worker's consumer, producer and admin client alike."""
+        if self.security_protocol == "PLAINTEXT":
+            return None
+        from faust.auth import SASLCredentials, SSLCredentials
+
+        if self.uses_sasl:
+            return SASLCredentials(username=self.sasl_username, password=self.sasl_password,
+                                   mechanism=self.sasl_mechanism, ssl_context=self.ssl_context())
+        return SSLCredentials(self.ssl_context())

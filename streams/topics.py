@@ -99,6 +99,7 @@ class EventProducer:
         retry_after_failure_s: float = 0.5,
     ) -> None:
         self._bootstrap = config.bootstrap_servers
+        self._auth = config.kafka_python_auth()  # TLS / SASL, as every client of this config
         self._timeout_s = timeout_s
         self._client_id = client_id
         self._retry_after_failure_s = retry_after_failure_s
@@ -129,6 +130,7 @@ class EventProducer:
                 self._producer = KafkaProducer(
                     bootstrap_servers=self._bootstrap.split(","),
                     client_id=self._client_id,
+                    **self._auth,
                     acks="all",
                     enable_idempotence=True,
                     linger_ms=0,
