@@ -126,11 +126,12 @@ def test_flags_on_new_mail_improve_the_mail_nobody_flagged(loop: Loop) -> None:
     assert promoted[0]["evaluation_set"]["flags"]  # judged on flags, not only on the corpus
     meta = json.loads((loop.s.registry / "versions" / champ / "meta.json").read_text())
     assert meta["lineage"]["offsets"] == info.lineage["offsets"]
-    # Prequential quality: every flag judged the verdict served for it.
+    # Prequential quality: every flag judged the verdict served for it, weighted like a label
+    # (models.consensus.live_weight): nothing while its reporter is unproven, about 0.9 once proven.
     # Per version: the seed served the first verdicts, the champions after it the rest.
     judged = loop.stack.worker_metric("flywheel_live_verdicts_total") or 0
-    assert judged >= 0.9 * len(flags)
-    assert (loop.stack.worker_metric("flywheel_live_verdicts_total", {"version": v0}) or 0) > 0
+    assert 0.5 * len(flags) <= judged <= len(flags)
+    assert loop.stack.worker_metric("flywheel_live_verdicts_total", {"version": v0}) is not None
 
 
 def test_kill9_worker_mid_stream_loses_nothing_and_counts_nothing_twice(loop: Loop) -> None:

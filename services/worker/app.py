@@ -84,7 +84,10 @@ class Worker:
         self.metrics = WorkerMetrics(reporters_max=settings.reporter_metrics_max, versions_max=settings.registry_keep)
         if serve_metrics:
             self.metrics.serve(settings.worker_port, settings.worker_host)
-        self.store = LabelStore(settings.state_dir / "worker" / "labels.db", min_weight=settings.consensus_min_weight)
+        self.store = LabelStore(settings.state_dir / "worker" / "labels.db", min_weight=settings.consensus_min_weight,
+                                quota_bytes=settings.store_quota_bytes, reporter_share=settings.store_reporter_share,
+                                source_share=settings.store_source_share)
+        self.metrics.store_quota.set(settings.store_quota_bytes)
         self.producer = EventProducer(settings.streams(), timeout_s=5.0, client_id="flywheel-worker")
         self.learner: Learner | None = None
         if learn:
@@ -109,6 +112,7 @@ class Worker:
         self.metrics.count_live(self.store.live_tallies())
         self.metrics.set_reporters(self.store.reporters(), settings.consensus_min_weight)
         self.metrics.data_version.set(self.store.data_version)
+        self._measure_store()
         self._status_at = 0.0
         self.publish_status()
 
@@ -116,6 +120,7 @@ class Worker:
         """The worker's summary for operators (the API's operator page reads it from the shared registry)."""
         from models.registry import Registry
 
+        self._measure_store()
         reporters = sorted(self.store.reporters(), key=lambda r: (r[1], r[0]))
         bar = self.settings.consensus_min_weight
         live = self.store.live_tallies()
@@ -126,12 +131,25 @@ class Worker:
             "reporters": {
                 "total": len(reporters),
                 "distrusted": sum(w < 0.5 * bar for _, w, _ in reporters),
-                "lowest": [{"reporter": r, "weight": w, "flags": n} for r, w, n in reporters[:10]],
-                "highest": [{"reporter": r, "weight": w, "flags": n} for r, w, n in reversed(reporters[-10:])],
+                "lowest": [{"reporter": r, "weight": w, "flags": n, "reliability": self.store.reporter_reliability(r)}
+                           for r, w, n in reporters[:10]],
+                "highest": [{"reporter": r, "weight": w, "flags": n, "reliability": self.store.reporter_reliability(r)}
+                            for r, w, n in reversed(reporters[-10:])],
             },
             "live_verdicts": {v: {o: live.get((v, o), 0) for o in ("tp", "fp", "tn", "fn")} for v in versions},
         })
         self._status_at = time.monotonic()
+
+    def _measure_store(self) -> None:
+        """The store's size (raw mail kept, the file) and the free disk under it, for the quota and disk alerts."""
+        import shutil
+
+        self.metrics.store_bytes.labels(part="raw").set(self.store.raw_bytes())
+        self.metrics.store_bytes.labels(part="file").set(self.store.file_bytes())
+        try:
+            self.metrics.disk_free.set(shutil.disk_usage(self.store.path.parent).free)
+        except OSError as exc:
+            log.warning("free disk not measured", error=str(exc))
 
     def _emit_model_event(self, event: ModelEvent) -> None:
         from streams.topics import BrokerUnavailable
@@ -234,6 +252,8 @@ class Worker:
                 m.labels.labels(label=label).inc(n)
         if res.live:
             m.count_live(res.live)
+        for share, n in res.dropped_bytes.items():
+            m.store_dropped.labels(share=share).inc(n)
         if res.touched_reporters:
             m.set_reporters(self.store.reporters(), self.settings.consensus_min_weight)
         m.data_version.set(self.store.data_version)

@@ -51,7 +51,8 @@ class WorkerMetrics:
                                  "When the current champion was promoted (Unix time).", registry=r)
         self.rules_active = Gauge("flywheel_rules_active", "Active rules in the worker's rule set.", registry=r)
         self.live = Counter("flywheel_live_verdicts_total",
-                            "Served verdicts judged by a later flag, by served version and outcome (tp, fp, tn, fn).",
+                            "Served verdicts judged by a later flag, by served version and outcome (tp, fp, tn, fn); each flag "
+                            "weighted like a label (models.consensus.live_weight: proven reporters only).",
                             ["version", "outcome"], registry=r)
         self.reporter_weight = Gauge("flywheel_reporter_weight",
                                      "Reputation of the most and least trusted reporters (bounded).", ["reporter"],
@@ -84,6 +85,8 @@ class WorkerMetrics:
         self.disk_free = Gauge("flywheel_worker_disk_free_bytes", "Free bytes on the store's file system.",
                                registry=r)
         self.store_ok.set(1)
+        for cause in ("locked", "disk_full", "io", "other"):  # every series from the start (alerts, dashboards)
+            self.store_errors.labels(error=cause)
         self._champion_key: tuple[str, str] | None = None
         self._shown_reporters: set[str] = set()
         self._live_versions: list[str] = []
@@ -120,7 +123,7 @@ class WorkerMetrics:
         for band, n in bands.items():
             self.reporters.labels(band=band).set(n)
 
-    def count_live(self, tallies: Mapping[tuple[str, str], int]) -> None:
+    def count_live(self, tallies: Mapping[tuple[str, str], float]) -> None:
         """Add live verdict outcomes; only the newest ``versions_max`` served versions keep a series."""
         for (version, outcome), n in tallies.items():
             if version not in self._live_versions:

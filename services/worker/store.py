@@ -13,11 +13,23 @@ learner refits them from the labels here.
 changed (a label appeared, changed or went, or reputations moved): the learner refits when it moves, and a
 model's version of the data is its freshness at the gate.
 
-The rules of belief (weights, consensus, evidence) are pure functions in :mod:`models.consensus`.
+The rules of belief (weights, consensus, evidence) are pure functions in :mod:`models.consensus`. Evidence is
+kept per reporter, message and kind (``evidence``: at ingest, or the models' later judgement) with the step of
+the reporter's record at which it was added, so it counts once per reporter and message and a retracted (or
+replaced) flag takes its evidence back exactly (:func:`models.consensus.remove_from_record`). A message a
+reporter supplied themselves (its bytes came in their flag, and the API never classified it) earns them nothing
+until another source has seen it (classified it, or flagged it).
+
+Raw mail is bounded (``quota_bytes``): the bytes one reporter supplied may take ``reporter_share`` of the budget,
+one source ``source_share``, everything 80% of the quota (the rest of the database and its WAL fit in the other
+20%). Past a share, the oldest bytes in it go, unlabelled messages first; the message keeps its votes and
+labels but is no longer trained on (``labelled`` skips it). Usage per scope is kept in ``raw_usage`` in the same
+transactions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -26,7 +38,17 @@ from pathlib import Path
 
 import structlog
 
-from models.consensus import RECORD_DECAY, RELIABLE, consensus, model_evidence, reliability, reporter_weight
+from models.consensus import (
+    RECORD_DECAY,
+    RELIABLE,
+    consensus,
+    live_weight,
+    model_evidence,
+    reliability,
+    remove_from_record,
+    reporter_weight,
+    source_of,
+)
 from streams.events import EventInvalid, FeedbackEvent, RetractionEvent, decode
 from streams.records import Record
 
@@ -49,9 +71,10 @@ class BatchResult:
     retractions: int = 0
     new_labels: dict[str, int] = field(default_factory=lambda: {"spam": 0, "ham": 0})
     removed_labels: int = 0
-    live: dict[tuple[str, str], int] = field(default_factory=dict)  # (served version, outcome) -> count
+    live: dict[tuple[str, str], float] = field(default_factory=dict)  # (served version, outcome) -> weight
     dead: list[tuple[Record, str]] = field(default_factory=list)
     touched_reporters: set[str] = field(default_factory=set)
+    dropped_bytes: dict[str, int] = field(default_factory=dict)  # raw bytes dropped, by whose share was full
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,37 +96,92 @@ class Labelled:
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS offsets (topic TEXT, partition INTEGER, offset INTEGER, PRIMARY KEY (topic, partition));
 CREATE TABLE IF NOT EXISTS messages (
-  message_id TEXT PRIMARY KEY, raw BLOB NOT NULL, topic TEXT, partition INTEGER, offset INTEGER);
+  message_id TEXT PRIMARY KEY, raw BLOB NOT NULL, topic TEXT, partition INTEGER, offset INTEGER,
+  supplied_by TEXT, source TEXT, seen INTEGER NOT NULL DEFAULT 1, raw_bytes INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS votes (
   reporter TEXT, message_id TEXT, label TEXT, event_id TEXT, topic TEXT, partition INTEGER, offset INTEGER,
   retracted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (reporter, message_id));
 CREATE INDEX IF NOT EXISTS votes_event ON votes (event_id);
 CREATE INDEX IF NOT EXISTS votes_message ON votes (message_id);
 CREATE TABLE IF NOT EXISTS labels (message_id TEXT PRIMARY KEY, label TEXT NOT NULL, margin REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS reporters (reporter TEXT PRIMARY KEY, agree REAL NOT NULL, disagree REAL NOT NULL, flags INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reporters (reporter TEXT PRIMARY KEY, agree REAL NOT NULL, disagree REAL NOT NULL, flags INTEGER NOT NULL,
+  steps INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS evidence (reporter TEXT, message_id TEXT, kind TEXT, agree REAL NOT NULL,
+  disagree REAL NOT NULL, step INTEGER NOT NULL, held INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (reporter, message_id, kind));
+CREATE TABLE IF NOT EXISTS raw_usage (scope TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS vote_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, reporter TEXT, message_id TEXT, label TEXT);
-CREATE TABLE IF NOT EXISTS live (version TEXT, outcome TEXT, n INTEGER NOT NULL, PRIMARY KEY (version, outcome));
+CREATE TABLE IF NOT EXISTS live (version TEXT, outcome TEXT, n REAL NOT NULL, PRIMARY KEY (version, outcome));
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS messages_supplier_raw ON messages (supplied_by) WHERE raw_bytes > 0;
+CREATE INDEX IF NOT EXISTS messages_source_raw ON messages (source) WHERE raw_bytes > 0;
+CREATE INDEX IF NOT EXISTS messages_raw ON messages (raw_bytes) WHERE raw_bytes > 0;
+"""
+_MIGRATIONS = (  # columns added since the first schema: (table, column, definition)
+    ("messages", "supplied_by", "TEXT"),
+    ("messages", "source", "TEXT"),
+    ("messages", "seen", "INTEGER NOT NULL DEFAULT 1"),
+    ("messages", "raw_bytes", "INTEGER NOT NULL DEFAULT 0"),
+    ("reporters", "steps", "INTEGER NOT NULL DEFAULT 0"),
+)
+RAW_BUDGET = 0.8
+"""Share of ``quota_bytes`` raw mail may take; the rest of the database (votes, indexes) and its WAL fit in the
+remainder."""
+DROP_CHUNK = 64
+
+
+_PENDING = ("SELECT v.seq, v.reporter, v.message_id, v.label, m.raw FROM vote_log v JOIN messages m USING (message_id) "
+            "WHERE v.seq > ? ")
 
 
 class LabelStore:
     """Votes, labels, reputations and processed offsets in one SQLite file; one writer (the worker's ingest)."""
 
-    def __init__(self, path: Path, *, min_weight: float = 1.0) -> None:
+    def __init__(self, path: Path, *, min_weight: float = 1.0, quota_bytes: int = 1024**3,
+                 reporter_share: float = 0.1, source_share: float = 0.5) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.min_weight = min_weight
+        self.quota_bytes = quota_bytes
+        budget = int(RAW_BUDGET * quota_bytes)
+        self._limits = {"reporter": int(reporter_share * budget), "source": int(source_share * budget),
+                        "total": budget}
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes (kill -9) in WAL mode
+        # After a checkpoint the WAL is cut back to this: a burst of large messages must not leave it huge.
+        self._db.execute(f"PRAGMA journal_size_limit={max(1 << 20, quota_bytes // 20)}")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+        self._db.executescript(_INDEXES)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._offsets: dict[tuple[str, int], int] = {
             (t, p): o for t, p, o in self._db.execute("SELECT topic, partition, offset FROM offsets")
         }
+
+    def _migrate(self) -> None:
+        """Add the columns a store written by an earlier version lacks; count its raw mail once."""
+        added = False
+        for table, column, definition in _MIGRATIONS:
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                added = True
+        if added:
+            self._db.execute("UPDATE messages SET raw_bytes=length(raw) WHERE raw_bytes=0")
+        if added or self._db.execute("SELECT COUNT(*) FROM raw_usage").fetchone()[0] == 0:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM raw_usage")
+            self._db.execute("INSERT INTO raw_usage SELECT 'total', COALESCE(SUM(raw_bytes), 0) FROM messages")
+            self._db.execute("INSERT INTO raw_usage SELECT 'r:' || supplied_by, SUM(raw_bytes) FROM messages "
+                             "WHERE supplied_by IS NOT NULL GROUP BY supplied_by")
+            self._db.execute("INSERT INTO raw_usage SELECT 's:' || source, SUM(raw_bytes) FROM messages "
+                             "WHERE source IS NOT NULL GROUP BY source")
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -155,6 +233,24 @@ class LabelStore:
         row = self._r().execute("SELECT agree, disagree FROM reporters WHERE reporter=?", (reporter,)).fetchone()
         return reporter_weight(row[0], row[1]) if row else 1.0
 
+    def reporter_reliability(self, reporter: str) -> float:
+        """The share of the reporter's flags expected to be right (a newcomer's prior when unknown)."""
+        row = self._r().execute("SELECT agree, disagree FROM reporters WHERE reporter=?", (reporter,)).fetchone()
+        return reliability(row[0], row[1]) if row else reliability(0.0, 0.0)
+
+    def raw_bytes(self, scope: str = "total") -> int:
+        """Raw mail kept: ``total``, ``r:<reporter>`` or ``s:<source>``."""
+        row = self._r().execute("SELECT bytes FROM raw_usage WHERE scope=?", (scope,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def file_bytes(self) -> int:
+        """The database on disk: the file and its WAL."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                total += Path(f"{self.path}{suffix}").stat().st_size
+        return total
+
     def vote_count(self) -> int:
         return int(self._r().execute("SELECT COUNT(*) FROM votes WHERE retracted=0").fetchone()[0])
 
@@ -171,9 +267,10 @@ class LabelStore:
         row = self._r().execute("SELECT COALESCE(MAX(rowid), 0) FROM messages").fetchone()
         return int(row[0])
 
-    def live_tallies(self) -> dict[tuple[str, str], int]:
-        """(served version, outcome) -> count of flags that judged a served verdict (prequential quality)."""
-        return {(v, o): int(n) for v, o, n in self._r().execute("SELECT version, outcome, n FROM live")}
+    def live_tallies(self) -> dict[tuple[str, str], float]:
+        """(served version, outcome) -> flags that judged a served verdict (prequential quality), each weighted by
+        :func:`models.consensus.live_weight`."""
+        return {(v, o): float(n) for v, o, n in self._r().execute("SELECT version, outcome, n FROM live")}
 
     def labelled(self) -> list[Labelled]:
         """Every message whose consensus with today's reputations reaches the bar, oldest first."""
@@ -185,7 +282,8 @@ class LabelStore:
             a, d = record.get(reporter, (0.0, 0.0))
             votes.setdefault(mid, []).append((label, reporter_weight(a, d), reliability(a, d), (t, int(p), int(o))))
         out: list[Labelled] = []
-        for rowid, mid, raw in self._r().execute("SELECT rowid, message_id, raw FROM messages ORDER BY rowid"):
+        for rowid, mid, raw in self._r().execute(
+                "SELECT rowid, message_id, raw FROM messages WHERE raw_bytes > 0 ORDER BY rowid"):
             vs = votes.get(mid)
             if not vs:
                 continue
@@ -203,31 +301,35 @@ class LabelStore:
         return [
             (seq, rep, mid, label, bytes(raw))
             for seq, rep, mid, label, raw in self._r().execute(
-                "SELECT v.seq, v.reporter, v.message_id, v.label, m.raw FROM vote_log v JOIN messages m USING (message_id) "
-                "WHERE v.seq > ? ORDER BY v.seq LIMIT ?",
+                _PENDING + "ORDER BY v.seq LIMIT ?",
                 (done, limit),
             )
         ]
 
     def apply_model_evidence(self, upto_seq: int, evidence: Sequence[tuple[str, int]]) -> None:
-        """Add the models' verdicts on votes up to ``upto_seq`` to reputations (once: the watermark is in the
-        same transaction)."""
+        """Add the models' verdicts on the votes :meth:`pending_evidence` returned, up to ``upto_seq`` and in its
+        order, to reputations (once: the watermark is in the same transaction). A vote retracted or changed
+        since, or on a message only its reporter has seen, earns nothing."""
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
                 row = db.execute("SELECT value FROM counters WHERE name='evidence_seq'").fetchone()
-                if row is not None and upto_seq <= int(row[0]):
+                done = int(row[0]) if row is not None else 0
+                if upto_seq <= done:
                     db.execute("ROLLBACK")
                     return
+                logged = db.execute(_PENDING + "AND v.seq <= ? ORDER BY v.seq", (done, upto_seq)).fetchall()
                 moved = False
-                for reporter, e in evidence:
-                    if e:
-                        moved = True
-                        db.execute(
-                            "UPDATE reporters SET agree=?*agree+?, disagree=?*disagree+? WHERE reporter=?",
-                            (RECORD_DECAY, 1.0 if e > 0 else 0.0, RECORD_DECAY, 1.0 if e < 0 else 0.0, reporter),
-                        )
+                if [r[1] for r in logged] != [r for r, _ in evidence]:  # never expected: judged out of order
+                    log.error("model evidence does not match the pending votes; skipped", upto_seq=upto_seq,
+                              pending=len(logged), judged=len(evidence))
+                    logged, evidence = [], []
+                for (_, reporter, mid, label, _), (_, e) in zip(logged, evidence, strict=True):
+                    if not e or not self._stands(reporter, mid, label):
+                        continue
+                    moved = self._add_evidence(reporter, mid, "model", float(e > 0), float(e < 0),
+                                               held=self._held(reporter, mid)) or moved
                 db.execute(
                     "INSERT INTO counters VALUES ('evidence_seq', ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
                     (upto_seq,),
@@ -331,14 +433,124 @@ class LabelStore:
                 "INSERT INTO counters VALUES (?,?) ON CONFLICT(name) DO UPDATE SET value=value+excluded.value", (name, n)
             )
 
-    def _evidence(self, reporter: str, agree: float, disagree: float) -> None:
-        """Count a flag and add its evidence to the reporter's record (:func:`models.consensus.add_to_record`)."""
-        decay = RECORD_DECAY if agree + disagree > 0 else 1.0
+    def _count_flag(self, reporter: str) -> None:
         self._db.execute(
-            "INSERT INTO reporters VALUES (?,?,?,1) ON CONFLICT(reporter) DO UPDATE SET "
-            "agree=?*agree+excluded.agree, disagree=?*disagree+excluded.disagree, flags=flags+1",
-            (reporter, agree, disagree, decay, decay),
+            "INSERT INTO reporters (reporter, agree, disagree, flags, steps) VALUES (?,0,0,1,0) "
+            "ON CONFLICT(reporter) DO UPDATE SET flags=flags+1", (reporter,))
+
+    def _add_evidence(self, reporter: str, message_id: str, kind: str, agree: float, disagree: float,
+                      held: bool = False) -> bool:
+        """Add a flag's evidence to the reporter's record (:func:`models.consensus.add_to_record`), once per
+        reporter, message and kind; True when the record moved. ``held`` evidence is kept aside, not counted,
+        until :meth:`_release_held` (a message only its supplier has seen)."""
+        if agree + disagree <= 0:
+            return False
+        db = self._db
+        if db.execute("SELECT 1 FROM evidence WHERE reporter=? AND message_id=? AND kind=?",
+                      (reporter, message_id, kind)).fetchone():
+            return False
+        if held:
+            db.execute("INSERT INTO evidence VALUES (?,?,?,?,?,0,1)", (reporter, message_id, kind, agree, disagree))
+            return False
+        db.execute(
+            "INSERT INTO reporters (reporter, agree, disagree, flags, steps) VALUES (?,?,?,0,1) "
+            "ON CONFLICT(reporter) DO UPDATE SET agree=?*agree+excluded.agree, "
+            "disagree=?*disagree+excluded.disagree, steps=steps+1",
+            (reporter, agree, disagree, RECORD_DECAY, RECORD_DECAY),
         )
+        step = db.execute("SELECT steps FROM reporters WHERE reporter=?", (reporter,)).fetchone()[0]
+        db.execute("INSERT INTO evidence VALUES (?,?,?,?,?,?,0)", (reporter, message_id, kind, agree, disagree, step))
+        return True
+
+    def _release_held(self, message_id: str, res: BatchResult) -> None:
+        """Another source has seen the message: its supplier's held evidence counts from now on."""
+        db = self._db
+        held = db.execute("SELECT reporter, kind, agree, disagree FROM evidence WHERE message_id=? AND held=1",
+                          (message_id,)).fetchall()
+        db.execute("DELETE FROM evidence WHERE message_id=? AND held=1", (message_id,))
+        for reporter, kind, a, d in held:
+            if self._add_evidence(reporter, message_id, kind, a, d):
+                res.touched_reporters.add(reporter)
+
+    def _remove_evidence(self, reporter: str, message_id: str) -> bool:
+        """Take a retracted or replaced flag's evidence back (:func:`models.consensus.remove_from_record`)."""
+        db = self._db
+        rows = db.execute("SELECT agree, disagree, step FROM evidence WHERE reporter=? AND message_id=? AND held=0",
+                          (reporter, message_id)).fetchall()
+        db.execute("DELETE FROM evidence WHERE reporter=? AND message_id=? AND held=1", (reporter, message_id))
+        if not rows:
+            return False
+        agree, disagree, steps = db.execute("SELECT agree, disagree, steps FROM reporters WHERE reporter=?",
+                                            (reporter,)).fetchone()
+        for a, d, step in rows:
+            agree, disagree = remove_from_record(agree, disagree, a, d, int(steps) - int(step))
+        db.execute("UPDATE reporters SET agree=?, disagree=? WHERE reporter=?", (agree, disagree, reporter))
+        db.execute("DELETE FROM evidence WHERE reporter=? AND message_id=?", (reporter, message_id))
+        return True
+
+    def _stands(self, reporter: str, message_id: str, label: str) -> bool:
+        """Whether a vote is still live with ``label`` (not retracted, not changed since)."""
+        vote = self._db.execute("SELECT label, retracted FROM votes WHERE reporter=? AND message_id=?",
+                                (reporter, message_id)).fetchone()
+        return vote is not None and not vote[1] and vote[0] == label
+
+    def _held(self, reporter: str, message_id: str) -> bool:
+        """Whether the message is one only this reporter has seen (supplied in their own flag, never classified,
+        flagged by no other source): their evidence on it waits."""
+        row = self._db.execute("SELECT supplied_by, seen FROM messages WHERE message_id=?", (message_id,)).fetchone()
+        return row is not None and not row[1] and row[0] == reporter
+
+    def _store_raw(self, rec: Record, ev: FeedbackEvent, raw: bytes, res: BatchResult) -> None:
+        """Keep a new message's bytes within the quota: make room in the reporter's, the source's and the total
+        share (oldest unlabelled bytes first), or keep none when the message alone is larger than a share."""
+        source = source_of(ev.reporter)
+        size = len(raw)
+        scopes = {"reporter": f"r:{ev.reporter}", "source": f"s:{source}", "total": "total"}
+        if any(size > self._limits[share] for share in scopes):
+            res.dropped_bytes["message"] = res.dropped_bytes.get("message", 0) + size
+            raw, size = b"", 0
+        else:
+            for share, scope in scopes.items():
+                self._make_room(share, scope, size, res)
+        self._db.execute(
+            "INSERT INTO messages (message_id, raw, topic, partition, offset, supplied_by, source, seen, raw_bytes) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (ev.message_id, raw, rec.topic, rec.partition, rec.offset, ev.reporter, source,
+             int(ev.served is not None), size))
+        if size:
+            self._usage({"total": size, f"r:{ev.reporter}": size, f"s:{source}": size})
+
+    def _usage(self, deltas: dict[str, int]) -> None:
+        for scope, n in deltas.items():
+            self._db.execute("INSERT INTO raw_usage VALUES (?,?) ON CONFLICT(scope) DO UPDATE SET bytes=bytes+excluded.bytes",
+                             (scope, n))
+
+    def _make_room(self, share: str, scope: str, size: int, res: BatchResult) -> None:
+        db = self._db
+        limit = self._limits[share]
+        row = db.execute("SELECT bytes FROM raw_usage WHERE scope=?", (scope,)).fetchone()
+        excess = (int(row[0]) if row else 0) + size - limit
+        where = {"reporter": "supplied_by=?", "source": "source=?", "total": "raw_bytes > ?"}[share]
+        arg: str | int = 0 if share == "total" else scope[2:]
+        while excess > 0:
+            victims = db.execute(
+                f"SELECT m.rowid, m.raw_bytes, m.supplied_by, m.source FROM messages m WHERE {where} "  # noqa: S608 - fixed clauses; values bound
+                "AND m.raw_bytes > 0 ORDER BY EXISTS (SELECT 1 FROM labels l WHERE l.message_id=m.message_id), "
+                "m.rowid LIMIT ?", (arg, DROP_CHUNK)).fetchall()
+            if not victims:
+                return
+            for rowid, n, supplier, source in victims:
+                db.execute("UPDATE messages SET raw=x'', raw_bytes=0 WHERE rowid=?", (rowid,))
+                deltas = {"total": -n}
+                if supplier is not None:
+                    deltas[f"r:{supplier}"] = -n
+                if source is not None:
+                    deltas[f"s:{source}"] = -n
+                self._usage(deltas)
+                res.dropped_bytes[share] = res.dropped_bytes.get(share, 0) + n
+                excess -= n
+                if excess <= 0:
+                    return
 
     def _votes_on(self, message_id: str, exclude: str | None = None,
                   proven_only: bool = False) -> list[tuple[str, float]]:
@@ -354,19 +566,23 @@ class LabelStore:
     def _flag(self, rec: Record, ev: FeedbackEvent, prob: float | None, res: BatchResult) -> str | None:
         db = self._db
         res.flags += 1
-        known = db.execute("SELECT 1 FROM messages WHERE message_id=?", (ev.message_id,)).fetchone()
+        known = db.execute("SELECT supplied_by, seen FROM messages WHERE message_id=?", (ev.message_id,)).fetchone()
         if known is None:
             raw = ev.raw_bytes()
             if raw is None:
                 return "flag without message bytes for a message the worker has never seen"
-            db.execute("INSERT INTO messages (message_id, raw, topic, partition, offset) VALUES (?,?,?,?,?)",
-                       (ev.message_id, raw, rec.topic, rec.partition, rec.offset))
+            self._store_raw(rec, ev, raw, res)
+        elif not known[1] and (ev.served is not None or source_of(known[0] or "") != source_of(ev.reporter)):
+            db.execute("UPDATE messages SET seen=1 WHERE message_id=?", (ev.message_id,))  # another source saw it
+            self._release_held(ev.message_id, res)
         prev = db.execute(
             "SELECT label, retracted FROM votes WHERE reporter=? AND message_id=?", (ev.reporter, ev.message_id)
         ).fetchone()
         if prev is not None and prev[0] == ev.label and not prev[1]:
             res.duplicates += 1
             return None
+        if prev is not None:  # a changed (or retracted, then renewed) vote: its earlier evidence goes
+            self._remove_evidence(ev.reporter, ev.message_id)
         # Reputation evidence, judged before this vote counts. Agreeing with other reporters is evidence only
         # when they are proven (reliable): otherwise a few colluding identities would vouch for each other.
         others, _ = consensus(self._votes_on(ev.message_id, exclude=ev.reporter, proven_only=True), self.min_weight)
@@ -376,8 +592,11 @@ class LabelStore:
         m = model_evidence(ev.label, prob)
         agree += m > 0
         disagree += m < 0
-        weight_before = self._weight_of(ev.reporter)
-        self._evidence(ev.reporter, agree, disagree)
+        record = db.execute("SELECT agree, disagree FROM reporters WHERE reporter=?", (ev.reporter,)).fetchone()
+        live = live_weight(*(record or (0.0, 0.0)))
+        self._count_flag(ev.reporter)
+        self._add_evidence(ev.reporter, ev.message_id, "ingest", agree, disagree,
+                           held=self._held(ev.reporter, ev.message_id))
         res.accepted_flags += 1
         res.touched_reporters.add(ev.reporter)
         db.execute(
@@ -388,18 +607,15 @@ class LabelStore:
         )
         if prob is None:  # the models' opinion is judged later, off the ingest path (see the learner)
             db.execute("INSERT INTO vote_log (reporter, message_id, label) VALUES (?,?,?)", (ev.reporter, ev.message_id, ev.label))
-        if ev.served is not None and prev is None and weight_before >= 0.5 * self.min_weight:
-            # A free label for the verdict served earlier, from a reporter not shown hostile.
+        if ev.served is not None and prev is None:
+            # A free label for the verdict served earlier, weighted like a label (a proven reporter's only; an
+            # unproven one's adds 0, so the served version's series exist from its first flag).
             spam = ev.label == "spam"
             outcome = ("tp" if ev.served.is_spam else "fn") if spam else ("fp" if ev.served.is_spam else "tn")
             key = (ev.served.version, outcome)
-            res.live[key] = res.live.get(key, 0) + 1
+            res.live[key] = res.live.get(key, 0.0) + live
         self._relabel(ev.message_id, res)
         return None
-
-    def _weight_of(self, reporter: str) -> float:
-        row = self._db.execute("SELECT agree, disagree FROM reporters WHERE reporter=?", (reporter,)).fetchone()
-        return reporter_weight(row[0], row[1]) if row else 1.0
 
     def _retract(self, ev: RetractionEvent, res: BatchResult) -> None:
         cur = self._db.execute(
@@ -407,6 +623,8 @@ class LabelStore:
         )
         if cur.rowcount:
             res.retractions += 1
+            if self._remove_evidence(ev.reporter, ev.message_id):
+                res.touched_reporters.add(ev.reporter)
             self._relabel(ev.message_id, res)
 
     def _relabel(self, message_id: str, res: BatchResult) -> None:

@@ -5,15 +5,19 @@ from __future__ import annotations
 import pytest
 
 from models.consensus import (
+    RECORD_DECAY,
     RELIABLE,
     add_to_record,
     confidence,
     consensus,
     is_holdout,
+    live_weight,
     message_id_for,
     model_evidence,
     reliability,
+    remove_from_record,
     reporter_weight,
+    source_of,
     trusted,
 )
 from streams.events import message_id_for as event_message_id
@@ -78,3 +82,27 @@ def test_holdout_is_stable_about_one_in_ten_and_ids_agree_with_the_events() -> N
     assert held == [m for m in ids if is_holdout(m)]
     raw = b"Subject: x\r\n\r\nbody"
     assert message_id_for(raw) == event_message_id(raw)
+
+
+def test_a_flags_evidence_can_be_taken_back_exactly_after_later_flags() -> None:
+    """What a retraction leaves: the record as if the flag had only decayed the others (removal is exact)."""
+    a, d = add_to_record(3.0, 1.0, 1.0, 0.0)  # the flag to be retracted
+    for _ in range(5):  # five later judged flags
+        a, d = add_to_record(a, d, 0.0, 1.0)
+    got = remove_from_record(a, d, 1.0, 0.0, steps_since=5)
+    want_a, want_d = 3.0 * RECORD_DECAY, 1.0 * RECORD_DECAY  # the flag's own step decayed the record too
+    for _ in range(5):
+        want_d = RECORD_DECAY * want_d + 1.0
+        want_a = RECORD_DECAY * want_a
+    assert got == pytest.approx((want_a, want_d))
+    assert remove_from_record(0.1, 0.0, 1.0, 0.0, 0) == (0.0, 0.0)  # never below nothing
+
+
+def test_live_counts_are_weighted_like_labels() -> None:
+    assert live_weight(0.0, 0.0) == 0.0  # a newcomer (0.8) is below RELIABLE
+    assert live_weight(40.0, 0.0) == pytest.approx(confidence(reliability(40.0, 0.0))) and live_weight(40.0, 0.0) > 0.9
+    assert live_weight(40.0, 20.0) == 0.0
+
+
+def test_a_reporters_source_is_its_relay_or_its_key() -> None:
+    assert source_of("imap:bob") == "imap" and source_of("spamd:alice") == "spamd" and source_of("carol") == "carol"

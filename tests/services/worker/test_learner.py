@@ -15,10 +15,11 @@ from services.settings import Settings
 from services.worker.learner import Candidate, CorpusData, Learner, load_oof
 from services.worker.metrics import WorkerMetrics
 from services.worker.store import LabelStore
-from streams.events import FeedbackEvent, encode
+from streams.events import FeedbackEvent, ServedVerdict, encode
 from streams.records import Record
 
 pytestmark = pytest.mark.integration
+CLASSIFIED = ServedVerdict(version="served-earlier", is_spam=False, probability=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,8 @@ class Rig:
         recs = []
         for i, m in enumerate(msgs):
             label = "spam" if m.is_spam != flip else "ham"
-            ev = FeedbackEvent.create(label=label, reporter=reporter_of(i), raw=m.raw)
+            # Flags on mail the API classified (a message only its reporter has seen earns them no reputation).
+            ev = FeedbackEvent.create(label=label, reporter=reporter_of(i), raw=m.raw, served=CLASSIFIED)
             recs.append(Record("t.feedback", i % 2, self.offset, None, encode(ev)))
             self.offset += 1
         self.store.apply(recs)
