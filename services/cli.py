@@ -460,7 +460,7 @@ def _check_kafka(s: Settings) -> dict[str, Any]:
         return {"ok": False, "address": s.bootstrap_servers, "detail": f"{_why(refusal)} (start it: {hint})"}
     from streams.broker import answers_metadata
 
-    ok = answers_metadata(s.bootstrap_servers, timeout_s=STATUS_TIMEOUT_S)
+    ok = answers_metadata(s.streams(), timeout_s=STATUS_TIMEOUT_S)
     return {"ok": ok, "address": s.bootstrap_servers,
             "detail": "answers metadata" if ok else f"accepts connections but answers no metadata request ({hint})"}
 

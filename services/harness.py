@@ -114,7 +114,7 @@ class LocalStack:
 
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        if s.manages_kafka and not broker.answers_metadata(s.bootstrap_servers, 2.0):
+        if s.manages_kafka and not broker.answers_metadata(s.streams(), 2.0):
             broker.ensure_jars(s.streams())
             broker.start(s.streams())
             self._started_broker = True
@@ -254,7 +254,8 @@ class LocalStack:
 
         topic = Topics.from_config(self.settings.streams()).feedback
         consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None,
-                                 enable_auto_commit=False, request_timeout_ms=10_000)
+                                 enable_auto_commit=False, request_timeout_ms=10_000,
+                                 **self.settings.streams().kafka_python_auth())
         try:
             parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
             ends = consumer.end_offsets(parts)

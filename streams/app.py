@@ -83,6 +83,8 @@ def make_app(
     app = faust.App(
         f"{config.topic_prefix}-worker",
         broker=[f"kafka://{b.strip()}" for b in config.bootstrap_servers.split(",")],
+        # TLS / SASL for aiokafka's consumer, producer and admin client, from the same config as every other client
+        broker_credentials=config.faust_credentials(),
         store="memory://",
         # faust keeps its table state here (default: ``<app id>-data`` in the current directory, which litters
         # whatever directory the worker, a test or a benchmark was started from)

@@ -567,6 +567,7 @@ class ServingState:
             try:
                 consumer = KafkaConsumer(
                     bootstrap_servers=self.settings.bootstrap_servers.split(","),
+                    **self.settings.streams().kafka_python_auth(),
                     group_id=None,
                     enable_auto_commit=False,
                     client_id=f"flywheel-api-reload-{os.getpid()}",
@@ -619,6 +620,7 @@ class ServingState:
             try:
                 consumer = KafkaConsumer(
                     bootstrap_servers=self.settings.bootstrap_servers.split(","),
+                    **self.settings.streams().kafka_python_auth(),
                     group_id=None,
                     enable_auto_commit=False,
                     client_id=f"flywheel-api-campaigns-{os.getpid()}",

@@ -336,7 +336,7 @@ def await_kafka(settings: Settings, log_every_s: float = 5.0) -> None:
     deadline_s = settings.kafka_start_timeout_s
     start = time.monotonic()
     next_log = start
-    while not answers_metadata(settings.bootstrap_servers, timeout_s=2.0):
+    while not answers_metadata(settings.streams(), timeout_s=2.0):
         now = time.monotonic()
         if now >= next_log:
             log.warning("waiting for kafka", bootstrap=settings.bootstrap_servers, waited_s=round(now - start, 1),

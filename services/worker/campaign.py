@@ -86,6 +86,7 @@ class CampaignPublisher:
         from streams.events import EventInvalid
 
         consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers.split(","), group_id=None,
+                                 **self.settings.streams().kafka_python_auth(),
                                  enable_auto_commit=False, client_id="flywheel-worker-campaigns",
                                  request_timeout_ms=5000)
         try:
