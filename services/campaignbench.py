@@ -147,6 +147,15 @@ def _metric(text: str, name: str, labels: str) -> float | None:
     return None
 
 
+def _flag(stack: LocalStack, label: str, raw: bytes) -> str:
+    """Flag a message the way a mail client does: classified first, then flagged by the id of that answer."""
+    mid = str(stack.classify(raw)["message_id"])
+    r = stack.flag(label, TRUSTED_KEY, message_id=mid)
+    if r.status_code != 202:
+        raise RuntimeError(f"/feedback answered {r.status_code}: {r.text}")
+    return mid
+
+
 def _reliability(stack: LocalStack, reporter: str) -> float:
     from models.consensus import reliability
 
@@ -201,9 +210,7 @@ def run_campaign_bench(settings: Settings, json_path: Path | None, *, every: int
         warm = rnd.sample(train, min(len(train), WARMUP_FLAGS))
         _say(f"==> the reporter earns trust: {len(warm)} flags on earlier mail")
         for m in warm:
-            r = stack.flag("spam" if m.is_spam else "ham", TRUSTED_KEY, raw=m.raw)
-            if r.status_code != 202:
-                raise RuntimeError(f"/feedback answered {r.status_code}: {r.text}")
+            _flag(stack, "spam" if m.is_spam else "ham", m.raw)
         wait_until(lambda: _reliability(stack, "trusted") >= 0.9, 180, "the reporter's reliability to reach 0.9", 0.5)
         result["reporter_reliability"] = round(_reliability(stack, "trusted"), 3)
         _say(f"    reliability {result['reporter_reliability']}")
@@ -222,9 +229,7 @@ def run_campaign_bench(settings: Settings, json_path: Path | None, *, every: int
         def run_group(g: list[int]) -> None:
             first = spam[g[0]]
             todo = [i for i in g[1:] if i in missed]
-            r = stack.flag("spam", TRUSTED_KEY, raw=first.raw)
-            if r.status_code != 202:
-                raise RuntimeError(f"/feedback answered {r.status_code}: {r.text}")
+            _flag(stack, "spam", first.raw)
             flagged_at = time.monotonic()
             fingerprinted = fingerprint_text(_text(first.raw, settings.analyse_bytes)) is not None
             pending = set(todo)
@@ -261,7 +266,7 @@ def run_campaign_bench(settings: Settings, json_path: Path | None, *, every: int
         # -- every spam fingerprint in, then all later ham ---------------------------------------------------
         _say(f"==> flagging the other groups' first copies ({len(singles)}), then classifying {len(ham)} later ham")
         with ThreadPoolExecutor(max_workers=4) as ex:
-            list(ex.map(lambda g: stack.flag("spam", TRUSTED_KEY, raw=spam[g[0]].raw), singles))
+            list(ex.map(lambda g: _flag(stack, "spam", spam[g[0]].raw), singles))
         first_copies = [spam[g[0]] for g in chosen + singles]
         expected = sum(fingerprint_text(_text(m.raw, settings.analyse_bytes)) is not None for m in first_copies)
 

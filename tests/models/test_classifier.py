@@ -183,3 +183,39 @@ def test_paths_are_plain(tmp_path: Path) -> None:
 
     src = Path(mod.__file__).read_text()
     assert "import services" not in src and "from services" not in src and "torch" not in src
+
+
+@pytest.mark.unit
+def test_campaign_memory_turns_a_near_duplicate_spam_and_ham_fingerprints_only_protect(loaded: LoadedModel) -> None:
+    from models.campaign import CampaignIndex, fingerprint
+
+    text = ("thanks for the review of the release notes the meeting moved to the lunch slot and the patch "
+            "schedule is in the diff please read the notes before the meeting and send the review by friday")
+
+    def mail(n: int, subject: str = "re: notes") -> bytes:
+        return f"From: dev{n}@example.org\r\nSubject: {subject}\r\n\r\n{text} see http://x{n}.example/{n} {n}\r\n".encode()
+
+    memory = CampaignIndex(capacity=100)
+    clf = Classifier(ENGINE, loaded, campaign=memory)
+    before = clf.classify(mail(1))
+    assert not before.is_spam and before.campaign is None
+    parsed = parse(mail(2))
+    sig = fingerprint(parsed.subject, parsed.body_text)
+    assert sig is not None
+    memory.add("flagged-copy", sig, "spam")
+    after = clf.classify(mail(3))
+    assert after.is_spam and after.decided_by == "campaign"
+    assert after.campaign is not None and after.campaign.flagged == "spam" and after.campaign.similarity >= 0.6
+    assert after.probability == pytest.approx(before.probability, abs=1e-6)  # the blend's score is unchanged
+    assert after.to_dict()["campaign"]["message_id"] == "flagged-copy"
+    assert not clf.classify(message(1001, False)).is_spam  # unrelated mail untouched
+    memory.add("not-spam-copy", sig, "ham")  # the same campaign flagged "not spam" by a trusted reporter
+    protected = clf.classify(mail(4))
+    assert not protected.is_spam and protected.campaign is not None and protected.campaign.flagged == "ham"
+    spammy = parse(message(1000, True))
+    spam_sig = fingerprint(spammy.subject, spammy.body_text)
+    assert spam_sig is not None
+    memory.add("spam-called-ham", spam_sig, "ham")
+    spam = clf.classify(message(1000, True))
+    assert spam.campaign is not None and spam.campaign.flagged == "ham"
+    assert spam.is_spam and spam.decided_by != "campaign"  # a ham fingerprint never turns a spam verdict into ham
