@@ -72,7 +72,7 @@ class CampaignPublisher:
         self.false_positives = Counter(
             "flywheel_campaign_false_positives_total",
             "Trusted ham labels on messages that matched a spam fingerprint published before them.", registry=r)
-        self.size = Gauge("flywheel_campaign_published", "Fingerprints on the campaign topic now.", ["flagged"],
+        self.size = Gauge("flywheel_campaign_topic_fingerprints", "Fingerprints on the campaign topic now.", ["flagged"],
                           registry=r)
         for kind in ("spam", "ham", "withdrawn"):
             self.records.labels(kind=kind).inc(0)
