@@ -132,7 +132,7 @@ class Settings(BaseSettings):
         64, ge=0, description="Messages that may wait for a classification thread; beyond that 503 + Retry-After."
     )
     classify_batch_share: int = Field(
-        8, ge=1, description="Slots of the classification pool one /classify/batch holds while it runs: it is "
+        4, ge=1, description="Slots of the classification pool one /classify/batch holds while it runs: it is "
         "scored this many messages at a time, so single messages wait behind one such chunk, not a whole batch.",
     )
     feedback_identity_rate: float = Field(1.0, gt=0, description="Flags per second each reporter earns (token bucket).")
