@@ -109,17 +109,22 @@ def make_app(
 
     @app.agent(feedback, concurrency=1)
     async def feedback_agent(stream: faust.StreamT[bytes]) -> None:
-        async for events in stream.take_events(batch_max, within=batch_within_s):  # type: ignore[attr-defined]  # StreamT omits take_events, which faust's Stream has
-            records = [
-                Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
-                for e in events
-            ]
-            try:
-                await h.handle(records)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - whatever it was, the batch must not be acknowledged
-                exit_unacknowledged(records, exc)
+        try:
+            async for events in stream.take_events(batch_max, within=batch_within_s):  # type: ignore[attr-defined]  # StreamT omits take_events, which faust's Stream has
+                records = [
+                    Record(e.message.topic, e.message.partition, e.message.offset, e.message.key, e.message.value)
+                    for e in events
+                ]
+                try:
+                    await h.handle(records)
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - whatever it was, the batch must not be acknowledged
+                    exit_unacknowledged(records, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the stream itself failed: a dead agent in a live process looks healthy
+            exit_unacknowledged([], exc)
 
     @app.task
     async def start_handler() -> None:

@@ -121,6 +121,10 @@ def test_flags_sent_while_the_store_is_locked_are_all_stored_after(kafka: Settin
         assert _metric(s, "flywheel_worker_store_errors_total") >= 1
         log = (s.state_dir / "worker.log").read_text(errors="replace")
         assert "store refused a batch; retrying" in log and "database is locked" in log
+        # An ordinary stop is still a clean one (only a batch the store refused ends the worker with 70).
+        proc.terminate()
+        assert proc.wait(60) == 0
+        assert "batch not stored" not in (s.state_dir / "worker.log").read_text(errors="replace")
     finally:
         if lock is not None:
             lock.close()
