@@ -35,6 +35,7 @@ import numpy as np
 
 __all__ = [
     "BANDS",
+    "MAX_WORDS",
     "MIN_SHINGLES",
     "NUM_PERM",
     "ROWS",
@@ -55,6 +56,9 @@ ROWS = NUM_PERM // BANDS
 SHINGLE_WORDS = 4
 MIN_SHINGLES = 5
 """A text with fewer distinct shingles (under about 8 words) gets no fingerprint: too short to call a duplicate."""
+MAX_WORDS = 4000
+"""Only a message's first words are fingerprinted: a campaign shows in its opening, and the MinHash's work and
+temporary memory (words x 128 x 8 bytes: 4 MB here) stay bounded however long the text is."""
 _TAIL_MAX = 4096
 """Band entries kept unsorted (scanned linearly) before they are merged into the sorted arrays."""
 
@@ -100,7 +104,7 @@ def _minhash(sh: np.ndarray) -> np.ndarray:
 
 def fingerprint_text(text: str) -> np.ndarray | None:
     """The MinHash signature of ``text`` (uint32, ``NUM_PERM``), or None when it is too short to fingerprint."""
-    sh = shingles(normalise(text))
+    sh = shingles(normalise(text)[:MAX_WORDS])
     if sh.size < MIN_SHINGLES:
         return None
     return _minhash(sh)

@@ -62,13 +62,13 @@ def _say(msg: str) -> None:
 
 
 def _shingle_sets(raws: Sequence[bytes], max_bytes: int) -> list[np.ndarray]:
-    from models.campaign import normalise, shingles
+    from models.campaign import MAX_WORDS, normalise, shingles
     from models.message import parse
 
     out = []
     for raw in raws:
         m = parse(raw, max_bytes=max_bytes)
-        out.append(shingles(normalise(f"{m.subject}\n{m.body_text}")))
+        out.append(shingles(normalise(f"{m.subject}\n{m.body_text}")[:MAX_WORDS]))
     return out
 
 

@@ -142,3 +142,12 @@ def test_bad_input_is_refused() -> None:
         idx.add("a", np.zeros(128, dtype=np.uint32), "maybe")
     with pytest.raises(ValueError, match="signature"):
         idx.add("a", np.zeros(3, dtype=np.uint32), "spam")
+
+
+def test_a_long_text_is_fingerprinted_by_its_opening() -> None:
+    from models.campaign import MAX_WORDS
+
+    opening = _text(31, n=MAX_WORDS)
+    a = fingerprint_text(opening + " " + _text(32, n=20_000))
+    b = fingerprint_text(opening + " " + _text(33, n=50_000))
+    assert a is not None and b is not None and np.array_equal(a, b)
