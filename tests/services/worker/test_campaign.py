@@ -58,9 +58,17 @@ def newsletter_copy(n: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def stack(kafka: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+def stack(kafka: Settings, p1_split: tuple[list, list], tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A stack (the model held still: no refits, no neural retrains) whose reporter "trusted" has earned trust the
+    way any user does: flags the models agree with, on earlier mail they are sure of."""
     root: Path = tmp_path_factory.mktemp("campaign")
+    train, _ = p1_split
     with LocalStack(kafka, root / "stack", api_keys=KEYS, linear_refit_s=86400.0, neural_retrain=False) as s:
+        for m in random.Random(3).sample(train, 40):
+            mid = s.classify(m.raw)["message_id"]
+            r = s.flag("spam" if m.is_spam else "ham", "k-trusted", message_id=mid)
+            assert r.status_code == 202, r.text
+        wait_until(lambda: _reliability(s, "trusted") >= 0.9, 120, "the reporter's reliability to reach 0.9", 0.3)
         yield s
 
 
@@ -78,15 +86,7 @@ def _has_vote(stack: LocalStack, reporter: str, message_id: str) -> bool:
             is not None
 
 
-def test_a_trusted_flag_stops_the_campaign_and_a_strangers_flag_blocks_no_newsletter(
-        stack: LocalStack, p1_split: tuple[list, list]) -> None:
-    train, _ = p1_split
-    # A reporter earns trust the way any user does: flags the models agree with, on mail they are sure of.
-    for m in random.Random(3).sample(train, 40):
-        r = stack.flag("spam" if m.is_spam else "ham", "k-trusted", raw=m.raw)
-        assert r.status_code == 202, r.text
-    wait_until(lambda: _reliability(stack, "trusted") >= 0.9, 120, "the reporter's reliability to reach 0.9", 0.3)
-
+def test_a_trusted_flag_stops_the_campaign_and_a_strangers_flag_blocks_no_newsletter(stack: LocalStack) -> None:
     later, letter = campaign_copy(2), newsletter_copy(2)
     before: dict[str, Any] = stack.classify(later)
     assert not before["is_spam"] and before["campaign"] is None  # the model alone lets the campaign through
@@ -126,3 +126,30 @@ def test_a_trusted_flag_stops_the_campaign_and_a_strangers_flag_blocks_no_newsle
 
     metrics = stack.http.get("/metrics").text
     assert 'flywheel_campaign_hits_total{decided="true",flagged="spam"}' in metrics
+
+
+def test_not_spam_from_a_trusted_reporter_protects_list_mail_and_counts_the_false_positive(stack: LocalStack) -> None:
+    """A trusted spam flag on one issue of a newsletter blocks the next issue (a false positive of campaign memory);
+    "not spam" on it from a trusted reporter is counted as such, and its ham fingerprint then wins over the spam one:
+    the issue after is not blocked."""
+    r = stack.flag("spam", "k-trusted", message_id=stack.classify(newsletter_copy(10))["message_id"])
+    assert r.status_code == 202, r.text
+    blocked: dict[str, Any] = {}
+
+    def is_blocked() -> bool:
+        blocked.update(stack.classify(newsletter_copy(11)))
+        return blocked["decided_by"] == "campaign"
+
+    wait_until(is_blocked, 15, "the next issue to be blocked by campaign memory", 0.1)
+    r = stack.flag("ham", "k-trusted", message_id=blocked["message_id"])
+    assert r.status_code == 202, r.text
+    answer: dict[str, Any] = {}
+
+    def is_protected() -> bool:
+        answer.update(stack.classify(newsletter_copy(12)))
+        return (answer["campaign"] or {}).get("flagged") == "ham"
+
+    wait_until(is_protected, 15, "a ham fingerprint to protect the newsletter", 0.1)
+    assert not answer["is_spam"] and answer["decided_by"] != "campaign"
+    wait_until(lambda: (stack.worker_metric("flywheel_campaign_false_positives_total") or 0) >= 1, 15,
+               "the worker to count the false positive", 0.2)
