@@ -132,7 +132,7 @@ remainder."""
 DROP_CHUNK = 64
 
 
-_PENDING = ("SELECT v.seq, v.reporter, v.message_id, v.label, m.raw FROM vote_log v JOIN messages m USING (message_id) "
+_PENDING = ("SELECT v.seq, v.reporter, v.message_id, v.label, {} FROM vote_log v JOIN messages m USING (message_id) "
             "WHERE v.seq > ? ")
 
 
@@ -301,7 +301,7 @@ class LabelStore:
         return [
             (seq, rep, mid, label, bytes(raw))
             for seq, rep, mid, label, raw in self._r().execute(
-                _PENDING + "ORDER BY v.seq LIMIT ?",
+                _PENDING.format("m.raw") + "ORDER BY v.seq LIMIT ?",
                 (done, limit),
             )
         ]
@@ -319,14 +319,15 @@ class LabelStore:
                 if upto_seq <= done:
                     db.execute("ROLLBACK")
                     return
-                logged = db.execute(_PENDING + "AND v.seq <= ? ORDER BY v.seq", (done, upto_seq)).fetchall()
+                logged = db.execute(_PENDING.format("m.raw_bytes") + "AND v.seq <= ? ORDER BY v.seq",
+                                    (done, upto_seq)).fetchall()
                 moved = False
                 if [r[1] for r in logged] != [r for r, _ in evidence]:  # never expected: judged out of order
                     log.error("model evidence does not match the pending votes; skipped", upto_seq=upto_seq,
                               pending=len(logged), judged=len(evidence))
                     logged, evidence = [], []
-                for (_, reporter, mid, label, _), (_, e) in zip(logged, evidence, strict=True):
-                    if not e or not self._stands(reporter, mid, label):
+                for (_, reporter, mid, label, kept), (_, e) in zip(logged, evidence, strict=True):
+                    if not e or not kept or not self._stands(reporter, mid, label):  # no bytes: nothing was judged
                         continue
                     moved = self._add_evidence(reporter, mid, "model", float(e > 0), float(e < 0),
                                                held=self._held(reporter, mid)) or moved
