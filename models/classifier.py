@@ -133,6 +133,7 @@ class Verdict:
     model: ModelSide
     score: float = 0.0  # log-odds of ``probability``, unbounded: rank by this (the probability saturates)
     campaign: CampaignHit | None = None  # the campaign-memory fingerprint that matched, if any (models.campaign)
+    user_list: str | None = None  # "allow" | "block": the named user's list decided (models.userlists)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -151,7 +152,15 @@ class Verdict:
             },
             "model": self.model.to_dict(),
             "campaign": self.campaign.to_dict() if self.campaign is not None else None,
+            "list": self.user_list,
         }
+
+    def with_list(self, decision: str | None) -> Verdict:
+        """This verdict as the user's list decides it: "block" is spam, "allow" ham (``decided_by`` "list"); the
+        probability and both sides stay as scored, so the answer still shows what the models thought."""
+        if decision not in ("allow", "block"):
+            return self
+        return replace(self, is_spam=decision == "block", decided_by="list", user_list=decision)
 
 
 class Classifier:

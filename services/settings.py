@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     workers: int = Field(1, description="API worker processes.")
     max_message_bytes: int = Field(10 * 1024 * 1024, description="Larger messages get 413.")
     analyse_bytes: int = Field(256 * 1024, description="Only this much of a message is parsed and scored.")
+    user_list_learn_after: int = Field(
+        2, ge=0, le=100, description="Consecutive flags of one label by a user on one sender that put the sender on "
+                                     "that user's allow (ham) or block (spam) list; 0: lists are only edited by hand.")
     trusted_authserv_ids: list[str] = Field(
         [], description="authserv-ids of the operator's own receiving hosts: only their Authentication-Results "
                         "(and Received-SPF with that receiver=) become SPF/DKIM/DMARC evidence; empty trusts none.")

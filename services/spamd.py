@@ -302,7 +302,9 @@ class SpamdServer:
         from services.api.routes import classify_and_remember
 
         try:
-            v, _ = await self.state.classify_pool.run(classify_and_remember, self.state, served, body)
+            # spamc's User: names whose allow and block lists apply (a name no list could have: none)
+            v, _ = await self.state.classify_pool.run(classify_and_remember, self.state, served, body,
+                                                      headers.get("user"))
         except Busy:
             raise ProtocolError(EX_TEMPFAIL, "Server busy, retry later") from None
         score, threshold = spamd_score(v)
@@ -369,6 +371,8 @@ class SpamdServer:
                                           raw=body, served=self.state.messages.served(mid))
                 await loop.run_in_executor(None, state.producer.send, state.topics.feedback, mid, fb)
                 state.remember_feedback(fb.event_id, mid, reporter, source)
+                if user:
+                    await loop.run_in_executor(None, state.learn_user_list, reporter, body, fb.label)
                 metrics.FEEDBACK.labels("accepted", "").inc()
                 log.info("spamd feedback accepted", event_id=fb.event_id, message_id=mid, label=klass,
                          reporter=reporter)
@@ -446,6 +450,8 @@ def _report(v: Any, score: float, threshold: float) -> str:
     ]
     for h in v.rules.hits:
         lines.append(f"{h.weight:4.1f} {h.name:<22} {h.description[:60]}")
+    if getattr(v, "user_list", None) is not None:
+        lines.append(f" list: the sender is on the user's {v.user_list} list (decided)")
     hit = getattr(v, "campaign", None)
     if hit is not None:
         lines.append(f" 0.0 {'FLYWHEEL_CAMPAIGN':<22} near-duplicate ({hit.similarity:.2f}) of mail flagged "

@@ -30,7 +30,7 @@ from services.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-_BODY_SCHEMAS = ("ClassifyJSON", "BatchJSON", "FeedbackIn", "PromoteIn", "RuleIn")
+_BODY_SCHEMAS = ("ClassifyJSON", "BatchJSON", "FeedbackIn", "PromoteIn", "RuleIn", "ListsIn")
 
 DESCRIPTION = """
 Every answer shows both deciders: the rule baseline and the learned model.
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from services.api.operator import router as operator_router
     from services.api.routes import router
     from services.api.state import ServingState
+    from services.api.userlists import router as user_lists_router
     from services.spamd import start_spamd
 
     settings = settings or Settings()
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _offline_docs(app)
     app.include_router(router)
     app.include_router(operator_router)
+    app.include_router(user_lists_router)
     app.add_middleware(GuardMiddleware, max_body=settings.max_message_bytes, timeout_s=settings.client_timeout_s)
 
     @app.exception_handler(RequestValidationError)

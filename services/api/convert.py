@@ -134,6 +134,7 @@ def verdict_dict(v: Verdict, message_id: str, policy: str) -> dict[str, Any]:
             "provider": m.provider,
         },
         "campaign": v.campaign.to_dict() if v.campaign is not None else None,
+        "list": v.user_list,
     }
 
 

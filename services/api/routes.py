@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from services.api import metrics
 from services.api.convert import NotAMessage, assemble, check_message, message_id_for, verdict_dict
 from services.api.deps import (
+    RELAY_USER_HEADER,
     ORJSONResponse,
     Reporter,
     classify_access,
@@ -35,6 +36,7 @@ from services.api.deps import (
     require_reporter,
 )
 from services.api.offload import Busy
+from services.api.safety import RELAY_USER
 from services.api.schemas import (
     BatchJSON,
     BatchResponse,
@@ -101,10 +103,13 @@ def served_record(v: Any) -> dict[str, Any]:
     return {"version": v.model.version, "is_spam": bool(v.is_spam), "probability": float(v.probability)}
 
 
-def classify_and_remember(state: ServingState, served: Any, raw: bytes) -> tuple[Any, str]:
+def classify_and_remember(state: ServingState, served: Any, raw: bytes, user: str | None = None) -> tuple[Any, str]:
     """Score one message, record its metrics and keep it for feedback by id (on a classification thread:
-    hashing, the spool write and the metrics stay off the event loop too). Shared with spamd."""
+    hashing, the spool write and the metrics stay off the event loop too). Shared with spamd. With ``user``
+    named, that user's allow or block list decides when it lists the sender (models.userlists)."""
     v = served.classifier.classify(raw)
+    if user:
+        v = v.with_list(state.user_lists.decide(user, raw))
     mid = message_id_for(raw)
     state.messages.put(mid, raw, served_record(v))
     record_verdict(v)
@@ -139,8 +144,9 @@ def _prepare(item: ClassifyJSON | bytes, limit: int) -> bytes:
     return raw
 
 
-def _prepare_and_classify(state: ServingState, served: Any, item: ClassifyJSON | bytes, limit: int) -> tuple[Any, str]:
-    return classify_and_remember(state, served, _prepare(item, limit))
+def _prepare_and_classify(state: ServingState, served: Any, item: ClassifyJSON | bytes, limit: int,
+                          user: str | None = None) -> tuple[Any, str]:
+    return classify_and_remember(state, served, _prepare(item, limit), user)
 
 
 def _prepare_all(items: list[ClassifyJSON], limit: int) -> list[bytes]:
@@ -202,12 +208,16 @@ async def _one_message(request: Request) -> ClassifyJSON | bytes:
     dependencies=[Depends(classify_access)],
 )
 async def classify(request: Request) -> Response:
+    """``X-Flywheel-User`` names the user the message is for: their allow and block lists apply."""
+    user = request.headers.get(RELAY_USER_HEADER)
+    if user is not None and not RELAY_USER.fullmatch(user):
+        raise HTTPException(422, f"{RELAY_USER_HEADER} must be 1..128 characters of A-Z a-z 0-9 . _ @ + -")
     item = await _one_message(request)
     state: ServingState = request.app.state.serving
     served = state.current()
     try:
         v, mid = await state.classify_pool.run(_prepare_and_classify, state, served, item,
-                                               state.settings.max_message_bytes)
+                                               state.settings.max_message_bytes, user)
     except Busy as exc:
         raise _busy(exc) from None
     except _Refused as exc:
@@ -324,6 +334,7 @@ async def feedback(request: Request, reporter: ReporterDep, state: State) -> Res
         if store_key is not None:
             state.idempotency.release(store_key)
     state.remember_feedback(event.event_id, mid, ident, reporter.source)
+    await run_in_threadpool(state.learn_user_list, ident, raw, fb.label)
     metrics.FEEDBACK.labels("accepted", "").inc()
     log.info("feedback accepted", event_id=event.event_id, message_id=mid, label=fb.label, reporter=ident)
     return ORJSONResponse(answer, status_code=202)

@@ -116,12 +116,31 @@ class ClassifyResponse(BaseModel):
                                      "probability saturates at 0 and 1).")
     threshold: float = Field(description="Probability threshold of the deciding side.")
     decided_by: str = Field(description="Which side decided under the policy (rules, model, combined, either), or "
-                                        "campaign (a trusted spam flag's near-duplicate).")
+                                        "campaign (a trusted spam flag's near-duplicate), or list (the named "
+                                        "user's allow or block list).")
     policy: str
     rules: RulesSide
     model: ModelSide
     campaign: CampaignMatch | None = Field(
         None, description="The campaign-memory fingerprint this message matched (null when none did).")
+    list: Literal["allow", "block"] | None = Field(
+        None, description="The named user's list that decided (decided_by 'list'): the sender is on their allow or "
+                          "block list (user named by X-Flywheel-User, or spamd's User:); null otherwise.")
+
+
+class ListsIn(_Strict):
+    """Both of a user's lists, replaced whole: addresses (``alice@example.org``) or domains (``@example.org``,
+    subdomains included). An entry may be on one list only."""
+
+    allow: list[str] = Field(default_factory=list, max_length=1000)
+    block: list[str] = Field(default_factory=list, max_length=1000)
+
+
+class ListsOut(BaseModel):
+    user: str
+    allow: list[str]
+    block: list[str]
+    learning: int = Field(description="Senders whose flags are being counted towards a list (not listed yet).")
 
 
 class BatchResponse(BaseModel):

@@ -336,11 +336,14 @@ class ServingState:
     def __init__(self, settings: Settings) -> None:
         from models.message import configure_trusted_authserv_ids
         from models.registry import Registry
+        from models.userlists import UserListStore
         from streams.topics import EventProducer, Topics
 
         self.settings = settings
         configure_trusted_authserv_ids(settings.trusted_authserv_ids)  # what parse() takes as evidence
         self.registry: Registry = Registry(settings.registry)
+        # per-user allow and block lists: in the registry directory every replica shares (models.userlists)
+        self.user_lists = UserListStore(settings.registry / "user-lists", settings.user_list_learn_after)
         self.topics = Topics.from_config(settings.streams())
         self.producer: EventProducer = EventProducer(settings.streams(), client_id=f"flywheel-api-{os.getpid()}")
         api_dir = settings.state_dir / "api"
@@ -445,6 +448,20 @@ class ServingState:
         self.served = Served(classifier=classifier, engine=engine, model=model)  # the atomic swap
         metrics.set_model_info(model.version, model.kind, model.provider)
         metrics.RULES_ACTIVE.set(engine.active_count)
+
+    def learn_user_list(self, reporter: str, raw: bytes, label: str) -> str | None:
+        """Count an accepted flag towards its user's lists (the sender allowed or blocked for them alone after
+        ``user_list_learn_after`` consistent flags); the list it moved to, if any. Never fails the flag."""
+        from models.userlists import list_user, sender_of
+
+        try:
+            moved = self.user_lists.learn(list_user(reporter), sender_of(raw), label)
+        except OSError as exc:
+            log.warning("user list not updated", reporter=reporter, error=str(exc))
+            return None
+        if moved is not None:
+            log.info("user list learned", user=list_user(reporter), list=moved)
+        return moved
 
     def current(self) -> Served:
         served = self.served

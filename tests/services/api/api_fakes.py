@@ -136,6 +136,9 @@ class FakeState:
         self.idempotency = FileStore(self.root / "idempotency", 100)
         self.feedback_records = FeedbackRecords(self.root / "feedback", 1000)
         self.served: Snapshot | None = Snapshot(PhraseClassifier(), small_engine())
+        from models.userlists import UserListStore
+
+        self.user_lists = UserListStore(self.settings.registry / "user-lists", self.settings.user_list_learn_after)
 
     def current(self) -> Snapshot:
         assert self.served is not None
@@ -160,6 +163,7 @@ class FakeState:
     feedback_record = ServingState.feedback_record
     last_feedback = ServingState.last_feedback
     forget_last_feedback = ServingState.forget_last_feedback
+    learn_user_list = ServingState.learn_user_list
 
     def close(self) -> None:
         self.classify_pool.shutdown()
