@@ -294,3 +294,26 @@ def test_validator_versions(tools: dict[str, str]) -> None:
     for name, text in found.items():
         (number,) = re.findall(r"v?\d+\.\d+\.\d+", text)
         assert f"{name} {number}" in readme, f"deploy/README.md does not say {name} {number}"
+
+
+@pytest.mark.integration
+def test_chart_passes_kafka_security_from_secrets(tools: dict[str, str], tmp_path: Path) -> None:
+    """SASL over TLS: the protocol and user as settings, the password and the CA from Secrets, in every pod."""
+    docs = render(tools, "kafka.securityProtocol=SASL_SSL", "kafka.sasl.username=svc",
+                  "kafka.sasl.passwordSecret.name=kafka-login", "kafka.tls.caSecret.name=kafka-ca")
+    assert "WARN" not in kube_validate(tools, docs, tmp_path / "sasl.yaml")
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "Job")]
+    assert len(pods) == 3  # the API, the worker, the seed
+    for pod in pods:
+        (container,) = pod["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["FLYWHEEL_KAFKA_SECURITY_PROTOCOL"]["value"] == "SASL_SSL"
+        assert env["FLYWHEEL_KAFKA_SASL_USERNAME"]["value"] == "svc"
+        assert env["FLYWHEEL_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "kafka-login", "key": "password"}
+        cafile = env["FLYWHEEL_KAFKA_SSL_CAFILE"]["value"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == "kafka-ca"]
+        assert cafile == f"{mount['mountPath']}/ca.pem"
+        assert any(v["name"] == "kafka-ca" and v["secret"]["secretName"] == "kafka-ca" for v in pod["volumes"])
+        assert all(name in Settings.model_fields for name in (n[len("FLYWHEEL_"):].lower() for n in env))
+    refused = run([tools["helm"], "template", "flywheel", str(CHART), "--set", "kafka.securityProtocol=SASL_SSL"], ok=False)
+    assert refused.returncode != 0 and "kafka.sasl.username must be set" in refused.stderr

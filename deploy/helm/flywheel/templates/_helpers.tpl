@@ -37,6 +37,23 @@ app.kubernetes.io/component: {{ .component }}
   value: /var/lib/flywheel
 - name: FLYWHEEL_REGISTRY_DIR
   value: /var/lib/flywheel-registry
+- name: FLYWHEEL_KAFKA_SECURITY_PROTOCOL
+  value: {{ .Values.kafka.securityProtocol | quote }}
+{{- if hasPrefix "SASL_" .Values.kafka.securityProtocol }}
+- name: FLYWHEEL_KAFKA_SASL_MECHANISM
+  value: {{ .Values.kafka.sasl.mechanism | quote }}
+- name: FLYWHEEL_KAFKA_SASL_USERNAME
+  value: {{ required "kafka.sasl.username must be set for a SASL protocol" .Values.kafka.sasl.username | quote }}
+- name: FLYWHEEL_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "kafka.sasl.passwordSecret.name must be set for a SASL protocol" .Values.kafka.sasl.passwordSecret.name }}
+      key: {{ .Values.kafka.sasl.passwordSecret.key }}
+{{- end }}
+{{- if .Values.kafka.tls.caSecret.name }}
+- name: FLYWHEEL_KAFKA_SSL_CAFILE
+  value: /run/secrets/flywheel-kafka-ca/ca.pem
+{{- end }}
 {{- range $name, $value := .Values.env }}
 - name: {{ $name }}
   value: {{ $value | quote }}
@@ -48,5 +65,21 @@ app.kubernetes.io/component: {{ .component }}
 prometheus.io/scrape: "true"
 prometheus.io/port: {{ .port | quote }}
 prometheus.io/path: /metrics
+{{- end }}
+{{- end -}}
+
+{{/* The Kafka CA's Secret as a volume and its mount, when one is named (every pod that talks to Kafka). */}}
+{{- define "flywheel.kafkaCaVolume" -}}
+{{- if .Values.kafka.tls.caSecret.name }}
+- name: kafka-ca
+  secret:
+    secretName: {{ .Values.kafka.tls.caSecret.name }}
+    items: [{key: {{ .Values.kafka.tls.caSecret.key }}, path: ca.pem}]
+{{- end }}
+{{- end -}}
+
+{{- define "flywheel.kafkaCaMount" -}}
+{{- if .Values.kafka.tls.caSecret.name }}
+- {name: kafka-ca, mountPath: /run/secrets/flywheel-kafka-ca, readOnly: true}
 {{- end }}
 {{- end -}}
