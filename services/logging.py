@@ -33,8 +33,11 @@ ONCE_PER_SESSION = frozenset({"onnx_cuda_unavailable"})
 _LIBRARIES = ("kafka", "aiokafka", "faust", "mode")
 """Loggers whose warnings repeat while a condition lasts (a broker not up yet): each distinct one once."""
 
-_ROUTINE = ("GroupCoordinatorNotAvailable", "NotCoordinatorForGroup", "CoordinatorLoadInProgress")
-"""aiokafka's errors while the broker elects the group coordinator, on every fresh start: retried by itself."""
+_ROUTINE = ("GroupCoordinatorNotAvailable", "NotCoordinatorForGroup", "CoordinatorLoadInProgress",
+            "Marking the coordinator dead", "Metadata refresh: failed Cancelled")
+"""The Kafka clients' errors while the broker elects the group coordinator (every fresh start), a heartbeat late
+on a busy host, a metadata request cancelled by the client itself: each is retried by the client, and reads as a
+failure to a person; the log file keeps them."""
 
 
 def _event(record: logging.LogRecord) -> str:

@@ -65,6 +65,8 @@ def test_the_coordinator_errors_of_a_normal_start_stay_off_the_console(
     flylog.configure("INFO", file=file)
     coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
     coordinator.error("Group Coordinator Request failed: %s", "[Error 15] GroupCoordinatorNotAvailableError")
+    coordinator.warning("Marking the coordinator dead (node %s)for group %s.", 1, "flywheel-worker")
+    logging.getLogger("kafka.cluster").error("Metadata refresh: failed %s", "Cancelled")
     assert out.getvalue() == ""
     assert "GroupCoordinatorNotAvailableError" in file.read_text()  # kept where someone may look for it
 
