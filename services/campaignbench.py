@@ -245,7 +245,8 @@ def run_campaign_bench(settings: Settings, json_path: Path | None, *, every: int
             for i in todo:
                 outcomes.append({"group_first": g[0], "message": i, "caught": i in caught,
                                  "seconds": round(caught[i], 2) if i in caught else None,
-                                 "first_copy_fingerprinted": fingerprinted})
+                                 "first_copy_fingerprinted": fingerprinted,
+                                 **({} if i in caught else _why_missed(spam_sets, g[0], i, spam, settings.analyse_bytes))})
 
         _say(f"==> flagging the first copy of each group ({len(chosen)}) and classifying its missed copies")
         with ThreadPoolExecutor(max_workers=4) as ex:
@@ -260,6 +261,7 @@ def run_campaign_bench(settings: Settings, json_path: Path | None, *, every: int
                                       if secs else None)
         result["missed_without_fingerprint"] = sum(not o["first_copy_fingerprinted"] and not o["caught"]
                                                    for o in outcomes)
+        result["not_caught"] = [o for o in outcomes if not o["caught"]]
         _say(f"    caught {n_caught} of {n_pop} within {CATCH_WITHIN_S:.0f} s: campaign_recall "
              f"{result['campaign_recall']}")
 
@@ -303,6 +305,17 @@ def run_campaign_bench(settings: Settings, json_path: Path | None, *, every: int
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _why_missed(sets: Sequence[np.ndarray], first: int, copy: int, msgs: Sequence[CorpusMessage],
+                max_bytes: int) -> dict[str, Any]:
+    """For a copy not caught: its exact Jaccard with the flagged first copy, and campaign memory's estimate."""
+    from models.campaign import fingerprint_text
+
+    a, b = set(sets[first].tolist()), set(sets[copy].tolist())
+    fa, fb = fingerprint_text(_text(msgs[first].raw, max_bytes)), fingerprint_text(_text(msgs[copy].raw, max_bytes))
+    return {"exact_jaccard": round(len(a & b) / max(1, len(a | b)), 3),
+            "estimate": None if fa is None or fb is None else round(float((fa == fb).mean()), 3)}
 
 
 def _text(raw: bytes, max_bytes: int) -> str:
