@@ -23,7 +23,7 @@ from test_app import WorkerProc, _counters, _flags
 
 from services.settings import Settings, SettingsError
 from streams import broker
-from streams.daemon import wait_until
+from streams.daemon import tail, wait_until
 from streams.events import FeedbackEvent, decode, encode
 from streams.topics import BrokerUnavailable, EventProducer, Topics, topic_specs
 
@@ -56,6 +56,8 @@ def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     try:
         yield s
     finally:
+        if not broker.is_running(config):  # it died under the tests: say how, for the failure they report
+            print(f"the SASL broker had exited; its log ends:\n{tail(config.state_dir / 'kafka' / 'kafka.log', 60)}")
         broker.stop(config)
 
 
