@@ -276,3 +276,30 @@ def test_spamd_connections_are_capped(closed_spamd: ApiProcess) -> None:
             sock.close()
     wait_until(lambda: raw_request(closed_spamd, b"PING SPAMC/1.5\r\n\r\n") == b"SPAMD/1.5 0 PONG\r\n", 15,
                "a free connection slot")
+
+
+@pytest.mark.integration
+def test_spamds_user_gets_their_own_lists(spamd: ApiProcess, mail: dict[str, bytes]) -> None:
+    """spamc -u names the user: their block list turns ham into spam for them alone, their allow list spam into
+    ham; the report says the list decided."""
+    import httpx
+
+    from models.userlists import sender_of
+
+    admin = {"X-API-Key": "spamd-test-admin"}
+    with httpx.Client(base_url=spamd.base_url, timeout=30) as http:
+        r = http.put("/users/dave/lists", headers=admin, json={"block": [sender_of(mail["ham"])],
+                                                               "allow": [sender_of(mail["spam"])]})
+        assert r.status_code == 200, r.text
+    r = spamc(spamd, "-c", "-u", "dave", stdin=mail["ham"])
+    assert r.returncode == 1, r  # blocked for dave
+    r = spamc(spamd, "-c", "-u", "erin", stdin=mail["ham"])
+    assert r.returncode == 0, r  # erin has no lists
+    r = spamc(spamd, "-c", "-u", "dave", stdin=mail["spam"])
+    assert r.returncode == 0, r  # allowed for dave
+    score, threshold = (float(x) for x in r.stdout.decode().strip().split("/"))
+    assert score < threshold
+    report = spamc(spamd, "-R", "-u", "dave", stdin=mail["spam"]).stdout.decode()
+    assert "allow list (decided)" in report and "decided by list" in report
+    headers = spamc(spamd, "--headers", "-u", "dave", stdin=mail["ham"]).stdout
+    assert b"X-Spam-Flag: YES" in headers and b"decided_by=list" in headers
