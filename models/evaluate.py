@@ -295,18 +295,20 @@ def run_p1(
             p_te_nn = p
     results["neural"] = {**{k: v for k, v in seed_rows[0].items() if k != "seed"}, "threshold": thr_nn}
 
-    say("P1: served blend fitted on the training-period hold-out")
+    say("P1: blends fitted on the training-period hold-out")
     cal = fit_calibration(p_hold_nn, tr.rule_scores[hold_i], y_hold, fpr_budget=FPR_BUDGET)
     # Served figures rank by the blend's log-odds (what /classify answers as ``score``): the probability
     # saturates at 1.0 for confident messages and would tie them.
-    p_served = cal.combined_logit(p_te_nn, te.rule_scores)
-    results["served"] = {**metrics(p_served, y_te, cal.combined(p_te_nn, te.rule_scores) >= cal.threshold),
-                         "threshold": cal.threshold}
+    p_blend_nn = cal.combined_logit(p_te_nn, te.rule_scores)
+    blend_nn = {**metrics(p_blend_nn, y_te, cal.combined(p_te_nn, te.rule_scores) >= cal.threshold),
+                "threshold": cal.threshold}
+    say("P1: the seed `flywheel setup` ships, scored through the serving path")
+    p_served, results["served"] = served_seed(corpus, test, engine, workdir)
     cal_lin = fit_calibration(p_hold_lin, tr.rule_scores[hold_i], y_hold, fpr_budget=FPR_BUDGET)
     p_served_lin = cal_lin.combined_logit(p_te_lin, te.rule_scores)
     either = (p_te_nn >= thr_nn) | te.rule_spam
     variants = {
-        "combined(neural, rules)": results["served"],
+        "combined(neural, rules)": blend_nn,
         "combined(linear, rules)": {**metrics(p_served_lin, y_te,
                                              cal_lin.combined(p_te_lin, te.rule_scores) >= cal_lin.threshold),
                                     "threshold": cal_lin.threshold},
@@ -344,6 +346,28 @@ def run_p1(
         say.step()
     out["_scores"] = {"rules": te.rule_scores, "linear": p_te_lin, "neural": p_te_nn, "served": p_served, "labels": y_te}
     return out
+
+
+def served_seed(corpus: Sequence[Any], test: Sequence[Any], engine: RuleEngine, workdir: Path,
+                ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The seed ``flywheel setup`` ships (:func:`models.seed.train_seed`, its defaults), stored in a registry and
+    loaded back as the API loads it, then scored on ``test`` by the serving classifier (parse, rules, ONNX, the
+    version's calibration): day one as a fresh install serves it. Returns the ranking scores (``score``, the
+    served log-odds) and the metrics with the version and its kind."""
+    from models.classifier import Classifier
+    from models.registry import Registry
+    from models.seed import train_seed
+
+    root = workdir / "seed-registry"
+    version = train_seed(corpus, root, engine=engine)
+    loaded = Registry(root).load(version)
+    verdicts = Classifier(engine, loaded).classify_batch([m.raw for m in test])
+    scores = np.array([v.score for v in verdicts], dtype=np.float64)
+    y = np.array([m.is_spam for m in test], dtype=bool)
+    out = {**metrics(scores, y, np.array([v.is_spam for v in verdicts], dtype=bool)), "version": version,
+           "kind": loaded.kind, "threshold": float(loaded.calibration.get("threshold", 0.5)) if loaded.calibration
+           else None, "scored": "the shipped seed through models.classifier.Classifier, as /classify serves it"}
+    return scores, out
 
 
 def _ablation(tr: Prepared, te: Prepared, cfg: FeatureConfig, base: Mapping[str, Any]) -> dict[str, Any]:
@@ -666,7 +690,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     proto = result.get("protocol", "?")
     lines = [f"Protocol {proto}  (FPR/FNR at the operating threshold; R@x = best spam recall at FPR <= x)", ""]
     lines += _metric_rows(result["results"], [*SIDES, *(k for k in result["results"] if k not in SIDES)])
-    lines.append("targets: P1 served 1-AUC <= 0.28% and R@0.1% >= 80%; P2 served 1-AUC <= 0.12%")
+    lines.append("targets: P1 served (the shipped seed) 1-AUC <= 0.35%, R@0.1% >= 75%, FPR of its verdicts <= 0.5%; "
+                 "P2 served 1-AUC <= 0.12%")
     spread = result.get("neural_seeds", {}).get("spread")
     if spread:
         n = len(result["neural_seeds"]["per_seed"])

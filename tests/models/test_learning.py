@@ -166,3 +166,27 @@ def test_retrain_schedule_early_and_often_then_less() -> None:
     assert s.due(1100, 1000, 50)  # many flags on mail the champion got wrong: now
     assert not s.due(1050, 1000, 60)  # ... but not on a handful of new labels
     assert not s.due(1000, 1000, 500)
+
+
+def test_calibration_keeps_the_fpr_budget_within_each_group_of_ham() -> None:
+    """A small group of hard ham that scores like spam: a budget on the whole ham is spent on it; with the groups
+    given, the thresholds keep the budget inside each group too."""
+    from models.classifier import Calibration
+    from models.learning import TrainingSet, calibrate
+
+    rng = np.random.default_rng(3)
+    n_easy, n_hard, n_spam = 2000, 100, 600
+    z = np.concatenate([rng.normal(-4, 1, n_easy), rng.normal(1.5, 1, n_hard), rng.normal(4, 1, n_spam)])
+    y = np.concatenate([np.zeros(n_easy + n_hard, dtype=int), np.ones(n_spam, dtype=int)])
+    groups = np.array(["easy"] * n_easy + ["hard"] * n_hard + ["spam"] * n_spam)
+    train = TrainingSet(FeatureBatch(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64), y.size), y, np.zeros(y.size), np.zeros(y.size, dtype=bool))
+    plain, _ = calibrate(train, z, fpr_budget=0.01)
+    grouped, source = calibrate(train, z, fpr_budget=0.01, ham_groups=groups)
+    hard = groups == "hard"
+
+    def fpr(cal: Calibration, rows: np.ndarray) -> float:
+        return float((cal.combined(z[rows], np.zeros(int(rows.sum()))) >= cal.threshold).mean())
+
+    assert fpr(plain, hard) > 0.01  # the whole ham's budget is spent on the hard group
+    assert fpr(grouped, hard) <= 0.01 and fpr(grouped, groups == "easy") <= 0.01
+    assert grouped.threshold >= plain.threshold and "each group of ham" in source["thresholds"]
