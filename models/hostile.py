@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["CASES", "CLASSES", "HostileCase", "build", "corpus_baseline", "measure", "run_inprocess"]
+__all__ = ["AUTHSERV_ID", "CASES", "CLASSES", "HostileCase", "build", "corpus_baseline", "measure", "run_inprocess"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +123,25 @@ def _lookalike_subject(size: int) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------- headers
+#: The authserv-id the authentication-results cases claim: run them with it trusted
+#: (``models.message.configure_trusted_authserv_ids``), or the parser never reads those headers.
+AUTHSERV_ID = "mx.hostile.test"
+
+
+def _auth_results_flood(size: int) -> bytes:
+    # thousands of trusted-looking Authentication-Results headers, each with comments and quoted strings
+    unit = (b"Authentication-Results: " + AUTHSERV_ID.encode()
+            + b'; spf=fail (a (b; c) "d;e") smtp.mailfrom=x; dkim=pass\n')
+    body = b"\nhello\n"
+    return _HEAD + _fill(unit, size - len(_HEAD) - len(body)).rsplit(b"\n", 1)[0] + b"\n" + body
+
+
+def _auth_results_comments(size: int) -> bytes:
+    # one trusted-looking header the size of the message: comments opened and never closed, quotes, semicolons
+    return _with_header(size, b"Authentication-Results",
+                        lambda n: AUTHSERV_ID.encode() + b"; " + _fill(b'spf=pass (x;"\\(;', max(0, n - 20)))
+
+
 def _header_flood(size: int) -> bytes:
     body = b"\nhello\n"
     return _fill(b"X-Hdr: v\n", size - len(body)) .rsplit(b"\n", 1)[0] + b"\n" + body
@@ -463,6 +482,10 @@ CASES: tuple[HostileCase, ...] = (
     HostileCase("header_folded", "headers", _header_folded, "one header folded into tens of thousands of lines"),
     HostileCase("from_blanks", "headers", _from_blanks, "From: a display name that is one blank run"),
     HostileCase("from_comments", "headers", _from_comments, "From: deeply nested comments"),
+    HostileCase("auth_results_flood", "headers", _auth_results_flood,
+                "thousands of Authentication-Results headers from a trusted authserv-id"),
+    HostileCase("auth_results_comments", "headers", _auth_results_comments,
+                "one Authentication-Results header of unclosed comments, quotes and semicolons"),
     HostileCase("from_addresses", "headers", _from_addresses, "From: tens of thousands of addresses"),
     HostileCase("from_quotes", "headers", _from_quotes, "From: escaped quotes that never close"),
     HostileCase("content_type_params", "headers", _content_type_params, "Content-Type with 50k parameters"),

@@ -14,7 +14,7 @@ import pytest
 
 from models import hostile
 from models.features import FeatureConfig, featurize, message_tokens
-from models.message import ParsedMessage, parse
+from models.message import ParsedMessage, configure_trusted_authserv_ids, parse
 from models.rules import RuleEngine
 
 ENGINE = RuleEngine.default()
@@ -24,6 +24,14 @@ CAP_DEFECTS = {
     "mime_depth_capped", "mime_parts_capped", "too_many_parts", "lines_capped", "headers_capped", "header_capped",
     "from_capped", "urls_capped", "html_capped", "encoded_words_capped", "decoded_size_capped",
 }  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def trusted_authserv_id() -> Any:
+    """The authentication-results cases claim this id: trusted, so the parser really reads their headers."""
+    configure_trusted_authserv_ids([hostile.AUTHSERV_ID])
+    yield
+    configure_trusted_authserv_ids([])
 
 
 def _pipeline(raw: bytes) -> None:
