@@ -308,11 +308,20 @@ _LIVE_SETTINGS = ("state_dir", "registry_dir", "rules_path", "log_dir", "api_hos
                   "topic_prefix")
 
 
+def _started_at(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, from /proc): tells a live stack from a process that was given
+    its pid after it died."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def record_live(home: Path, settings: Settings) -> Path:
     """Write the live record under ``home`` (the configured state dir) for the stack ``settings`` describe."""
     home.mkdir(parents=True, exist_ok=True)
     values = {name: getattr(settings, name) for name in _LIVE_SETTINGS}
-    record = {"pid": os.getpid(), "started_at": time.time(),
+    record = {"pid": os.getpid(), "pid_started": _started_at(os.getpid()), "started_at": time.time(),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}}
     path = home / LIVE_FILE
     tmp = path.with_suffix(".tmp")
@@ -345,6 +354,8 @@ def live_settings(settings: Settings) -> tuple[Settings, int | None]:
         return settings, None  # a stack killed without its clean-up: stale
     except PermissionError:
         pass  # alive, another user's
+    if record.get("pid_started") not in (None, _started_at(pid)):
+        return settings, None  # the pid now belongs to another process: stale
     paths = {"state_dir", "registry_dir", "rules_path", "log_dir"}
     update = {k: (Path(v) if k in paths and v is not None else v) for k, v in values.items() if k in _LIVE_SETTINGS}
     return settings.model_copy(update=update), pid

@@ -242,6 +242,10 @@ def test_the_live_record_points_state_readers_at_the_running_stack(tmp_path: Pat
     record["pid"] = int(gone.stdout)
     path.write_text(json.dumps(record))
     assert stack.live_settings(home) == (home, None)
+    # a live process that took the pid of a dead stack is not that stack
+    record = json.loads(stack.record_live(home.state_dir, live).read_text())
+    path.write_text(json.dumps({**record, "pid_started": "1"}))
+    assert stack.live_settings(home) == (home, None)
 
 
 @pytest.mark.unit
