@@ -19,6 +19,10 @@ mkdir -p "$dir"
 
 helm="$dir/helm-$HELM_VERSION/helm"
 if [[ ! -x $helm ]]; then
+    # Go's own installer puts it in /usr/local/go, which a non-login shell may not have on PATH
+    if ! command -v go >/dev/null && [[ -x /usr/local/go/bin/go ]]; then
+        PATH="/usr/local/go/bin:$PATH"
+    fi
     if ! command -v go >/dev/null; then
         echo "validation-tools: helm $HELM_VERSION is built from source and needs Go (1.25 or later) on PATH" >&2
         exit 2

@@ -40,6 +40,8 @@ HADOLINT_VERSION = "2.15.1"
 # the Kubernetes versions the rendered manifests are checked against: the chart's kubeVersion floor and the newest
 # schema kubernetes-validate ships
 KUBE_VERSIONS = ("1.25.0", "1.37.0")
+# the first run builds helm from source (about 7 minutes on 2 cores with an empty Go cache), within the first test
+pytestmark = pytest.mark.timeout(1800)
 
 
 def run(cmd: list[str], *, ok: bool = True, timeout_s: float = 300, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess[str]:
