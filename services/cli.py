@@ -354,7 +354,7 @@ def _train_seed(s: Settings, progress: Progress) -> str:
 
 def _preflight_stack(s: Settings) -> None:
     """Every port and prerequisite of the whole stack, before anything (the replay's fresh state included)."""
-    from services.stack import preflight
+    from services.preflight import preflight
 
     preflight(s, api=True, worker=True, kafka=True, prometheus=True)
 
@@ -368,17 +368,17 @@ def _preflight_stack(s: Settings) -> None:
 def run(serve_only: bool, quick: bool, json_path: Path | None) -> None:
     """The main job: the whole stack, replaying the corpus as its users and operator would (both improvement
     curves and a report), then serving on; with --serve-only just the stack. Ctrl-C stops it all."""
-    from services.replay import empty_champion, replay_keys, replay_settings, replay_then
-    from services.stack import run_stack
+    from services.replay import replay_settings
 
     s = get_settings()
-    if serve_only:
-        _preflight_stack(s)
-        _configure_logging(s, "stack")
-        sys.exit(run_stack(s))
-    r = replay_settings(s, quick=quick)
-    _preflight_stack(r)
+    r = s if serve_only else replay_settings(s, quick=quick)
+    _preflight_stack(r)  # before the stack's own modules load
+    from services.replay import empty_champion, replay_keys, replay_then
+    from services.stack import run_stack
+
     _configure_logging(r, "stack")
+    if serve_only:
+        sys.exit(run_stack(s))
     empty_champion(r)
     sys.exit(run_stack(r, after_start=replay_then(r, quick=quick, json_path=json_path, keep_running=True),
                        home=s.state_dir, public_keys=list(replay_keys())))
@@ -391,12 +391,14 @@ def run(serve_only: bool, quick: bool, json_path: Path | None) -> None:
 @friendly_errors
 def replay(quick: bool, json_path: Path | None) -> None:
     """Bring the stack up, replay the corpus through it, report both curves, then stop."""
-    from services.replay import empty_champion, replay_settings, replay_then
-    from services.stack import run_stack
+    from services.replay import replay_settings
 
     s = get_settings()
     r = replay_settings(s, quick=quick)
-    _preflight_stack(r)
+    _preflight_stack(r)  # before the stack's own modules load
+    from services.replay import empty_champion, replay_then
+    from services.stack import run_stack
+
     _configure_logging(r, "stack")
     empty_champion(r)
     sys.exit(run_stack(r, after_start=replay_then(r, quick=quick, json_path=json_path, keep_running=False),
@@ -666,7 +668,7 @@ def kafka() -> None:
 @friendly_errors
 def kafka_start() -> None:
     """Start the broker (no-op if running), wait until it answers, create the project's topics."""
-    from services.stack import preflight
+    from services.preflight import preflight
     from streams import broker
     from streams.topics import topic_specs
 
@@ -711,7 +713,7 @@ def prometheus() -> None:
 @friendly_errors
 def prometheus_start() -> None:
     """Start Prometheus (no-op if running) and wait until it is ready."""
-    from services.stack import preflight
+    from services.preflight import preflight
     from services.stack import prometheus_start as start
 
     s = get_settings()
@@ -788,7 +790,7 @@ def corpus_info() -> None:
 def serve(host: str | None, port: int | None, spamd_port: int | None, workers: int | None) -> None:
     """Serve /classify, /feedback, the admin API and the spamd protocol."""
     from services.api.safety import check_serving_settings
-    from services.stack import preflight
+    from services.preflight import preflight
 
     overrides = {"api_host": host, "api_port": port, "spamd_port": spamd_port, "workers": workers}
     s = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
@@ -805,7 +807,7 @@ def serve(host: str | None, port: int | None, spamd_port: int | None, workers: i
 @friendly_errors
 def worker() -> None:
     """Run the retraining worker: feedback -> labels -> challengers -> gate -> promotion."""
-    from services.stack import preflight
+    from services.preflight import preflight
 
     s = get_settings()
     preflight(s, worker=True)  # before the training libraries are imported (seconds)

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import structlog
 
 if TYPE_CHECKING:
@@ -295,6 +294,7 @@ def format_summary(r: dict[str, Any]) -> str:
 def write_report(r: dict[str, Any], out_dir: Path) -> Path:
     """A PNG of both curves with their fits and the crossing, inside a small HTML page with the table."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

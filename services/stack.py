@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from services.preflight import PreflightError, preflight
+from services.preflight import bind_host as _bind_host
 from streams.daemon import Daemon, DaemonError, port_free, port_open, rss_bytes, terminate, wait_for
 
 if TYPE_CHECKING:
@@ -238,64 +240,6 @@ def prometheus_query(settings: Settings, query: str, timeout_s: float = 2.0) -> 
     if body.get("status") != "success":
         raise PrometheusError(f"query {query!r} failed: {body.get('error')}")
     return list(body["data"]["result"])
-
-
-# ------------------------------------------------------------------------------------------------- preflight
-def _bind_host(host: str) -> str:
-    return "0.0.0.0" if host in ("", "0.0.0.0") else host  # noqa: S104 - checks the address the API will bind
-
-
-def preflight(settings: Settings, *, api: bool = False, worker: bool = False, kafka: bool = False,
-              prometheus: bool = False, flags: dict[str, str] | None = None) -> None:
-    """Check what the named servers need before any of them starts: their ports free, Java for the local broker,
-    a Prometheus binary. Raises ``StackError`` with one line naming each problem and the setting (or ``flags``:
-    the command's own option for a setting) to change, so nothing is left half-started.
-
-    A server already running as this stack's own (the broker or Prometheus of ``flywheel kafka start``) needs
-    nothing: it is used as it is.
-    """
-    from streams import broker
-
-    named = flags or {}
-
-    def setting(name: str) -> str:
-        env = f"FLYWHEEL_{name.upper()}"
-        return f"{named[name]} or {env}" if name in named else env
-
-    problems: list[str] = []
-
-    def port(name: str, value: int, host: str = "127.0.0.1") -> None:
-        try:
-            free = port_free(value, host)
-        except OSError as exc:  # an address this host does not have
-            problems.append(f"cannot bind {host}:{value} ({exc.strerror or exc}); change {setting('api_host')}")
-            return
-        if not free:
-            problems.append(f"port {value} is in use by another program; stop it or change {setting(name)}")
-
-    if api:
-        port("api_port", settings.api_port, _bind_host(settings.api_host))
-        port("spamd_port", settings.spamd_port, _bind_host(settings.api_host))
-    if worker:
-        port("worker_port", settings.worker_port)
-    s = settings.streams()
-    if kafka and s.manages_kafka and not broker.is_running(s):
-        before = len(problems)
-        port("kafka_port", settings.kafka_port)
-        port("kafka_controller_port", settings.kafka_controller_port)
-        if len(problems) == before:  # Java answers in seconds on a busy host: only when the ports are free
-            try:
-                broker.find_java()
-            except broker.BrokerError as exc:
-                problems.append(str(exc))
-    if prometheus and not _prometheus_daemon(settings).running():
-        port("prometheus_port", settings.prometheus_port)
-        if _resolve_binary(settings.prometheus_bin) is None and (
-                settings.prometheus_bin != "prometheus" or os.geteuid() != 0 or shutil.which("apt-get") is None):
-            problems.append(f"Prometheus binary {settings.prometheus_bin!r} not found; install Debian's "
-                            "'prometheus' package or set FLYWHEEL_PROMETHEUS_BIN")
-    if problems:
-        raise StackError("; ".join(problems))
 
 
 # ------------------------------------------------------------------------------------------------- live record
@@ -515,7 +459,7 @@ def run_stack(
                 break
         else:
             _progress("\n==> stopping the stack")
-    except (StackError, PrometheusError, broker.BrokerError, DaemonError) as exc:
+    except (StackError, PreflightError, PrometheusError, broker.BrokerError, DaemonError) as exc:
         _progress(f"error: {exc}")
         exit_code = 1
     except KeyboardInterrupt:
@@ -650,6 +594,7 @@ def _print_addresses(settings: Settings, kids: Sequence[Child], public_keys: Seq
 __all__ = [
     "LIVE_FILE",
     "Child",
+    "PreflightError",
     "PrometheusError",
     "StackError",
     "default_children",

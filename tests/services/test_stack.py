@@ -268,7 +268,7 @@ def test_preflight_names_every_problem_on_one_line(tmp_path: Path) -> None:
         a.listen()
         b.bind(("127.0.0.1", s.worker_port))
         b.listen()
-        with pytest.raises(stack.StackError) as err:
+        with pytest.raises(stack.PreflightError) as err:
             stack.preflight(s, api=True, worker=True, prometheus=True, flags={"api_port": "--port"})
     text = str(err.value)
     assert "\n" not in text
