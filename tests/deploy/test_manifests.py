@@ -17,6 +17,7 @@ from deploy/validation-tools.sh (built or fetched once into var/downloads/deploy
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -153,6 +154,9 @@ def test_compose_stack_shape() -> None:
         assert len(env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")) == 3
         assert env["KAFKA_DEFAULT_REPLICATION_FACTOR"] == "3" and env["KAFKA_MIN_INSYNC_REPLICAS"] == "2"
     assert len({s["environment"]["KAFKA_NODE_ID"] for s in kafka.values()}) == 3
+    # kafka-storage format takes a cluster id only as a UUID in url-safe base64 without padding
+    (cluster_id,) = {s["environment"]["CLUSTER_ID"] for s in kafka.values()}
+    assert len(cluster_id) == 22 and len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
 
     apis = [n for n, s in services.items() if s.get("image") == "flywheel-api"]
     assert sorted(apis) == ["api-1", "api-2"]
@@ -319,3 +323,31 @@ def test_chart_passes_kafka_security_from_secrets(tools: dict[str, str], tmp_pat
         assert all(name in Settings.model_fields for name in (n[len("FLYWHEEL_"):].lower() for n in env))
     refused = run([tools["helm"], "template", "flywheel", str(CHART), "--set", "kafka.securityProtocol=SASL_SSL"], ok=False)
     assert refused.returncode != 0 and "kafka.sasl.username must be set" in refused.stderr
+
+
+@pytest.mark.integration
+def test_compose_kafka_nodes_pass_kafkas_own_config_check(tmp_path: Path) -> None:
+    """Each node's KAFKA_* variables, turned into server.properties the way the apache/kafka image does (KAFKA_FOO_BAR
+    is foo.bar), are accepted by `kafka-storage format` of the same Kafka version, from the project's own jars: it
+    parses and checks the whole KRaft configuration and the cluster id, which no schema does."""
+    from streams import broker
+
+    doc = yaml.safe_load(COMPOSE.read_text())
+    nodes = {n: s for n, s in doc["services"].items() if s.get("image", "").startswith("apache/kafka:")}
+    version = {s["image"].split(":", 1)[1] for s in nodes.values()}
+    config = Settings(_env_file=None, state_dir=tmp_path, downloads_dir=REPO_ROOT / "var" / "downloads",
+                      kafka_version=version.pop()).streams()
+    libs = broker.ensure_jars(config)
+    java = broker.find_java()
+    for name, service in nodes.items():
+        env = service["environment"]
+        props = {k[len("KAFKA_"):].lower().replace("_", "."): v for k, v in env.items()
+                 if k.startswith("KAFKA_") and k != "KAFKA_HEAP_OPTS"}
+        props["log.dirs"] = str(tmp_path / name / "data")
+        path = tmp_path / f"{name}.properties"
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        out = run([java, "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format", "-t", env["CLUSTER_ID"],
+                   "-c", str(path)], ok=False, timeout_s=180)
+        assert out.returncode == 0, f"{name}: {out.stdout}{out.stderr}"
+        assert (tmp_path / name / "data" / "meta.properties").is_file()
+        assert f"node.id={env['KAFKA_NODE_ID']}" in (tmp_path / name / "data" / "meta.properties").read_text()
