@@ -427,59 +427,91 @@ def store_flood(stack: LocalStack, *, seconds: float = 60.0, size: int = 500 * 1
     return out
 
 
+def _linear_busy(stack: LocalStack) -> bool:
+    with contextlib.suppress(Exception):
+        return bool(stack.worker_metric("flywheel_training_in_progress", {"kind": "linear"}))
+    return False
+
+
+ROLLBACK_AT = (0.6, 0.8, 0.9, 0.7, 0.95, 0.5, 0.85, 0.75)
+"""When to roll back, as shares of the last refit's duration after a refit starts: the gate reads the champion
+after training, so the rollback must land late in the refit to fall between that read and the promotion."""
+
+
 def rollback(stack: LocalStack, spam: list[bytes], ham: list[bytes], *, timeout_s: float = 300.0) -> dict[str, Any]:
-    """Roll the champion back while the worker trains and judges a challenger; was the rollback kept?
+    """Roll the champion back while the worker's gate judges a challenger; was the rollback kept?
 
     Flags on fresh mail with their true labels make the worker refit and judge challengers; once it has promoted
-    one over the seed (so there is an earlier champion to roll back to), the next time a refit is in progress
-    an administrator rolls back. The gate's decision on that refit judged the champion of before the rollback.
+    one over the seed (so there is an earlier champion to roll back to), an administrator rolls back late in a
+    refit, at a share of the last refit's duration (``ROLLBACK_AT``, one per refit) until a gate decision that
+    judged the champion of before the rollback is recorded after it (the race was run), or ``timeout_s``.
+    Kept: no promotion replaced a champion other than the one its gate judged.
     """
     reg = stack.registry()
     stop = threading.Event()
     sender = threading.Thread(target=_send_training_flags, args=(stack, spam, ham, stop), daemon=True)
     sender.start()
-    before = target = None
-    rolled_at = n_decisions = None
+    first_rollback: int | None = None
+    attempts: list[dict[str, Any]] = []
+    exercised = False
     deadline = time.monotonic() + timeout_s
     try:
-        while time.monotonic() < deadline and rolled_at is None and stack.worker.alive():
-            busy = 0.0
+        while time.monotonic() < deadline and not exercised and stack.worker.alive():
+            # the start of a refit, once there is an earlier champion
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: not _linear_busy(stack), max(1.0, deadline - time.monotonic()), "idle", 0.02)
+            try:
+                wait_until(lambda: _linear_busy(stack) and len(reg.history()) >= 2,
+                           max(1.0, deadline - time.monotonic()), "a refit with a champion to roll back", 0.02)
+            except TimeoutError:
+                break
+            t0 = time.monotonic()
+            last = 2.0
             with contextlib.suppress(Exception):
-                busy = stack.worker_metric("flywheel_training_in_progress", {"kind": "linear"}) or 0.0
-            if busy and len(reg.history()) >= 2:
-                before, n_decisions = reg.champion(), len(reg.decisions())
-                r = stack.http.post("/models/rollback", headers=_admin(),
-                                    json={"reason": "abuse bench: rollback during a gate decision"})
-                if r.status_code == 200:
-                    target, rolled_at = r.json()["champion"], len(reg.history())
-                else:
-                    _say(f"    rollback refused: {r.status_code} {r.text[:120]}")
-            time.sleep(0.05)
+                last = stack.worker_metric("flywheel_refit_seconds", {"kind": "linear"}) or 2.0
+            share = ROLLBACK_AT[len(attempts) % len(ROLLBACK_AT)]
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: not _linear_busy(stack) or time.monotonic() - t0 >= share * last,  # noqa: B023
+                           last + 5.0, "the moment to roll back", 0.01)
+            if not _linear_busy(stack):
+                attempts.append({"share": share, "refit_s": last, "rolled_back": False})
+                continue
+            before, n_decisions = reg.champion(), len(reg.decisions())
+            r = stack.http.post("/models/rollback", headers=_admin(),
+                                json={"reason": "abuse bench: rollback during a gate decision"})
+            if r.status_code != 200:
+                attempts.append({"share": share, "refit_s": last, "rolled_back": False, "status": r.status_code})
+                continue
+            if first_rollback is None:
+                first_rollback = len(reg.history()) - 1
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: len(reg.decisions()) > n_decisions,  # noqa: B023
+                           120, "the gate's decision", 0.2)
+            decided = reg.decisions()[n_decisions:]
+            exercised = any(d.get("champion") == before for d in decided)
+            attempts.append({"share": share, "refit_s": last, "rolled_back": True, "from": before,
+                             "to": r.json()["champion"], "judged_the_old_champion": exercised,
+                             "decisions": [{k: d.get(k) for k in ("challenger", "champion", "decision", "reason")}
+                                           for d in decided]})
     finally:
         stop.set()
         sender.join(60)
-    if rolled_at is None or n_decisions is None:
+    if first_rollback is None:
         _say(f"    no refit to roll back during within {timeout_s:.0f} s (champions so far: {len(reg.history())}, "
              f"worker alive: {stack.worker.alive()})")
-        return {"rollback_kept": None, "rollback_exercised": False, "rollback_champions": len(reg.history())}
+        return {"rollback_kept": None, "rollback_exercised": False, "rollback_attempts": attempts}
     with contextlib.suppress(TimeoutError):
-        wait_until(lambda: len(reg.decisions()) > n_decisions, 120, "the gate's decision", 0.5)
-    with contextlib.suppress(TimeoutError):
-        wait_until(stack.settled, 180, "the worker to settle", 1.0)
-    decisions = reg.decisions()[n_decisions:]
-    judged = {d["challenger"]: d.get("champion") for d in decisions}
-    later = reg.history()[rolled_at:]
-    # kept: every promotion after the rollback replaced the very champion its gate judged
+        wait_until(stack.settled, 120, "the worker to settle", 1.0)
+    judged = {d["challenger"]: d.get("champion") for d in reg.decisions()}
+    later = reg.history()[first_rollback:]
     bad = [h for h in later if h.get("action") == "promote" and h.get("version") in judged
            and judged[h["version"]] != h.get("previous")]
-    exercised = any(d.get("champion") == before for d in decisions)
-    out = {"rollback_kept": not bad, "rollback_exercised": exercised, "rollback_champion_before": before,
-           "rollback_target": target, "rollback_champion_after": reg.champion(),
-           "rollback_decisions_after": [{k: d.get(k) for k in ("challenger", "champion", "decision", "reason")}
-                                        for d in decisions], "rollback_undone_by": bad}
-    _say(f"    rolled back {before} -> {target} during a refit; {len(decisions)} decisions since, "
-         f"{'one judged the old champion' if exercised else 'none judged the old champion'}; champion now "
-         f"{out['rollback_champion_after']}: rollback {'kept' if not bad else 'UNDONE'}")
+    out = {"rollback_kept": not bad, "rollback_exercised": exercised, "rollback_attempts": attempts,
+           "rollback_undone_by": bad, "rollback_champion_after": reg.champion()}
+    _say(f"    {sum(a['rolled_back'] for a in attempts)} rollbacks during refits; "
+         f"{'a gate decision judged the champion of before a rollback' if exercised else 'no gate decision judged the champion of before a rollback (the race was not run)'}; "
+         f"promotions that replaced a champion their gate did not judge: {len(bad)} -> rollback "
+         f"{'kept' if not bad else 'UNDONE'}")
     return out
 
 
