@@ -13,6 +13,11 @@ compares the trusted labels with what was published: new or relabelled messages 
 withdrawn (a retraction, a reporter shown hostile) get a tombstone. The published state is read back from the
 compacted topic at start, so a restart neither republishes everything nor forgets to withdraw.
 
+A ham fingerprint needs more: its reporters' reliability must reach ``RELIABLE`` even where the base model is sure
+the message is ham. Otherwise a spammer could flag one copy of a campaign the model misses (the model is sure it
+is ham: that is why it misses it) as "not spam" from a fresh identity, and the ham fingerprint would then
+overrule every trusted spam flag on the campaign's later copies.
+
 False positives: a trusted ham label on a message that matches a spam fingerprint published before it is a
 campaign hit the users disagreed with; it is counted (``flywheel_campaign_false_positives_total``) and its ham
 fingerprint, published as usual, protects the rest of that list's mail from then on.
@@ -29,7 +34,7 @@ import structlog
 from prometheus_client import Counter, Gauge
 
 from models.campaign import CampaignIndex, fingerprint
-from models.consensus import trusted
+from models.consensus import RELIABLE, trusted
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -139,6 +144,8 @@ class CampaignPublisher:
         probs = self.learner.base_probability([(lb.message_id, lb.raw) for lb in labelled])
         want: dict[str, tuple[Literal["spam", "ham"], float, bytes]] = {}
         for lb, p in zip(labelled, probs, strict=True):
+            if lb.label == "ham" and lb.reliability < RELIABLE:
+                continue  # "not spam" protects a campaign only from proven reporters (see the module docstring)
             if lb.label in ("spam", "ham") and trusted(lb.label, p, lb.reliability):
                 want[lb.message_id] = ("spam" if lb.label == "spam" else "ham", lb.reliability, lb.raw)
         items: list[tuple[str | bytes | None, bytes | None]] = []
