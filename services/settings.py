@@ -77,6 +77,13 @@ class Settings(BaseSettings):
         None, description="PEM file of the CA that signed the brokers' certificates (TLS protocols; default: the "
         "system's trust store)."
     )
+    kafka_ssl_certfile: Path | None = Field(
+        None, description="The local broker's certificate chain (PEM) for SSL or SASL_SSL; its names must include "
+        "127.0.0.1. Only the broker Flywheel runs reads it."
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        None, description="The private key (PEM, PKCS#8, unencrypted) of kafka_ssl_certfile; readable by its owner only."
+    )
 
     # --- Prometheus ----------------------------------------------------------------------------------
     prometheus_port: int = Field(9090, description="Port of the local Prometheus.")
@@ -181,8 +188,10 @@ class Settings(BaseSettings):
         ):
             raise SettingsError(f"FLYWHEEL_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs "
                                 "FLYWHEEL_KAFKA_SASL_USERNAME and FLYWHEEL_KAFKA_SASL_PASSWORD")
-        if self.kafka_ssl_cafile is not None and not self.kafka_ssl_cafile.is_file():
-            raise SettingsError(f"FLYWHEEL_KAFKA_SSL_CAFILE {self.kafka_ssl_cafile}: no such file")
+        for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise SettingsError(f"FLYWHEEL_{name.upper()} {path}: no such file")
         return self
 
     @model_validator(mode="after")
@@ -358,6 +367,8 @@ class Settings(BaseSettings):
             sasl_username=self.kafka_sasl_username,
             sasl_password=self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None,
             ssl_cafile=self.kafka_ssl_cafile,
+            broker_ssl_certfile=self.kafka_ssl_certfile,
+            broker_ssl_keyfile=self.kafka_ssl_keyfile,
         )
 
 

@@ -251,11 +251,13 @@ def find_java() -> str:
 
 # ------------------------------------------------------------------------------------------------- config
 def _check_security(config: StreamsConfig) -> None:
-    """The local broker speaks PLAINTEXT, or SASL_PLAINTEXT with a SCRAM user; TLS needs the operator's cluster."""
-    if config.uses_tls:
+    """The local broker speaks any of the four protocols: SASL with a SCRAM user, TLS with the certificate and key
+    it is given (and the CA file, which it trusts for its own connections to itself)."""
+    if config.uses_tls and not (config.broker_ssl_certfile and config.broker_ssl_keyfile and config.ssl_cafile):
         raise BrokerError(
-            f"the local broker does not speak {config.security_protocol} (it has no certificate); point "
-            "FLYWHEEL_KAFKA_BOOTSTRAP at a cluster with TLS, or use PLAINTEXT or SASL_PLAINTEXT locally"
+            f"the local broker does not speak {config.security_protocol} without a certificate: set "
+            "FLYWHEEL_KAFKA_SSL_CERTFILE, FLYWHEEL_KAFKA_SSL_KEYFILE and FLYWHEEL_KAFKA_SSL_CAFILE, or point "
+            "FLYWHEEL_KAFKA_BOOTSTRAP at a cluster with TLS"
         )
     if config.uses_sasl and not config.sasl_mechanism.startswith("SCRAM-"):
         raise BrokerError(f"the local broker's SASL listener uses SCRAM (FLYWHEEL_KAFKA_SASL_MECHANISM="
@@ -269,9 +271,10 @@ def _check_security(config: StreamsConfig) -> None:
 def _server_properties(config: StreamsConfig) -> str:
     d = kafka_dir(config)
     port, cport = config.kafka_port, config.kafka_controller_port
-    # The client listener is named after its protocol: PLAINTEXT, or SASL_PLAINTEXT (SCRAM), where a client that
-    # does not authenticate is refused. The broker reaches itself over it too, as the same SCRAM user, which
-    # `kafka-storage format --add-scram` creates before the first start (_format_storage).
+    # The client listener is named after its protocol (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL): with SASL a client
+    # that does not log in is refused, with TLS one that does not speak it. The broker reaches itself over it too,
+    # as the same SCRAM user, which `kafka-storage format --add-scram` creates before the first start
+    # (_format_storage), and trusting the same CA as the clients.
     listener = config.security_protocol
     props = {
         "process.roles": "broker,controller",
@@ -300,6 +303,16 @@ def _server_properties(config: StreamsConfig) -> str:
         "num.network.threads": "2",
         "num.io.threads": "4",
     }
+    if config.uses_tls:
+        # PEM throughout: the key and chain in one file the broker reads (written by _write_config), the CA as the
+        # broker's own trust store for its connections to itself; host names are checked (127.0.0.1 in the cert)
+        props.update({
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(d / "broker-keystore.pem"),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(config.ssl_cafile),
+            "ssl.client.auth": "none",
+        })
     if config.uses_sasl:
         mech = config.sasl_mechanism
         props.update({
@@ -356,6 +369,12 @@ def _write_config(config: StreamsConfig) -> Path:
     props.touch(mode=0o600, exist_ok=True)
     props.chmod(0o600)
     props.write_text(_server_properties(config))
+    if config.uses_tls and config.broker_ssl_keyfile and config.broker_ssl_certfile:
+        keystore = d / "broker-keystore.pem"
+        keystore.touch(mode=0o600, exist_ok=True)
+        keystore.chmod(0o600)
+        keystore.write_text(config.broker_ssl_keyfile.read_text().strip() + "\n"
+                            + config.broker_ssl_certfile.read_text().strip() + "\n")
     (d / "log4j2.properties").write_text(_LOG4J2)
     return props
 

@@ -52,6 +52,10 @@ class StreamsConfig:
     """Never in a repr, so never in a log line that prints the config."""
     ssl_cafile: Path | None
     """PEM file of the CA that signed the brokers' certificates (TLS protocols); None: the system's trust store."""
+    broker_ssl_certfile: Path | None
+    """The local broker's certificate chain (PEM), when it runs SSL or SASL_SSL; clients never read it."""
+    broker_ssl_keyfile: Path | None
+    """Its private key (PEM, PKCS#8)."""
 
     def __post_init__(self) -> None:
         """Refuse a combination no client could use, naming it (the services' settings check the same earlier)."""

@@ -1,9 +1,10 @@
 """Kafka security in every client, against the project's own local broker started with a SASL_PLAINTEXT listener
-and a SCRAM-SHA-512 user (created by ``kafka-storage format --add-scram``; streams/broker.py).
+and a SCRAM-SHA-512 user (created by ``kafka-storage format --add-scram``; streams/broker.py), then with SASL_SSL
+(the same login over TLS, a certificate for 127.0.0.1 signed by a CA made for the test with ``openssl``).
 
-A client without credentials, or with a wrong password, is refused; the producer, a kafka-python consumer and the
-faust worker (aiokafka) configured through the settings produce and consume. The TLS half of the settings is checked
-as the arguments each client library receives (no local broker speaks TLS).
+A client without credentials, with a wrong password, without TLS or trusting another CA is refused; the producer,
+a kafka-python consumer and the faust worker (aiokafka) configured through the settings produce and consume. The
+arguments each client library receives are checked too.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import ssl
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +60,47 @@ def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     finally:
         if not broker.is_running(config):  # it died under the tests: say how, for the failure they report
             print(f"the SASL broker had exited; its log ends:\n{tail(config.state_dir / 'kafka' / 'kafka.log', 60)}")
+        broker.stop(config)
+
+
+def _make_ca(where: Path, name: str) -> tuple[Path, Path]:
+    """A CA certificate and key (RSA, valid two days)."""
+    where.mkdir(parents=True, exist_ok=True)
+    cert, key = where / f"{name}.pem", where / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", f"/CN={name}"], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def _broker_certificate(where: Path, ca: Path, ca_key: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (in its subjectAltName, which both clients check) signed by ``ca``, and its key."""
+    key, csr, cert, ext = (where / n for n in ("broker.key", "broker.csr", "broker.pem", "broker.ext"))
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                    "-subj", "/CN=127.0.0.1"], check=True, capture_output=True, timeout=60)
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                    "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def sasl_ssl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """A broker of its own on SASL_SSL: TLS with a certificate for 127.0.0.1, then the SCRAM login."""
+    root = tmp_path_factory.mktemp("sasl-ssl-kafka")
+    ca, ca_key = _make_ca(root / "pki", "flywheel test CA")
+    cert, key = _broker_certificate(root / "pki", ca, ca_key)
+    s = make_settings(root / "state", kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-256",
+                      kafka_sasl_username=USER, kafka_sasl_password=secrets.token_hex(16), kafka_ssl_cafile=ca,
+                      kafka_ssl_certfile=cert, kafka_ssl_keyfile=key, feedback_partitions=2)
+    config = s.streams()
+    broker.ensure_jars(config)
+    broker.start(config)
+    try:
+        yield s
+    finally:
+        if not broker.is_running(config):
+            print(f"the SASL_SSL broker had exited; its log ends:\n{tail(config.state_dir / 'kafka' / 'kafka.log', 60)}")
         broker.stop(config)
 
 
@@ -130,6 +173,42 @@ def test_the_faust_worker_consumes_over_sasl(sasl_kafka: Settings, tmp_path: Pat
     assert "SASL_PLAINTEXT" in s.child_env()["FLYWHEEL_KAFKA_SECURITY_PROTOCOL"]
 
 
+@pytest.mark.integration
+def test_tls_refuses_plain_and_foreign_clients_and_carries_every_client(sasl_ssl_kafka: Settings,
+                                                                       tmp_path: Path) -> None:
+    s = _fresh_topics(sasl_ssl_kafka).model_copy(update={"state_dir": tmp_path / "worker"})
+    config = s.streams()
+    assert broker.answers_metadata(config, timeout_s=5.0)
+    no_tls = dataclasses.replace(config, security_protocol="SASL_PLAINTEXT")
+    assert not broker.answers_metadata(no_tls, timeout_s=3.0)
+    other_ca, _ = _make_ca(tmp_path / "other", "someone else's CA")
+    foreign = dataclasses.replace(config, ssl_cafile=other_ca)
+    assert not broker.answers_metadata(foreign, timeout_s=3.0)  # the broker's certificate is not trusted
+    topic = Topics.from_config(config).feedback
+    with EventProducer(foreign, timeout_s=3.0) as untrusting, pytest.raises(BrokerUnavailable):
+        untrusting.send_bytes(topic, b"k", b"refused")
+
+    flags = _flags(25)
+    with EventProducer(config, timeout_s=10.0) as producer:
+        producer.send_many(topic, [(e.message_id, encode(e)) for e in flags])
+    consumer = KafkaConsumer(topic, bootstrap_servers=config.bootstrap_servers, **config.kafka_python_auth(),
+                             group_id=None, auto_offset_reset="earliest", enable_auto_commit=False,
+                             consumer_timeout_ms=10_000)
+    try:
+        got = sorted(decode(r.value).message_id for _, r in zip(range(len(flags)), consumer, strict=False))
+    finally:
+        consumer.close()
+    assert got == sorted(e.message_id for e in flags)
+
+    worker = WorkerProc(s, "--ingest-only")  # faust's aiokafka clients, over TLS with the SCRAM login
+    try:
+        worker.start()
+        wait_until(lambda: _counters(s).get("votes", 0) >= 25, 120, "the worker to store the 25 flags over SASL_SSL")
+        assert _counters(s)["votes"] == 25
+    finally:
+        worker.kill()
+
+
 @pytest.mark.unit
 def test_tls_settings_reach_both_client_libraries(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
@@ -168,9 +247,9 @@ def test_unusable_security_settings_are_refused_by_name(tmp_path: Path) -> None:
         Settings(_env_file=None, kafka_security_protocol="SSL", kafka_ssl_cafile=tmp_path / "missing.pem")
     with pytest.raises(ValueError, match="kafka_security_protocol"):
         Settings(_env_file=None, kafka_security_protocol="TLS")
-    # the local broker speaks no TLS, and its SASL listener only SCRAM: said before anything starts
+    # the local broker speaks TLS only with a certificate, and SASL only with SCRAM: said before anything starts
     tls = make_settings(tmp_path, kafka_security_protocol="SSL").streams()
-    with pytest.raises(broker.BrokerError, match="does not speak SSL"):
+    with pytest.raises(broker.BrokerError, match="FLYWHEEL_KAFKA_SSL_CERTFILE"):
         broker.start(tls)
     plain_mech = make_settings(tmp_path, kafka_security_protocol="SASL_PLAINTEXT", kafka_sasl_mechanism="PLAIN",
                                kafka_sasl_username="u", kafka_sasl_password="p").streams()
