@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     topic_prefix: str = Field("flywheel", description="Prefix of every topic name (tests use their own).")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="How every Kafka client (API, worker, CLI) talks to the brokers: TLS (SSL), SASL, "
-        "both (SASL_SSL). The local broker speaks PLAINTEXT or SASL_PLAINTEXT (with the SCRAM user below)."
+        "both (SASL_SSL). The local broker speaks each: SASL with the SCRAM user below, TLS with kafka_ssl_certfile."
     )
     kafka_sasl_mechanism: Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] = Field(
         "SCRAM-SHA-512", description="SASL mechanism of the SASL protocols (the local broker supports the SCRAM ones)."
