@@ -456,6 +456,8 @@ def rollback(stack: LocalStack, spam: list[bytes], ham: list[bytes], *, timeout_
     exercised = False
     deadline = time.monotonic() + timeout_s
     try:
+        if len(reg.history()) < 2:
+            _second_champion(stack, reg, deadline)
         while time.monotonic() < deadline and not exercised and stack.worker.alive():
             # the start of a refit, once there is an earlier champion
             with contextlib.suppress(TimeoutError):
@@ -515,11 +517,25 @@ def rollback(stack: LocalStack, spam: list[bytes], ham: list[bytes], *, timeout_
     return out
 
 
+def _second_champion(stack: LocalStack, reg: Any, deadline: float) -> None:
+    """Something to roll back to: the worker's first promotion, or else (its gate rejecting every refit) its
+    newest challenger promoted by the administrator through the API, as an operator trying it out would."""
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: len(reg.history()) >= 2 or reg.decisions(), max(1.0, deadline - time.monotonic()),
+                   "a gate decision", 0.5)
+    if len(reg.history()) >= 2 or not reg.decisions():
+        return
+    version = reg.decisions()[-1]["challenger"]
+    r = stack.http.post(f"/models/{version}/promote", headers=_admin(),
+                        json={"reason": "abuse bench: a champion to roll back from"})
+    _say(f"    promoted the worker's challenger {version} through the API: {r.status_code}")
+
+
 def _send_training_flags(stack: LocalStack, spam: list[bytes], ham: list[bytes], stop: threading.Event) -> None:
     """Flags with true labels from two keys, a few a second, until ``stop`` (within the keys' rate limits)."""
     i = 0
-    while not stop.is_set() and i < min(len(spam), len(ham)) - 1:
-        raw, label = (spam[-1 - i], "spam") if i % 2 else (ham[-1 - i], "ham")
+    while not stop.is_set() and i < min(len(spam), len(ham)) // 2:
+        raw, label = (spam[len(spam) // 3 + i], "spam") if i % 2 else (ham[len(ham) // 3 + i], "ham")
         with contextlib.suppress(Exception):
             stack.flag(label, f"k-abuse-trainer-{i % 2}", raw=raw)
         i += 1
