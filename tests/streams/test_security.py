@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_settings
+from conftest import free_ports, make_settings
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from test_app import WorkerProc, _counters, _flags
@@ -255,3 +255,30 @@ def test_unusable_security_settings_are_refused_by_name(tmp_path: Path) -> None:
                                kafka_sasl_username="u", kafka_sasl_password="p").streams()
     with pytest.raises(broker.BrokerError, match="SCRAM"):
         broker.start(plain_mech)
+
+
+@pytest.mark.integration
+def test_the_api_process_records_a_flag_over_sasl(sasl_kafka: Settings, tmp_path: Path) -> None:
+    """`flywheel serve`'s code path in its own process, its settings from FLYWHEEL_*: the flag's 2xx means the
+    secured broker acknowledged it, and a configured consumer reads it back."""
+    import httpx
+
+    from services.api.testing import ApiProcess
+
+    (api_port, spamd_port) = free_ports(2)
+    s = _fresh_topics(sasl_kafka).model_copy(update={"state_dir": tmp_path / "api", "api_port": api_port,
+                                                     "spamd_port": spamd_port})
+    config = s.streams()
+    raw = f"Subject: flagged over SASL {uuid.uuid4().hex}\r\nFrom: a@example.com\r\n\r\nbuy now\r\n"
+    with ApiProcess(s, tmp_path / "api.log").start() as api, httpx.Client(base_url=api.base_url, timeout=30) as http:
+        answer = http.post("/feedback", json={"label": "spam", "raw": raw}, headers={"X-API-Key": "dev-user-key"})
+        assert answer.status_code in (200, 202), answer.text
+    topic = Topics.from_config(config).feedback
+    consumer = KafkaConsumer(topic, bootstrap_servers=config.bootstrap_servers, **config.kafka_python_auth(),
+                             group_id=None, auto_offset_reset="earliest", enable_auto_commit=False,
+                             consumer_timeout_ms=10_000)
+    try:
+        events = [decode(r.value) for r in consumer]
+    finally:
+        consumer.close()
+    assert [(e.label, e.reporter) for e in events] == [("spam", "user")]
