@@ -500,7 +500,7 @@ ROLE_OF_ROUTE = {
     ("POST", "/rules"): "admin", ("POST", "/rules/{name}/disable"): "admin", ("POST", "/rules/{name}/enable"): "admin",
     ("GET", "/healthz"): "open", ("GET", "/readyz"): "open", ("GET", "/metrics"): "open",
     ("GET", "/operator"): "open",
-    # a key reaches its own user's lists only, admins anyone's (tests/services/api/test_userlists.py)
+    # a key reaches its own user's lists only, admins anyone's (tests/services/api/test_userlists_routes.py)
     ("GET", "/users/{owner}/lists"): "any key", ("PUT", "/users/{owner}/lists"): "any key",
     ("DELETE", "/users/{owner}/lists"): "any key",
 }
