@@ -433,18 +433,22 @@ def _linear_busy(stack: LocalStack) -> bool:
     return False
 
 
-ROLLBACK_AT = (0.6, 0.8, 0.9, 0.7, 0.95, 0.5, 0.85, 0.75)
-"""When to roll back, as shares of the last refit's duration after a refit starts: the gate reads the champion
-after training, so the rollback must land late in the refit to fall between that read and the promotion."""
+def _versions(stack: LocalStack) -> set[str]:
+    try:
+        with os.scandir(stack.settings.registry / "versions") as it:
+            return {e.name for e in it}
+    except FileNotFoundError:
+        return set()
 
 
 def rollback(stack: LocalStack, spam: list[bytes], ham: list[bytes], *, timeout_s: float = 300.0) -> dict[str, Any]:
     """Roll the champion back while the worker's gate judges a challenger; was the rollback kept?
 
-    Flags on fresh mail with their true labels make the worker refit and judge challengers; once it has promoted
-    one over the seed (so there is an earlier champion to roll back to), an administrator rolls back late in a
-    refit, at a share of the last refit's duration (``ROLLBACK_AT``, one per refit) until a gate decision that
-    judged the champion of before the rollback is recorded after it (the race was run), or ``timeout_s``.
+    Flags on fresh mail with their true labels make the worker refit and judge challengers. Once there is an
+    earlier champion to roll back to, the bench watches the registry's versions during each refit: the worker
+    stores its challenger after the gate read the champion and before it promotes, so a rollback sent the moment
+    a new version appears lands inside the gate's decision. Tried refit after refit until a decision that judged
+    the champion of before a rollback comes after it (the race was run: ``rollback_exercised``), or ``timeout_s``.
     Kept: no promotion replaced a champion other than the one its gate judged.
     """
     reg = stack.registry()
@@ -459,40 +463,41 @@ def rollback(stack: LocalStack, spam: list[bytes], ham: list[bytes], *, timeout_
         if len(reg.history()) < 2:
             _second_champion(stack, reg, deadline)
         while time.monotonic() < deadline and not exercised and stack.worker.alive():
-            # the start of a refit, once there is an earlier champion
-            with contextlib.suppress(TimeoutError):
-                wait_until(lambda: not _linear_busy(stack), max(1.0, deadline - time.monotonic()), "idle", 0.02)
             try:
                 wait_until(lambda: _linear_busy(stack) and len(reg.history()) >= 2,
                            max(1.0, deadline - time.monotonic()), "a refit with a champion to roll back", 0.02)
             except TimeoutError:
                 break
-            t0 = time.monotonic()
-            last = 2.0
-            with contextlib.suppress(Exception):
-                last = stack.worker_metric("flywheel_refit_seconds", {"kind": "linear"}) or 2.0
-            share = ROLLBACK_AT[len(attempts) % len(ROLLBACK_AT)]
-            with contextlib.suppress(TimeoutError):
-                wait_until(lambda: not _linear_busy(stack) or time.monotonic() - t0 >= share * last,  # noqa: B023
-                           last + 5.0, "the moment to roll back", 0.01)
-            if not _linear_busy(stack):
-                attempts.append({"share": share, "refit_s": last, "rolled_back": False})
-                continue
+            known = _versions(stack)
             before, n_decisions = reg.champion(), len(reg.decisions())
+            fresh: set[str] = set()
+            end = time.monotonic() + 120.0
+            while time.monotonic() < end:
+                fresh = _versions(stack) - known
+                if fresh or not _linear_busy(stack):
+                    break
+                time.sleep(0.005)
+            if not fresh:
+                attempts.append({"rolled_back": False, "why": "the refit stored no challenger"})
+                continue
             r = stack.http.post("/models/rollback", headers=_admin(),
                                 json={"reason": "abuse bench: rollback during a gate decision"})
             if r.status_code != 200:
-                attempts.append({"share": share, "refit_s": last, "rolled_back": False, "status": r.status_code})
+                attempts.append({"rolled_back": False, "status": r.status_code})
                 continue
+            history = reg.history()
+            at = max(i for i, h in enumerate(history) if h.get("action") == "rollback")
             if first_rollback is None:
-                first_rollback = len(reg.history()) - 1
+                first_rollback = at
             with contextlib.suppress(TimeoutError):
-                wait_until(lambda: len(reg.decisions()) > n_decisions,  # noqa: B023
-                           120, "the gate's decision", 0.2)
-            decided = reg.decisions()[n_decisions:]
-            exercised = any(d.get("champion") == before for d in decided)
-            attempts.append({"share": share, "refit_s": last, "rolled_back": True, "from": before,
-                             "to": r.json()["champion"], "judged_the_old_champion": exercised,
+                wait_until(lambda: any(d["challenger"] in fresh for d in reg.decisions()[n_decisions:]),  # noqa: B023
+                           120, "the gate's decision", 0.1)
+            decided = [d for d in reg.decisions()[n_decisions:] if d["challenger"] in fresh]
+            promoted_after = {h.get("version") for h in reg.history()[at + 1:] if h.get("action") == "promote"}
+            raced = [d for d in decided if d.get("champion") == before
+                     and ("champion changed" in str(d.get("reason")) or d["challenger"] in promoted_after)]
+            exercised = bool(raced)
+            attempts.append({"rolled_back": True, "from": before, "to": r.json()["champion"], "raced": exercised,
                              "decisions": [{k: d.get(k) for k in ("challenger", "champion", "decision", "reason")}
                                            for d in decided]})
     finally:
@@ -510,10 +515,10 @@ def rollback(stack: LocalStack, spam: list[bytes], ham: list[bytes], *, timeout_
            and judged[h["version"]] != h.get("previous")]
     out = {"rollback_kept": not bad, "rollback_exercised": exercised, "rollback_attempts": attempts,
            "rollback_undone_by": bad, "rollback_champion_after": reg.champion()}
-    _say(f"    {sum(a['rolled_back'] for a in attempts)} rollbacks during refits; "
-         f"{'a gate decision judged the champion of before a rollback' if exercised else 'no gate decision judged the champion of before a rollback (the race was not run)'}; "
-         f"promotions that replaced a champion their gate did not judge: {len(bad)} -> rollback "
-         f"{'kept' if not bad else 'UNDONE'}")
+    raced_text = ("a gate decision that judged the champion of before a rollback ended after it"
+                  if exercised else "no rollback fell inside a gate decision (the race was not run)")
+    _say(f"    {sum(a['rolled_back'] for a in attempts)} rollbacks during refits; {raced_text}; promotions that "
+         f"replaced a champion their gate did not judge: {len(bad)} -> rollback {'kept' if not bad else 'UNDONE'}")
     return out
 
 
