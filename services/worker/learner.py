@@ -356,7 +356,9 @@ class Learner:
             return 0
         probs = self.evidence_probability([(mid, raw) for _, _, mid, _, raw in pending])
         evidence = [(rep, model_evidence(label, p)) for (_, rep, _, label, _), p in zip(pending, probs, strict=True)]
-        self.store.apply_model_evidence(pending[-1][0], evidence)
+        live = self.store.apply_model_evidence(pending[-1][0], evidence)
+        if live:  # the served verdicts these flags judged, weighted now that the flags are judged
+            self.metrics.count_live(live)
         return len(pending)
 
     # -- the loop ---------------------------------------------------------------------------------------------

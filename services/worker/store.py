@@ -110,7 +110,8 @@ CREATE TABLE IF NOT EXISTS evidence (reporter TEXT, message_id TEXT, kind TEXT, 
   disagree REAL NOT NULL, step INTEGER NOT NULL, held INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (reporter, message_id, kind));
 CREATE TABLE IF NOT EXISTS raw_usage (scope TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS vote_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, reporter TEXT, message_id TEXT, label TEXT);
+CREATE TABLE IF NOT EXISTS vote_log (seq INTEGER PRIMARY KEY AUTOINCREMENT, reporter TEXT, message_id TEXT, label TEXT,
+  served_version TEXT, served_outcome TEXT);
 CREATE TABLE IF NOT EXISTS live (version TEXT, outcome TEXT, n REAL NOT NULL, PRIMARY KEY (version, outcome));
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
@@ -125,6 +126,8 @@ _MIGRATIONS = (  # columns added since the first schema: (table, column, definit
     ("messages", "seen", "INTEGER NOT NULL DEFAULT 1"),
     ("messages", "raw_bytes", "INTEGER NOT NULL DEFAULT 0"),
     ("reporters", "steps", "INTEGER NOT NULL DEFAULT 0"),
+    ("vote_log", "served_version", "TEXT"),
+    ("vote_log", "served_outcome", "TEXT"),
 )
 RAW_BUDGET = 0.8
 """Share of ``quota_bytes`` raw mail may take; the rest of the database (votes, indexes) and its WAL fit in the
@@ -132,8 +135,8 @@ remainder."""
 DROP_CHUNK = 64
 
 
-_PENDING = ("SELECT v.seq, v.reporter, v.message_id, v.label, {} FROM vote_log v JOIN messages m USING (message_id) "
-            "WHERE v.seq > ? ")
+_PENDING = ("SELECT v.seq, v.reporter, v.message_id, v.label, {} FROM vote_log v "
+            "JOIN messages m USING (message_id) WHERE v.seq > ? ")
 
 
 class LabelStore:
@@ -306,10 +309,17 @@ class LabelStore:
             )
         ]
 
-    def apply_model_evidence(self, upto_seq: int, evidence: Sequence[tuple[str, int]]) -> None:
+    def apply_model_evidence(self, upto_seq: int,
+                             evidence: Sequence[tuple[str, int]]) -> dict[tuple[str, str], float]:
         """Add the models' verdicts on the votes :meth:`pending_evidence` returned, up to ``upto_seq`` and in its
         order, to reputations (once: the watermark is in the same transaction). A vote retracted or changed
-        since, or on a message only its reporter has seen, earns nothing."""
+        since, or on a message only its reporter has seen, earns nothing.
+
+        Returns the live tallies these votes add ((served version, outcome) -> weight): a flag judges the verdict
+        served for it once its reporter's record includes the flag's own judgement, weighted by
+        :func:`models.consensus.live_weight` (counting at ingest would weigh every flag of a fast stream as a
+        newcomer's, before the models judged any of them)."""
+        live: dict[tuple[str, str], float] = {}
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")
@@ -318,19 +328,27 @@ class LabelStore:
                 done = int(row[0]) if row is not None else 0
                 if upto_seq <= done:
                     db.execute("ROLLBACK")
-                    return
-                logged = db.execute(_PENDING.format("m.raw_bytes") + "AND v.seq <= ? ORDER BY v.seq",
-                                    (done, upto_seq)).fetchall()
+                    return {}
+                logged = db.execute(
+                    _PENDING.format("m.raw_bytes, v.served_version, v.served_outcome") + "AND v.seq <= ? "
+                    "ORDER BY v.seq", (done, upto_seq)).fetchall()
                 moved = False
                 if [r[1] for r in logged] != [r for r, _ in evidence]:  # never expected: judged out of order
                     log.error("model evidence does not match the pending votes; skipped", upto_seq=upto_seq,
                               pending=len(logged), judged=len(evidence))
                     logged, evidence = [], []
-                for (_, reporter, mid, label, kept), (_, e) in zip(logged, evidence, strict=True):
-                    if not e or not kept or not self._stands(reporter, mid, label):  # no bytes: nothing was judged
-                        continue
-                    moved = self._add_evidence(reporter, mid, "model", float(e > 0), float(e < 0),
-                                               held=self._held(reporter, mid)) or moved
+                for (_, reporter, mid, label, kept, version, outcome), (_, e) in zip(logged, evidence, strict=True):
+                    stands = self._stands(reporter, mid, label)
+                    if e and kept and stands:  # no bytes: nothing was judged
+                        moved = self._add_evidence(reporter, mid, "model", float(e > 0), float(e < 0),
+                                                   held=self._held(reporter, mid)) or moved
+                    if version is not None and stands:
+                        record = db.execute("SELECT agree, disagree FROM reporters WHERE reporter=?",
+                                            (reporter,)).fetchone()
+                        live[(version, outcome)] = live.get((version, outcome), 0.0) + live_weight(*record)
+                for (version, outcome), n in live.items():
+                    db.execute("INSERT INTO live VALUES (?,?,?) ON CONFLICT(version, outcome) DO UPDATE SET "
+                               "n=n+excluded.n", (version, outcome, n))
                 db.execute(
                     "INSERT INTO counters VALUES ('evidence_seq', ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
                     (upto_seq,),
@@ -341,6 +359,7 @@ class LabelStore:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+        return live
 
     # -- the one write path ----------------------------------------------------------------------------
     def apply(
@@ -593,8 +612,6 @@ class LabelStore:
         m = model_evidence(ev.label, prob)
         agree += m > 0
         disagree += m < 0
-        record = db.execute("SELECT agree, disagree FROM reporters WHERE reporter=?", (ev.reporter,)).fetchone()
-        live = live_weight(*(record or (0.0, 0.0)))
         self._count_flag(ev.reporter)
         self._add_evidence(ev.reporter, ev.message_id, "ingest", agree, disagree,
                            held=self._held(ev.reporter, ev.message_id))
@@ -606,15 +623,23 @@ class LabelStore:
             "offset=excluded.offset, retracted=0",
             (ev.reporter, ev.message_id, ev.label, ev.event_id, rec.topic, rec.partition, rec.offset),
         )
-        if prob is None:  # the models' opinion is judged later, off the ingest path (see the learner)
-            db.execute("INSERT INTO vote_log (reporter, message_id, label) VALUES (?,?,?)", (ev.reporter, ev.message_id, ev.label))
+        key: tuple[str, str] | None = None
         if ev.served is not None and prev is None:
-            # A free label for the verdict served earlier, weighted like a label (a proven reporter's only; an
-            # unproven one's adds 0, so the served version's series exist from its first flag).
+            # A free label for the verdict served earlier, weighted like a label (models.consensus.live_weight:
+            # a proven reporter's only) once the flag itself is judged: now when the models' opinion came with
+            # the batch, else when the learner judges it (apply_model_evidence). The served version's series
+            # exist from its first flag (0 added here).
             spam = ev.label == "spam"
             outcome = ("tp" if ev.served.is_spam else "fn") if spam else ("fp" if ev.served.is_spam else "tn")
             key = (ev.served.version, outcome)
-            res.live[key] = res.live.get(key, 0.0) + live
+            weight = 0.0
+            if prob is not None:
+                record = db.execute("SELECT agree, disagree FROM reporters WHERE reporter=?", (ev.reporter,)).fetchone()
+                weight = live_weight(*record)
+            res.live[key] = res.live.get(key, 0.0) + weight
+        if prob is None:  # the models' opinion is judged later, off the ingest path (see the learner)
+            db.execute("INSERT INTO vote_log (reporter, message_id, label, served_version, served_outcome) "
+                       "VALUES (?,?,?,?,?)", (ev.reporter, ev.message_id, ev.label, *(key or (None, None))))
         self._relabel(ev.message_id, res)
         return None
 

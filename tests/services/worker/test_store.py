@@ -163,7 +163,10 @@ def test_flags_on_served_verdicts_are_tallied_per_version(store: LabelStore) -> 
         f.flag("p3", "spam", "bea", served=said_spam)[0],  # a duplicate flag: not counted again
         f.flag("p4", "ham", "amy")[0],  # never classified: nothing to judge
     ])
-    assert res.live == pytest.approx({("v1", "fp"): w, ("v1", "fn"): w, ("v1", "tp"): w})
+    assert res.live == {("v1", "fp"): 0, ("v1", "fn"): 0, ("v1", "tp"): 0}  # the series, before any judgement
+    pending = store.pending_evidence()
+    live = store.apply_model_evidence(pending[-1][0], [(p[1], 0) for p in pending])  # the models unsure
+    assert live == pytest.approx({("v1", "fp"): w, ("v1", "fn"): w, ("v1", "tp"): w})
     assert store.live_tallies() == pytest.approx({("v1", "fp"): w, ("v1", "fn"): w, ("v1", "tp"): w})
 
 
@@ -229,10 +232,13 @@ def test_a_newcomers_flags_do_not_move_the_live_counts(store: LabelStore) -> Non
     rollback alert before); the same flags from a proven reporter count, weighted like labels."""
     f = Feed()
     blocked = ServedVerdict(version="v1", is_spam=True, probability=0.97)
-    res = store.apply([f.flag(f"b{i}", "ham", "newkey", served=blocked)[0] for i in range(50)])
-    assert res.live == {("v1", "fp"): 0.0} and store.live_tallies() == {("v1", "fp"): 0.0}
+    store.apply([f.flag(f"b{i}", "ham", "newkey", served=blocked)[0] for i in range(50)])
+    pending = store.pending_evidence()
+    assert store.apply_model_evidence(pending[-1][0], [(p[1], 0) for p in pending]) == {("v1", "fp"): 0.0}
+    assert store.live_tallies() == {("v1", "fp"): 0.0}
     w = _proven(store, "veteran")
-    store.apply([f.flag(f"b{i}", "ham", "veteran", served=blocked)[0] for i in range(50, 60)])
+    store.apply([f.flag(f"b{i}", "ham", "veteran", served=blocked)[0] for i in range(50, 60)],
+                model_probability=lambda raws: [0.5] * len(raws))  # judged with the batch: counted at once
     assert store.live_tallies() == pytest.approx({("v1", "fp"): 10 * w})
 
 
