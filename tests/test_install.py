@@ -338,7 +338,7 @@ def test_locks_are_what_make_lock_writes(tmp_path: Path) -> None:
 # plugin, type stubs) that nothing imports.
 USE = {
     "numpy": "numpy", "onnxruntime-gpu": "onnxruntime", "selectolax": "selectolax", "hyperscan": "hyperscan",
-    "google-re2": "re2", "regex": "regex", "rich": "rich", "fastapi": "fastapi", "uvicorn": "uvicorn", "orjson": "orjson", "pydantic": "pydantic",
+    "google-re2": "re2", "regex": "regex", "rich": "rich", "fastapi": "fastapi", "fastapi-offline": "fastapi_offline", "uvicorn": "uvicorn", "orjson": "orjson", "pydantic": "pydantic",
     "pydantic-settings": "pydantic_settings", "structlog": "structlog", "prometheus-client": "prometheus_client",
     "kafka-python": "kafka", "click": "click", "pyyaml": "yaml", "scikit-learn": "sklearn", "scipy": "scipy",
     "onnx": "onnx", "torch": "torch", "faust-streaming": "faust", "matplotlib": "matplotlib", "httpx": "httpx",
