@@ -126,3 +126,13 @@ def test_relative_imports_resolve_against_the_package() -> None:
         "streams", "streams.y"]
     assert [i.module for i in imports_of("from . import x\n", "streams", is_package=True)] == ["streams"]
     assert [i.module for i in imports_of("from ..services import s\n", "streams.topics")] == ["services"]
+
+
+def test_no_two_test_files_share_a_basename() -> None:
+    """pytest imports test files by basename (rootdir-relative, no packages): a second ``test_app.py`` anywhere
+    under ``tests/`` stops the whole run at collection ("import file mismatch"), in CI as here."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted((REPO_ROOT / "tests").rglob("test_*.py")):
+        seen.setdefault(path.name, []).append(str(path.relative_to(REPO_ROOT)))
+    clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not clashes, f"test files sharing a basename (rename one of each): {clashes}"
