@@ -174,6 +174,7 @@ RUN_ELSEWHERE: dict[tuple[str, ...], tuple[str, ...] | None] = {
     ("bench", "loop"): ("tests/services/test_benches.py::test_loop_bench_briefly",),
     ("bench", "flywheel"): ("tests/services/test_benches.py::test_flywheel_bench_on_a_quarter_of_the_later_mail",),
     ("bench", "campaign"): ("tests/services/test_campaignbench.py::test_bench_campaign_runs_on_a_sample",),
+    ("bench", "abuse"): ("tests/services/test_benches.py::test_abuse_bench_briefly",),
     # `run` is the replay below that then keeps serving, on the stack run_stack keeps until Ctrl-C
     ("run",): ("tests/test_e2e_replay.py::test_both_curves_are_drawn_by_the_running_system",
                "tests/services/test_stack.py::test_run_stack_starts_everything_and_ctrl_c_stops_it_in_reverse_order"),
