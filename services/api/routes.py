@@ -282,24 +282,7 @@ async def feedback(request: Request, reporter: ReporterDep, state: State) -> Res
     await _check_limits(state, reporter, new_reporter_allowed=True)
     ident = reporter.name
     body = await read_body(request, settings.max_message_bytes, settings.client_timeout_s)
-    try:
-        fb: FeedbackIn = _validate(FeedbackIn, parse_json(body))
-    except HTTPException as exc:
-        metrics.FEEDBACK.labels("refused", "invalid").inc()
-        raise exc
-    if fb.message_id is not None:
-        raw = state.messages.get(fb.message_id)
-        if raw is None:
-            raise _refuse("unknown_message", 404, f"unknown message id {fb.message_id} (not among recent messages); "
-                          "send the message itself in 'raw'")
-        mid = fb.message_id
-    else:
-        raw = (fb.raw or "").encode("utf-8", "surrogateescape")
-        try:
-            check_message(raw)
-        except NotAMessage as exc:
-            raise _refuse("invalid", 400, str(exc)) from None
-        mid = message_id_for(raw)
+    fb, raw, mid = await run_in_threadpool(_read_flag, state, body)
 
     key = request.headers.get("idempotency-key")
     store_key: str | None = None
@@ -338,6 +321,28 @@ async def feedback(request: Request, reporter: ReporterDep, state: State) -> Res
     metrics.FEEDBACK.labels("accepted", "").inc()
     log.info("feedback accepted", event_id=event.event_id, message_id=mid, label=fb.label, reporter=ident)
     return ORJSONResponse(answer, status_code=202)
+
+
+def _read_flag(state: ServingState, body: bytes) -> tuple[FeedbackIn, bytes, str]:
+    """The flag, the message's bytes and its id (on a thread: parsing, checking and hashing a body near the size
+    limit takes tens of milliseconds, too long for the event loop)."""
+    try:
+        fb: FeedbackIn = _validate(FeedbackIn, parse_json(body))
+    except HTTPException as exc:
+        metrics.FEEDBACK.labels("refused", "invalid").inc()
+        raise exc
+    if fb.message_id is not None:
+        raw = state.messages.get(fb.message_id)
+        if raw is None:
+            raise _refuse("unknown_message", 404, f"unknown message id {fb.message_id} (not among recent messages); "
+                          "send the message itself in 'raw'")
+        return fb, raw, fb.message_id
+    raw = (fb.raw or "").encode("utf-8", "surrogateescape")
+    try:
+        check_message(raw)
+    except NotAMessage as exc:
+        raise _refuse("invalid", 400, str(exc)) from None
+    return fb, raw, message_id_for(raw)
 
 
 async def _check_limits(state: ServingState, reporter: Reporter, *, new_reporter_allowed: bool) -> None:

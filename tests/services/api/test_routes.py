@@ -180,6 +180,31 @@ def test_json_fields_are_assembled_off_the_event_loop(api: Api, monkeypatch: pyt
     assert len(threads) == 3 and all(t.startswith("flywheel-classify") for t in threads), threads
 
 
+def test_a_flag_is_parsed_and_hashed_off_the_event_loop(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flag's body near the size limit takes tens of milliseconds to parse and hash: a thread's work."""
+    from services.api import routes
+
+    loop_thread: list[str] = []
+    threads: list[str] = []
+
+    def recording(raw: bytes) -> str:
+        threads.append(threading.current_thread().name)
+        return real(raw)
+
+    real = routes.message_id_for
+    monkeypatch.setattr(routes, "message_id_for", recording)
+
+    @api.app.get("/test-loop-thread")
+    async def _loop_thread() -> dict[str, str]:
+        loop_thread.append(threading.current_thread().name)
+        return {}
+
+    api.client.get("/test-loop-thread")
+    r = api.client.post("/feedback", json={"raw": SPAM.decode(), "label": "spam"}, headers=USER)
+    assert r.status_code == 202, r.text
+    assert threads and loop_thread and loop_thread[0] not in threads, (loop_thread, threads)
+
+
 def test_a_single_message_is_not_held_behind_batches(tmp_path: Path) -> None:
     """Four clients post batches of 200 messages at 5 ms each (a second apiece on one of the two threads); a single
     message sent meanwhile waits behind at most one chunk of each, not behind whole batches. Every batch is
