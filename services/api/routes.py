@@ -316,7 +316,8 @@ async def feedback(request: Request, reporter: ReporterDep, state: State) -> Res
     finally:
         if store_key is not None:
             state.idempotency.release(store_key)
-    state.remember_feedback(event.event_id, mid, ident, reporter.source)
+    # two small files, and every tenth of its bound a prune of the source's store: a thread's work
+    await run_in_threadpool(state.remember_feedback, event.event_id, mid, ident, reporter.source)
     await run_in_threadpool(state.learn_user_list, ident, raw, fb.label)
     metrics.FEEDBACK.labels("accepted", "").inc()
     log.info("feedback accepted", event_id=event.event_id, message_id=mid, label=fb.label, reporter=ident)
