@@ -35,6 +35,8 @@ import structlog
 from services.api import metrics
 
 if TYPE_CHECKING:
+    from kafka import KafkaConsumer
+
     from models.campaign import CampaignIndex
     from models.classifier import Classifier
     from models.registry import LoadedModel, Registry
@@ -572,7 +574,7 @@ class ServingState:
 
     def _events_loop(self) -> None:
         """Follow the model-events and rule-changes topics from their end (no consumer group)."""
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
         from kafka.errors import KafkaError
 
         from streams.events import EventInvalid, ModelEvent, RuleChangeEvent, decode
@@ -582,15 +584,7 @@ class ServingState:
         while not self._stop.is_set():
             consumer = None
             try:
-                consumer = KafkaConsumer(
-                    bootstrap_servers=self.settings.bootstrap_servers.split(","),
-                    **self.settings.streams().kafka_python_auth(),
-                    group_id=None,
-                    enable_auto_commit=False,
-                    client_id=f"flywheel-api-reload-{os.getpid()}",
-                    request_timeout_ms=5000,
-                    reconnect_backoff_max_ms=2000,
-                )
+                consumer = self._follower("reload")
                 parts = []
                 for topic in wanted:
                     for p in consumer.partitions_for_topic(topic) or ():
@@ -623,10 +617,26 @@ class ServingState:
                     with contextlib.suppress(Exception):
                         consumer.close()
 
+    def _follower(self, name: str, **extra: Any) -> KafkaConsumer:
+        """A consumer without a group (partitions assigned by hand) on the configured brokers and security: each
+        replica follows the topics on its own, whatever the others read."""
+        from kafka import KafkaConsumer
+
+        return KafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers.split(","),
+            **self.settings.streams().kafka_python_auth(),
+            group_id=None,
+            enable_auto_commit=False,
+            client_id=f"flywheel-api-{name}-{os.getpid()}",
+            request_timeout_ms=5000,
+            reconnect_backoff_max_ms=2000,
+            **extra,
+        )
+
     def _campaign_loop(self) -> None:
         """Follow the compacted campaign topic from its beginning: every trusted label's fingerprint, whenever
         it was published, ends up in this replica's campaign memory (a tombstone removes one)."""
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
 
         memory = self.campaign
         assert memory is not None
@@ -635,16 +645,7 @@ class ServingState:
         while not self._stop.is_set():
             consumer = None
             try:
-                consumer = KafkaConsumer(
-                    bootstrap_servers=self.settings.bootstrap_servers.split(","),
-                    **self.settings.streams().kafka_python_auth(),
-                    group_id=None,
-                    enable_auto_commit=False,
-                    client_id=f"flywheel-api-campaigns-{os.getpid()}",
-                    request_timeout_ms=5000,
-                    reconnect_backoff_max_ms=2000,
-                    fetch_max_wait_ms=100,
-                )
+                consumer = self._follower("campaigns", fetch_max_wait_ms=100)
                 parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
                 if not parts:
                     raise RuntimeError("the campaign topic does not exist yet")
