@@ -263,7 +263,8 @@ def decide(
 
     ``reference`` is ``(labels, challenger scores, champion scores)`` on the clean reference set, or None.
     ``refit``: the challenger is of the champion's family and trained on every flag the champion trained on
-    (with ``fresher``, a refit on more of the same data).
+    (with ``fresher``, a refit on more of the same data), judged on users' flags alone (the caller's to say: on a
+    set topped up from an old corpus every model looks nearly faultless, whatever the users' labels are like).
     """
     y = np.asarray(labels).astype(bool)
     figures: dict[str, Any] = {"policy": policy.to_dict(), "fresher": fresher, "refit": refit, "n_spam": int(y.sum()),
