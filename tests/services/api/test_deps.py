@@ -4,13 +4,14 @@ reading, JSON parsing; on a small app of their own and, through ``dependency_ove
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import orjson
 import pytest
-from api_fakes import ADMIN, USER, Api, api_settings
+from api_fakes import ADMIN, USER, Api, api_settings, make_api
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.testclient import TestClient
 
@@ -101,6 +102,13 @@ def test_reporter_is_the_key_or_a_relay_and_its_user(small: TestClient, key: str
 
 
 # --------------------------------------------------------------------------------------------- the real app
+@pytest.fixture()
+def api(tmp_path: Path) -> Iterator[Api]:
+    a = make_api(tmp_path)
+    yield a
+    a.state.close()
+
+
 def test_the_routes_take_identity_from_the_dependency(api: Api) -> None:
     """Auth is one dependency: overriding it changes every route that uses it (and only through it)."""
     assert api.client.get("/rules").status_code == 401

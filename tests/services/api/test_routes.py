@@ -34,6 +34,13 @@ from streams.daemon import wait_until
 pytestmark = pytest.mark.unit
 
 
+@pytest.fixture()
+def api(tmp_path: Path) -> Iterator[Api]:
+    a = make_api(tmp_path)
+    yield a
+    a.state.close()
+
+
 def sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 

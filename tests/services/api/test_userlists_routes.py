@@ -4,10 +4,20 @@ teach a user's lists and never another user's verdict."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
-from api_fakes import ADMIN, BOB, HAM, RELAY, SPAM, USER, Api
+from api_fakes import ADMIN, BOB, HAM, RELAY, SPAM, USER, Api, make_api
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture()
+def api(tmp_path: Path) -> Iterator[Api]:
+    a = make_api(tmp_path)
+    yield a
+    a.state.close()
 
 
 def classify(api: Api, raw: bytes, user: str | None = None) -> dict:
