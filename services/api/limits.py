@@ -15,6 +15,7 @@ the event loop. Replicas on other hosts keep their own file, so across hosts the
 
 from __future__ import annotations
 
+import fcntl
 import math
 import sqlite3
 import threading
@@ -60,7 +61,11 @@ class FeedbackLimiter:
         self._db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         self._ops = 0
-        with self._lock:
+        # Every API worker process opens this file at start-up. Switching a new file to WAL needs an exclusive
+        # lock that SQLite does not wait for (it answers "database is locked" at once, busy timeout or not), so
+        # the first-open steps are serialised across processes by a lock file.
+        with self._lock, open(path.with_name(path.name + ".init-lock"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS buckets (key TEXT PRIMARY KEY, tokens REAL NOT NULL, "

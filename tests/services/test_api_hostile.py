@@ -5,7 +5,9 @@ large messages are being scored."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -120,6 +122,35 @@ def test_token_buckets_are_shared_by_every_process_on_the_file(tmp_path: Path) -
     assert c.check("never-seen", "src2", new_reporter_allowed=False) is None
     for lim in (a, b, c):
         lim.close()
+
+
+def _open_limiter(path: str, start: Any, failures: Any) -> None:
+    start.wait()
+    try:
+        FeedbackLimiter(Path(path), Limits(1.0, 1, 1.0, 1, 1, 1.0)).close()
+    except sqlite3.OperationalError as e:
+        failures.put(str(e))
+
+
+@pytest.mark.unit
+def test_api_workers_starting_together_all_open_the_limits_file(tmp_path: Path) -> None:
+    """Every uvicorn worker opens the fresh limits file at once; none may fail start-up with "database is locked"
+    (switching a new file to WAL does not wait on SQLite's busy timeout)."""
+    ctx = multiprocessing.get_context("fork")
+    failures = ctx.Queue()
+    for round_ in range(15):
+        path = str(tmp_path / f"limits-{round_}.sqlite3")
+        start = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_limiter, args=(path, start, failures)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=60)
+            assert proc.exitcode == 0
+    errors = []
+    while not failures.empty():
+        errors.append(failures.get())
+    assert errors == []
 
 
 # --------------------------------------------------------------------------------------------- pool
