@@ -152,6 +152,7 @@ class Candidate:
     linear_state: LinearModel | None = None
     cross: CrossFit | None = None  # a linear challenger's cross-fit: its fold models score flags it never saw
     reselected: bool = False  # a refit on the champion's data with its configuration chosen again on all of it
+    vouched: bool = False  # every flag it learned is one the base model is very sure of, with the same label
 
 
 @dataclass(slots=True)
@@ -421,10 +422,13 @@ class Learner:
                 t.join(max(0.0, deadline - time.monotonic()))
 
     # -- training sets ----------------------------------------------------------------------------------------
-    def _trusted(self, labelled: Sequence[Labelled]) -> tuple[list[Labelled], int]:
+    def _trusted(self, labelled: Sequence[Labelled]) -> tuple[list[Labelled], int, bool]:
+        """(the labels the learner learns, how many it leaves out, whether the base model vouches for every one
+        it learns: very sure of the same class)."""
         probs = self.base_probability([(lb.message_id, lb.raw) for lb in labelled])
-        kept = [lb for lb, p in zip(labelled, probs, strict=True) if trusted(lb.label, p, lb.reliability)]
-        return kept, len(labelled) - len(kept)
+        kept = [(lb, p) for lb, p in zip(labelled, probs, strict=True) if trusted(lb.label, p, lb.reliability)]
+        vouched = bool(kept) and all(model_evidence(lb.label, p) > 0 for lb, p in kept)
+        return [lb for lb, _ in kept], len(labelled) - len(kept), vouched
 
     def training_set(self, flags: Sequence[Labelled]) -> TrainingSet:
         base = self.corpus.base
@@ -473,7 +477,7 @@ class Learner:
         self._refit_at = data_version
         self._last_refit = started
         labelled = self.store.labelled()
-        flags, untrusted = self._trusted(labelled)
+        flags, untrusted, vouched = self._trusted(labelled)
         if not flags and self.registry.champion() is not None:
             return None  # nothing to learn that the champion lacks
         train = self.training_set(flags)
@@ -503,7 +507,7 @@ class Learner:
         training_s = time.monotonic() - started
         self.metrics.refit_seconds.labels(kind="linear").set(training_s)
         cand = Candidate("linear", model, cal, oof, set(oof), data_version, lineage, hp, training_s, linear_state=model,
-                         cross=choice.cross, reselected=reselected)
+                         cross=choice.cross, reselected=reselected, vouched=vouched)
         return self.challenge(cand, labelled)
 
     # -- the slow clock -----------------------------------------------------------------------------------------
@@ -540,7 +544,7 @@ class Learner:
         started = time.monotonic()
         data_version = self.store.data_version
         labelled = self.store.labelled()
-        flags, untrusted = self._trusted(labelled)
+        flags, untrusted, vouched = self._trusted(labelled)
         train = self.training_set(flags)
         if len(set(train.labels.tolist())) < 2:
             return None
@@ -557,7 +561,8 @@ class Learner:
               "candidates": fit.report}
         training_s = time.monotonic() - started
         self.metrics.refit_seconds.labels(kind="neural").set(training_s)
-        cand = Candidate("neural", fit.model, cal, oof, trained, data_version, lineage, hp, training_s)
+        cand = Candidate("neural", fit.model, cal, oof, trained, data_version, lineage, hp, training_s,
+                         vouched=vouched)
         return self.challenge(cand, labelled)
 
     # -- the gate ---------------------------------------------------------------------------------------------------
@@ -666,6 +671,7 @@ class Learner:
             fi = [int(it.key[1:]) for it in sel.items if it.key[0] == "f"]
             ci = [int(it.key[1:]) for it in sel.items if it.key[0] == "c"]
             y = np.concatenate([np.array([flags[i].label == "spam" for i in fi], dtype=bool), ref_y[ci]])
+            right = np.concatenate([np.array([flags[i].reliability for i in fi], dtype=np.float64), np.ones(len(ci))])
             s_rules = np.concatenate([rule_scores[fi], ref_rules[ci]]) if (fi or ci) else np.zeros(0)
             ec = np.concatenate([zc[fi], rc[ci]]) if (fi or ci) else np.zeros(0)
             ek = np.concatenate([zk[fi], rk[ci]]) if (fi or ci) else np.zeros(0)
@@ -694,7 +700,8 @@ class Learner:
             result: GateResult = decide(
                 y, scored(ec, cand.calibration, s_rules),
                 scored(ek, champ.calibration, s_rules) if champ is not None else None,
-                fresher=fresher, refit=refit, policy=self.policy, anchor=anchor,
+                fresher=fresher, refit=refit, policy=self.policy, anchor=anchor, reliability=right,
+                vouched=cand.vouched,
                 # A champion that trained on the reference set (an older seed) would look better there than it is.
                 reference=(ref_y, scored(rc, cand.calibration, ref_rules), scored(rk, champ.calibration, ref_rules))
                 if (ref and champ is not None and champ.reference_held_out) else None,

@@ -270,3 +270,58 @@ def test_noisy_labels_keep_the_non_inferiority_test_for_refits() -> None:
     r = decide(noisy, _sm(challenger), _sm(champion), fresher=True, refit=True, policy=GatePolicy())
     assert not r.figures["lenient"]
     assert not r.promote, r.reason
+
+
+def _noisy_flags(rng: np.random.Generator, n: int = 1200) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(true labels, flags with 30% wrong, champion scores, a refit's scores that rank the true labels better)."""
+    y = rng.random(n) < 0.5
+    flags = np.where(rng.random(n) < 0.3, ~y, y)
+    base = _scores(rng, y, 3.0, noise=0.3)
+    return y, flags, base + rng.normal(scale=1.0, size=n), base + rng.normal(scale=0.6, size=n)
+
+
+def test_a_refit_that_learned_only_vouched_labels_is_promoted_through_label_noise() -> None:
+    """30% wrong flags: the set cannot show that a refit is not worse, but a refit that learned only labels the
+    base model is sure of (noise there cannot bend it) needs only not to be shown worse; one that learned other
+    labels still needs the non-inferiority test."""
+    rng = np.random.default_rng(15)
+    y, flags, champion, challenger = _noisy_flags(rng)
+    q = np.full(y.size, 0.7)
+    plain = decide(flags, _sm(challenger), _sm(champion), fresher=True, refit=True, policy=GatePolicy(), reliability=q)
+    assert not plain.promote and not plain.figures["lenient"], plain.reason
+    vouched = decide(flags, _sm(challenger), _sm(champion), fresher=True, refit=True, policy=GatePolicy(),
+                     reliability=q, vouched=True)
+    assert vouched.promote and vouched.test == "not_shown_worse" and "vouched" in vouched.reason, vouched.reason
+    assert abs(vouched.figures["label_noise"] - 0.3) < 1e-9
+    # not another family (refit=False), and never one shown worse
+    assert not decide(flags, _sm(challenger), _sm(champion), fresher=True, policy=GatePolicy(), reliability=q,
+                      vouched=True).promote
+    worse = decide(y, _sm(champion - 2.0 * rng.normal(size=y.size)), _sm(champion), fresher=True, refit=True,
+                   policy=GatePolicy(), reliability=q, vouched=True)
+    assert not worse.promote and "shown worse" in worse.reason
+
+
+def test_false_positives_are_counted_on_credible_ham_labels_only() -> None:
+    """A refit that catches spam flagged "ham" by careless reporters "raises the FPR" on those labels; the guard
+    judges on credible ham labels, and on the clean reference set where the set has too few of them."""
+    rng = np.random.default_rng(16)
+    n = 1200
+    y = rng.random(n) < 0.5
+    flags = np.where(rng.random(n) < 0.3, ~y, y)
+    champion_spam = y & (rng.random(n) < 0.7)  # misses 30% of the spam
+    challenger_spam = y.copy()  # catches every spam, no ham
+    z = _scores(rng, y, 3.0)
+    ref_y = np.arange(400) % 2 == 0
+    ref = (ref_y, _sm(_scores(rng, ref_y, 3.0), ref_y.copy()), _sm(_scores(rng, ref_y, 3.0), ref_y.copy()))
+    careless = decide(flags, ScoredModel(z, challenger_spam), ScoredModel(z, champion_spam), fresher=True,
+                      policy=GatePolicy(), reliability=np.ones(n))
+    assert not careless.promote and "false positives rise" in careless.reason  # labels taken at their word
+    doubtful = decide(flags, ScoredModel(z, challenger_spam), ScoredModel(z, champion_spam), fresher=True,
+                      policy=GatePolicy(), reliability=np.full(n, 0.7), reference=ref)
+    assert doubtful.figures["fpr_judged_on"] == "the clean reference set's ham"
+    assert "false positives" not in doubtful.reason, doubtful.reason
+    # ... and a challenger whose verdicts do mark clean ham as spam is still blocked there
+    ref_bad = (ref_y, _sm(ref[1].ranking, ref_y | (rng.random(400) < 0.2)), ref[2])
+    blocked = decide(flags, ScoredModel(z, challenger_spam), ScoredModel(z, champion_spam), fresher=True,
+                     policy=GatePolicy(), reliability=np.full(n, 0.7), reference=ref_bad)
+    assert not blocked.promote and "clean reference set" in blocked.reason, blocked.reason
