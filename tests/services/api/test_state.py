@@ -32,6 +32,34 @@ def test_a_message_id_can_name_only_a_message_in_the_shared_spool(tmp_path: Path
     assert all(worker_b.get(n) is None for n in names), names
 
 
+
+def test_the_spool_is_written_again_only_when_the_served_verdict_changes(tmp_path: Path) -> None:
+    spool = FileStore(tmp_path / "spool", 1000, max_bytes=16 * 1024 * 1024)
+    writes: list[str] = []
+    put = spool.put
+
+    def counted(key: str, value: bytes) -> None:
+        writes.append(key)
+        put(key, value)
+
+    spool.put = counted  # type: ignore[method-assign]
+    worker = MessageCache(100, 1 << 20, spool=spool)
+    other = MessageCache(100, 1 << 20, spool=FileStore(tmp_path / "spool", 1000, max_bytes=16 * 1024 * 1024))
+    raw = b"Subject: hello\r\n\r\nlunch?\r\n"
+    mid = "0123456789abcdef0123456789abcdef"
+    v1 = {"version": "v1", "is_spam": False, "probability": 0.01}
+    worker.put(mid, raw, v1)
+    assert len(writes) == 2  # the message and its verdict
+    for _ in range(3):  # the same message, the same answer: nothing to write
+        worker.put(mid, raw, dict(v1))
+    assert len(writes) == 2
+    v2 = {"version": "v2", "is_spam": True, "probability": 0.97}
+    worker.put(mid, raw, v2)  # a new verdict (a new model) replaces the record another worker reads
+    assert len(writes) == 3 and other.served(mid) == v2 and other.get(mid) == raw
+    # each record written whole through this thread's own temporary file, none left behind
+    assert not [n for n in os.listdir(tmp_path / "spool") if n.startswith(".tmp-")]
+
+
 def test_a_flood_from_one_source_keeps_every_other_sources_records(tmp_path: Path) -> None:
     records = FeedbackRecords(tmp_path / "feedback", per_source=64)
     alice_event = str(uuid.uuid4())
