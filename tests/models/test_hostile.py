@@ -154,10 +154,10 @@ def test_capped_html_still_yields_its_text() -> None:
 def test_the_decoded_size_cap_holds_even_if_a_payload_were_larger_than_the_message(monkeypatch: Any) -> None:
     """Every payload is a slice of the analysed bytes, so the cap on decoded text never triggers on its own; it
     guards against a parser change. Simulated here by a transfer decoder that inflates."""
-    import models.message as message_mod
+    from models.message import parsing
 
-    real = message_mod._decode_transfer
-    monkeypatch.setattr(message_mod, "_decode_transfer", lambda *a: real(*a) * 1000)
+    real = parsing._decode_transfer
+    monkeypatch.setattr(parsing, "_decode_transfer", lambda *a: real(*a) * 1000)
     pm = parse(b"Subject: x\nContent-Type: text/plain\n\n" + b"word " * 200)
     assert "decoded_size_capped" in pm.defects
     assert len(pm.raw_body) <= 262_144

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import models.message as message_mod
 from models.message import DEFAULT_MAX_BYTES, ParsedMessage, normalize_text, parse
+from models.message import html as html_mod
+from models.message import parsing as parsing_mod
 
 REPO = Path(__file__).resolve().parents[2]
 _DATA_DIRS = [REPO / "var" / "downloads" / "corpus" / "package" / "data", Path("/tmp/package/data")]
@@ -317,12 +318,12 @@ def test_mutated_real_messages_never_raise(idx: int, ops: list[tuple[str, float,
 
 def _stdlib_parse(raw: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> ParsedMessage:
     """The reference: every message through the stdlib feedparser."""
-    return message_mod._parse(raw, max_bytes, fast=False)
+    return parsing_mod._parse(raw, max_bytes, fast=False)
 
 
 def _takes_fast_path(raw: bytes) -> bool:
     data = raw[raw.find(b"\n") + 1 :] if raw.startswith(b"From ") else raw
-    return message_mod._fast_tree(data.lstrip(b"\r\n")) is not None
+    return parsing_mod._fast_tree(data.lstrip(b"\r\n")) is not None
 
 
 _FAST_SAMPLE = _corpus_sample(400)
@@ -420,19 +421,19 @@ def test_fast_path_agrees_on_shuffled_structure(lines: list[bytes]) -> None:
 )
 def test_sender_address_matches_parseaddr(value: str) -> None:
     want = email.utils.parseaddr(value)[1].lower() or value.lower()
-    assert message_mod._sender_address(value) == want
+    assert parsing_mod._sender_address(value) == want
 
 
 @pytest.mark.unit
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=" \t\r\n\f\v\xa0\u3000\u2028ab", max_size=60))
 def test_whitespace_collapsing_matches_the_plain_regexes(text: str) -> None:
-    assert message_mod._WS_RUN_RE.sub(" ", text) == re.sub(r"[ \t\r\f\v\xa0]+", " ", text)
-    assert message_mod._collapse_lines(text) == re.sub(r"\s*\n\s*", "\n", text).strip()
+    assert html_mod._WS_RUN_RE.sub(" ", text) == re.sub(r"[ \t\r\f\v\xa0]+", " ", text)
+    assert html_mod._collapse_lines(text) == re.sub(r"\s*\n\s*", "\n", text).strip()
 
 
 @pytest.mark.unit
 @settings(max_examples=400, deadline=None)
 @given(st.text(alphabet='ab.@<> "(),;:\\[]\t\u00e9', max_size=24))
 def test_sender_address_matches_parseaddr_on_random_forms(value: str) -> None:
-    assert message_mod._sender_address(value) == (email.utils.parseaddr(value)[1].lower() or value.lower())
+    assert parsing_mod._sender_address(value) == (email.utils.parseaddr(value)[1].lower() or value.lower())

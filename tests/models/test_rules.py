@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import models.rules as rules_mod
 from models.message import parse
 from models.rules import (
     Rule,
@@ -27,6 +26,9 @@ from models.rules import (
     strip_verbose,
     validate_rule,
 )
+from models.rules import engine as engine_mod
+from models.rules import groups as groups_mod
+from models.rules import patterns as patterns_mod
 
 MSG = (
     b"From: Winner Team <promo12345@deals.test>\nTo: undisclosed-recipients:;\n"
@@ -180,12 +182,12 @@ def _corpus_sample(n: int) -> list[bytes]:
 
 def _forced_re_engine(rules: list[Rule], threshold: float) -> RuleEngine:
     """The same rules with hyperscan refused for every pattern: all through RE2, or the budgeted engine."""
-    original = rules_mod._hs_pattern
-    rules_mod._hs_pattern = lambda spec: None  # type: ignore[assignment]
+    original = groups_mod._hs_pattern
+    groups_mod._hs_pattern = lambda spec: None  # type: ignore[assignment]
     try:
         return RuleEngine(rules, threshold)
     finally:
-        rules_mod._hs_pattern = original
+        groups_mod._hs_pattern = original
 
 
 @pytest.mark.unit
@@ -556,8 +558,8 @@ def test_re2_and_verbose_patterns_run_in_linear_time_and_match_as_re_does() -> N
         body = (pm.subject + "\n" + pm.body_text).encode()
         want = set()
         for r in (big_repeat, verbose):
-            text, flags = rules_mod.split_delimited(r.pattern)
-            if re.search(text.encode(), body, sum(rules_mod._PY_FLAGS[f] for f in flags)):
+            text, flags = patterns_mod.split_delimited(r.pattern)
+            if re.search(text.encode(), body, sum(patterns_mod._PY_FLAGS[f] for f in flags)):
                 want.add(r.name)
         assert _names(eng, raw) == want, raw[:40]
     # where re itself would backtracks for ages (x+x+)+y over a run of x), both engines answer at once
@@ -624,16 +626,16 @@ def _names_old(text: str) -> str:
 @settings(max_examples=1500, deadline=None)
 @given(st.text(alphabet='ab@<> \t.-!+"\n()_\u00e9\xa0=,\u2003', max_size=24))
 def test_address_and_name_helpers_give_what_the_plain_regexes_gave(text: str) -> None:
-    assert rules_mod._addresses(text) == "\n".join(m.group(1) or m.group(2) for m in _ADDR_OLD.finditer(text))
-    assert rules_mod._display_names(text) == _names_old(text)
+    assert engine_mod._addresses(text) == "\n".join(m.group(1) or m.group(2) for m in _ADDR_OLD.finditer(text))
+    assert engine_mod._display_names(text) == _names_old(text)
 
 
 @pytest.mark.unit
 def test_address_and_name_helpers_are_linear() -> None:
     for text in ("a" * 20_000, "a" + " " * 20_000 + "b", "<" + "a@" * 10_000, "!x" * 10_000):
         small, large = text, text * 8
-        (_, t_small), (_, t_large) = _cpu(lambda t: (rules_mod._addresses(t), rules_mod._display_names(t)), small), \
-            _cpu(lambda t: (rules_mod._addresses(t), rules_mod._display_names(t)), large)
+        (_, t_small), (_, t_large) = _cpu(lambda t: (engine_mod._addresses(t), engine_mod._display_names(t)), small), \
+            _cpu(lambda t: (engine_mod._addresses(t), engine_mod._display_names(t)), large)
         assert t_large / max(t_small, 1e-4) < 24, text[:5]
 
 
@@ -641,7 +643,7 @@ def test_address_and_name_helpers_are_linear() -> None:
 def test_budgeted_engine_matches_as_re_does_on_real_mail() -> None:
     rule = RuleEngine.default().get("LINK_TEXT_MISMATCH")
     assert rule is not None
-    regex_text, flags = rules_mod.split_delimited(rule.pattern)
+    regex_text, flags = patterns_mod.split_delimited(rule.pattern)
     assert flags == "i"
     plain = re.compile(regex_text.encode(), re.IGNORECASE)
     eng = _engine(rule)
