@@ -357,7 +357,7 @@ def _parts(msg: _Message, result: _RuleResult | None, config: FeatureConfig) -> 
             toks.append("atx:" + ext[:8])
 
     toks.extend(["d:" + d for d in msg.defects])
-    auth = getattr(msg, "auth", None)  # SPF/DKIM/DMARC outcomes from the operator's own hosts (message.py)
+    auth = getattr(msg, "auth", None)  # SPF/DKIM/DMARC outcomes from the operator's own hosts (models/message/)
     if auth:
         toks.extend(["auth:" + a for a in auth])
 
