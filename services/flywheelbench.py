@@ -121,7 +121,7 @@ def offline_reference(settings: Settings, flagged: Sequence[CorpusMessage], unfl
     from models.learning import TrainingSet, calibrate, fit_neural, fold_key, refit_linear, select_linear, subset
     from models.message import parse
     from models.rules import RuleEngine
-    from services.worker.learner import corpus_data
+    from services.worker.data import corpus_data
 
     engine = RuleEngine.default()
     cfg = FeatureConfig()

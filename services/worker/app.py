@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from services.worker.learner import CorpusData, Learner, corpus_data
+from services.worker.data import CorpusData, corpus_data
+from services.worker.learner import Learner
 from services.worker.metrics import WorkerMetrics
 from services.worker.store import BatchResult, LabelStore
 from streams.records import Record

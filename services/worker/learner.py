@@ -30,14 +30,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 
-from models.base import Scorer, SpamModel
 from models.consensus import SURE_HIGH, SURE_LOW, confidence, model_evidence, trusted
 from models.features import FeatureBatch, FeatureConfig
 from models.gate import EvalItem, GatePolicy, GateResult, ScoredModel, compose_eval_set, decide
@@ -57,6 +55,7 @@ from models.learning import (
 from models.message import configure_trusted_authserv_ids
 from models.metrics import recall_at_fpr, roc_auc
 from models.registry import jsonable
+from services.worker.data import Candidate, CorpusData, Judge, load_oof, oof_path, save_oof
 from services.worker.store import Labelled, LabelStore
 
 if TYPE_CHECKING:
@@ -70,7 +69,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["Candidate", "CorpusData", "Learner", "corpus_data"]
+__all__ = ["Learner"]
 
 SELF_CHECK_MESSAGES = 4
 SELECT_FIRST = 100
@@ -80,119 +79,6 @@ have grown fourfold (a choice costs four cross-fits; the refits in between reuse
 flags settle on more than the last choice saw (see :meth:`Learner.step`)."""
 NEURAL_NICE = 10
 """The slow clock's thread runs at a lower CPU priority: on a small machine the fast clock and serving go first."""
-
-
-# ============================================================================================ corpus
-@dataclass(slots=True)
-class CorpusData:
-    """What the worker takes from the corpus.
-
-    ``base``: trained on by every model (the earlier collection minus its held-out part); ``reference``: the
-    corpus's held-out part (both collections, hard ham included), never trained on: the gate's top-up and clean
-    reference set, and the fixed quality set of the metrics. Entries are (message id, raw, is spam, group).
-    """
-
-    base: list[tuple[str, bytes, bool, str]] = field(default_factory=list)
-    reference: list[tuple[str, bytes, bool, str]] = field(default_factory=list)
-
-
-def corpus_data(settings: Settings) -> CorpusData:
-    """The corpus split for the worker (empty without a corpus: the gate then judges on flags alone).
-
-    ``eval_exclude_file`` lists message ids the worker must never use from the corpus (a benchmark keeps its
-    test half out this way); with ``worker_base_corpus`` off there is no base (the replay learns from flags alone).
-    """
-    from models.consensus import is_holdout
-    from models.corpus import CorpusError, load_corpus, split_p1
-    from streams.events import message_id_for
-
-    try:
-        msgs = load_corpus(settings.downloads, settings.corpus_dir)
-    except (CorpusError, OSError) as exc:
-        log.warning("no corpus: the gate judges on flags alone", error=str(exc))
-        return CorpusData()
-    excluded: set[str] = set()
-    if settings.eval_exclude_file is not None:
-        excluded = {ln.strip() for ln in settings.eval_exclude_file.read_text().splitlines() if ln.strip()}
-    train, test = split_p1(msgs)
-    later = {id(m) for m in test}
-    data = CorpusData()
-    for m in msgs:
-        mid = message_id_for(m.raw)
-        if mid in excluded:
-            continue
-        entry = (mid, m.raw, m.is_spam, m.group)
-        if is_holdout(mid):
-            data.reference.append(entry)
-        elif id(m) not in later and settings.worker_base_corpus:
-            data.base.append(entry)
-    del train
-    log.info("corpus for the worker", base=len(data.base), reference=len(data.reference), excluded=len(excluded))
-    return data
-
-
-# ============================================================================================ candidates
-@dataclass(slots=True)
-class Candidate:
-    """A trained challenger on its way through the gate.
-
-    ``oof`` maps the flags it trained on to out-of-sample logits (cross-fitted or validation); ``trained`` is
-    every flag it trained on (a trained flag without an ``oof`` entry cannot judge it).
-    """
-
-    kind: str
-    model: SpamModel
-    calibration: Calibration
-    oof: dict[str, float]
-    trained: set[str]
-    data_version: int
-    lineage: dict[str, Any]
-    hyperparameters: dict[str, Any]
-    training_s: float
-    linear_state: LinearModel | None = None
-    cross: CrossFit | None = None  # a linear challenger's cross-fit: its fold models score flags it never saw
-    reselected: bool = False  # a refit on the champion's data with its configuration chosen again on all of it
-    vouched: bool = False  # every flag it learned is one the base model is very sure of, with the same label
-
-
-@dataclass(slots=True)
-class _Judge:
-    """A model as the gate sees it: a loaded version, its calibration and its out-of-sample record."""
-
-    version: str
-    kind: str
-    model: Scorer  # the version's ONNX graph
-    calibration: Calibration
-    oof: dict[str, float]
-    trained: set[str]
-    data_version: int
-    reference_held_out: bool = False  # never trained on the corpus's held-out part: the tripwire can judge it
-
-    def logit(self, batch: FeatureBatch) -> np.ndarray:
-        return np.asarray(self.model.decision_function(batch), dtype=np.float64).reshape(-1)
-
-
-def _oof_path(root: Path, version: str) -> Path:
-    return root / f"{version}.npz"
-
-
-def save_oof(root: Path, version: str, oof: dict[str, float], trained: set[str], data_version: int) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{version}.tmp.npz"
-    ids = sorted(oof)
-    np.savez(tmp, ids=np.array(ids, dtype=str), logits=np.array([oof[i] for i in ids], dtype=np.float64),
-             trained=np.array(sorted(trained), dtype=str), data_version=np.array([data_version]))
-    tmp.replace(_oof_path(root, version))
-
-
-def load_oof(root: Path, version: str) -> tuple[dict[str, float], set[str], int]:
-    """A version's out-of-sample record; a version without one (the seed, an imported model) trained on no flags."""
-    path = _oof_path(root, version)
-    if not path.exists():
-        return {}, set(), 0
-    with np.load(path, allow_pickle=False) as d:
-        return (dict(zip(d["ids"].tolist(), d["logits"].tolist(), strict=True)), set(d["trained"].tolist()),
-                int(d["data_version"][0]))
 
 
 # ============================================================================================ the learner
@@ -245,7 +131,7 @@ class Learner:
         self._surprise_ids: set[str] = set()
         self._neural_busy = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._judges: dict[str, _Judge] = {}
+        self._judges: dict[str, Judge] = {}
         self._crosses: dict[str, CrossFit] = {}  # the champion's and the anchor's cross-fits, while in memory
         self.anchor_version: str | None = None
         self._stop = threading.Event()
@@ -566,7 +452,7 @@ class Learner:
         return self.challenge(cand, labelled)
 
     # -- the gate ---------------------------------------------------------------------------------------------------
-    def _judge(self, version: str) -> _Judge | None:
+    def _judge(self, version: str) -> Judge | None:
         from models.classifier import Calibration
         from models.registry import ModelRejected, RegistryError
 
@@ -578,7 +464,7 @@ class Learner:
                 log.warning("cannot load a version for the gate", version=version, error=str(exc))
                 return None
             oof, trained, dv = load_oof(self.oof_dir, version)
-            judge = _Judge(version, loaded.kind, loaded.model, Calibration.from_meta(loaded.calibration), oof, trained,
+            judge = Judge(version, loaded.kind, loaded.model, Calibration.from_meta(loaded.calibration), oof, trained,
                            dv, bool(loaded.meta.get("lineage", {}).get("reference_held_out")))
             self._judges = {v: j for v, j in self._judges.items() if v in (self.anchor_version,)}
             self._judges[version] = judge
@@ -651,30 +537,45 @@ class Learner:
             champ_v = self.registry.champion()
             champ = self._judge(champ_v) if champ_v else None
             batch, rule_scores = self.rows([(lb.message_id, lb.raw) for lb in flags])
-            zc = self._out_of_sample(flags, batch, cand.oof, cand.trained, chall_logit, cand.cross)
-            zk = (self._out_of_sample(flags, batch, champ.oof, champ.trained, champ.logit,
-                                      self._crosses.get(champ.version))
-                  if champ is not None else np.zeros(len(flags)))
-            both = np.flatnonzero(~np.isnan(zc) & ~np.isnan(zk))
+            # Each model's out-of-sample logit on every flag (NaN where it cannot judge one), then on the clean
+            # reference set (the corpus's held-out part, which no model trained on).
+            chall_flags = self._out_of_sample(flags, batch, cand.oof, cand.trained, chall_logit, cand.cross)
+            champ_flags = (self._out_of_sample(flags, batch, champ.oof, champ.trained, champ.logit,
+                                               self._crosses.get(champ.version))
+                           if champ is not None else np.zeros(len(flags)))
+            judgeable = np.flatnonzero(~np.isnan(chall_flags) & ~np.isnan(champ_flags))
             ref = self._reference()
-            corpus_items = [EvalItem(f"c{i}", s, "corpus", g) for i, (_, _, s, g) in enumerate(ref)]
-            order = np.random.default_rng(0).permutation(len(corpus_items))
-            corpus_items = [corpus_items[i] for i in order]
-            flag_items = [EvalItem(f"f{i}", flags[i].label == "spam", "flags", flags[i].label, flags[i].recency)
-                          for i in both.tolist()]
-            sel = compose_eval_set(flag_items, corpus_items, min_per_class=self.settings.gate_eval_min_per_class,
-                                   max_per_class=self.settings.gate_eval_max_per_class)
             ref_batch, ref_rules = self.rows([(mid, raw) for mid, raw, _, _ in ref])
             ref_y = np.array([s for _, _, s, _ in ref], dtype=bool)
-            rc = chall_logit(ref_batch) if ref else np.zeros(0)
-            rk = champ.logit(ref_batch) if (ref and champ is not None) else np.zeros(len(ref))
-            fi = [int(it.key[1:]) for it in sel.items if it.key[0] == "f"]
-            ci = [int(it.key[1:]) for it in sel.items if it.key[0] == "c"]
-            y = np.concatenate([np.array([flags[i].label == "spam" for i in fi], dtype=bool), ref_y[ci]])
-            right = np.concatenate([np.array([flags[i].reliability for i in fi], dtype=np.float64), np.ones(len(ci))])
-            s_rules = np.concatenate([rule_scores[fi], ref_rules[ci]]) if (fi or ci) else np.zeros(0)
-            ec = np.concatenate([zc[fi], rc[ci]]) if (fi or ci) else np.zeros(0)
-            ek = np.concatenate([zk[fi], rk[ci]]) if (fi or ci) else np.zeros(0)
+            chall_ref = chall_logit(ref_batch) if ref else np.zeros(0)
+            champ_ref = champ.logit(ref_batch) if (ref and champ is not None) else np.zeros(len(ref))
+            # The evaluation set: flags first, the reference set's messages as a top-up while flags are few.
+            # Each item's key names its row: ("flags", position in ``flags``) or ("corpus", position in ``ref``).
+            rows: dict[str, tuple[str, int]] = {}
+            flag_items = []
+            for i in judgeable.tolist():
+                rows[key := f"flag:{i}"] = ("flags", i)
+                flag_items.append(EvalItem(key, flags[i].label == "spam", "flags", flags[i].label, flags[i].recency))
+            corpus_items = []
+            for i, (_, _, is_spam, group) in enumerate(ref):
+                rows[key := f"corpus:{i}"] = ("corpus", i)
+                corpus_items.append(EvalItem(key, is_spam, "corpus", group))
+            order = np.random.default_rng(0).permutation(len(corpus_items))
+            sel = compose_eval_set(flag_items, [corpus_items[i] for i in order],
+                                   min_per_class=self.settings.gate_eval_min_per_class,
+                                   max_per_class=self.settings.gate_eval_max_per_class)
+            from_flags = [rows[it.key][1] for it in sel.items if rows[it.key][0] == "flags"]
+            from_ref = [rows[it.key][1] for it in sel.items if rows[it.key][0] == "corpus"]
+
+            def on_set(on_flags: np.ndarray, on_ref: np.ndarray) -> np.ndarray:
+                """A per-flag and a per-reference-message array, restricted to the evaluation set, in its order."""
+                return np.concatenate([on_flags[from_flags], on_ref[from_ref]]) if (from_flags or from_ref) \
+                    else np.zeros(0)
+
+            y = on_set(np.array([lb.label == "spam" for lb in flags], dtype=bool), ref_y).astype(bool)
+            right = on_set(np.array([lb.reliability for lb in flags], dtype=np.float64), np.ones(len(ref)))
+            set_rules = on_set(rule_scores, ref_rules)
+            chall_set, champ_set = on_set(chall_flags, chall_ref), on_set(champ_flags, champ_ref)
 
             def scored(z: np.ndarray, cal: Calibration, rules: np.ndarray) -> ScoredModel:
                 return ScoredModel(z, cal.combined(z, rules) >= cal.threshold)
@@ -691,38 +592,38 @@ class Learner:
             if champ is not None and self.anchor_version not in (None, champ.version):
                 a = self._judge(self.anchor_version) if self.anchor_version else None
                 if a is not None:
-                    za = self._out_of_sample(flags, batch, a.oof, a.trained, a.logit,
-                                             self._crosses.get(a.version))
-                    ra = a.logit(ref_batch) if ref else np.zeros(0)
-                    ea = np.concatenate([za[fi], ra[ci]]) if (fi or ci) else np.zeros(0)
-                    if not np.isnan(ea).any():
-                        anchor = scored(ea, a.calibration, s_rules)
+                    anchor_flags = self._out_of_sample(flags, batch, a.oof, a.trained, a.logit,
+                                                       self._crosses.get(a.version))
+                    anchor_set = on_set(anchor_flags, a.logit(ref_batch) if ref else np.zeros(0))
+                    if not np.isnan(anchor_set).any():
+                        anchor = scored(anchor_set, a.calibration, set_rules)
             result: GateResult = decide(
-                y, scored(ec, cand.calibration, s_rules),
-                scored(ek, champ.calibration, s_rules) if champ is not None else None,
+                y, scored(chall_set, cand.calibration, set_rules),
+                scored(champ_set, champ.calibration, set_rules) if champ is not None else None,
                 fresher=fresher, refit=refit, policy=self.policy, anchor=anchor, reliability=right,
                 vouched=cand.vouched,
                 # A champion that trained on the reference set (an older seed) would look better there than it is.
-                reference=(ref_y, scored(rc, cand.calibration, ref_rules), scored(rk, champ.calibration, ref_rules))
+                reference=(ref_y, scored(chall_ref, cand.calibration, ref_rules),
+                           scored(champ_ref, champ.calibration, ref_rules))
                 if (ref and champ is not None and champ.reference_held_out) else None,
             )
             version = self._save(cand, onnx_path, champ_v, sel.composition, result)
             if cand.cross is not None:
                 self._crosses[version] = cand.cross
-            self._record(cand, version, champ, result, sel.composition, y, ec, ek, judged=champ_v)
+            self._record(cand, version, champ, result, sel.composition, y, chall_set, champ_set, judged=champ_v)
             keep = {self.registry.champion(), self.anchor_version}
             self._crosses = {v: c for v, c in self._crosses.items() if v in keep}
-            self._count_surprises(flags, zk, champ, cand.trained)
+            self._count_surprises(flags, champ_flags, champ, cand.trained)
             return version
 
-    def _count_surprises(self, flags: Sequence[Labelled], zk: np.ndarray, champ: _Judge | None,
+    def _count_surprises(self, flags: Sequence[Labelled], champ_flags: np.ndarray, champ: Judge | None,
                          trained: set[str]) -> None:
         """Remember flags, newer than the last neural retrain, on mail the champion got wrong (its model verdict,
         out of sample): the slow clock retrains early while they pile up."""
         if champ is None:
             return
         thr = champ.calibration.model_threshold_logit
-        for lb, z in zip(flags, zk, strict=True):
+        for lb, z in zip(flags, champ_flags, strict=True):
             if lb.message_id not in trained:
                 continue  # a label the learner leaves out (untrusted) is no reason to retrain early
             if lb.recency > self._neural_recency and not math.isnan(z) and (z >= thr) != (lb.label == "spam"):
@@ -753,8 +654,8 @@ class Learner:
         onnx_path.unlink(missing_ok=True)
         return version
 
-    def _record(self, cand: Candidate, version: str, champ: _Judge | None, result: GateResult,
-                composition: dict[str, Any], y: np.ndarray, ec: np.ndarray, ek: np.ndarray,
+    def _record(self, cand: Candidate, version: str, champ: Judge | None, result: GateResult,
+                composition: dict[str, Any], y: np.ndarray, chall_set: np.ndarray, champ_set: np.ndarray,
                 judged: str | None = None) -> None:
         from models.registry import ChampionChanged
         from streams.events import ModelEvent
@@ -775,7 +676,7 @@ class Learner:
             return {"one_minus_auc": 1.0 - roc_auc(z, y), "recall_at_fpr_1pct": recall_at_fpr(z, y, 0.01),
                     "n_spam": int(y.sum()), "n_ham": int((~y).sum())}
 
-        chall_m, champ_m = side(ec), side(ek) if champ is not None else None
+        chall_m, champ_m = side(chall_set), side(champ_set) if champ is not None else None
         self.registry.record_decision(
             challenger=version, decision=decision, reason=result.reason, challenger_metrics=chall_m,
             champion=champ.version if champ else None, champion_metrics=champ_m,
@@ -809,7 +710,7 @@ class Learner:
                  evaluation_set=composition)
         pruned = self.registry.prune(keep=self.settings.registry_keep)
         for v in pruned:
-            _oof_path(self.oof_dir, v).unlink(missing_ok=True)
+            oof_path(self.oof_dir, v).unlink(missing_ok=True)
         if result.promote:
             self.update_quality("promotion")
 

@@ -12,7 +12,8 @@ import pytest
 
 from models.consensus import is_holdout, message_id_for
 from services.settings import Settings
-from services.worker.learner import Candidate, CorpusData, Learner, load_oof
+from services.worker.data import Candidate, CorpusData, load_oof
+from services.worker.learner import Learner
 from services.worker.metrics import WorkerMetrics
 from services.worker.store import LabelStore
 from streams.events import FeedbackEvent, ServedVerdict, encode
