@@ -831,7 +831,8 @@ def worker() -> None:
 @friendly_errors
 def eval_cmd(protocol: str, json_path: Path | None, out_dir: Path, curves: bool, seeds: int) -> None:
     """Evaluate rules, linear, neural and the served combination on the real corpus."""
-    from models.evaluate import format_table, run_eval
+    from models.evaluate import run_eval
+    from models.report import format_table
 
     s = get_settings()
     _configure_logging(s)

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 
 from models.evaluate import (
-    SIDES,
     fit_line,
     fit_log,
-    format_table,
     holdout_split,
     neural_schedule,
     run_eval,
 )
+from models.report import SIDES, format_table
 
 
 @pytest.mark.unit
