@@ -59,7 +59,7 @@ def _identity(request: Request, api_key: str | None, bearer: HTTPAuthorizationCr
     return identity_for(presented, request.app.state.settings.api_keys)
 
 
-def require_identity(
+async def require_identity(
     request: Request,
     api_key: Annotated[str | None, Depends(_api_key)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -71,13 +71,13 @@ def require_identity(
     return ident
 
 
-def require_admin(request: Request, ident: Annotated[str, Depends(require_identity)]) -> str:
+async def require_admin(request: Request, ident: Annotated[str, Depends(require_identity)]) -> str:
     if ident not in request.app.state.settings.admin_identities:
         raise HTTPException(403, f"identity {ident!r} may not administer")
     return ident
 
 
-def require_operator(request: Request, ident: Annotated[str, Depends(require_identity)]) -> str:
+async def require_operator(request: Request, ident: Annotated[str, Depends(require_identity)]) -> str:
     """An administrator or a read-only operator identity (``operator_identities``); others get 403.
 
     What only operators may read (the champion's lineage and the gate's statistics on ``/models``, every rule's
@@ -110,7 +110,7 @@ _relay_user = Header(
 )
 
 
-def require_reporter(
+async def require_reporter(
     request: Request,
     ident: Annotated[str, Depends(require_identity)],
     user: Annotated[str | None, _relay_user] = None,
@@ -126,12 +126,15 @@ def require_reporter(
     return Reporter(f"{ident}:{user}", ident)
 
 
-def classify_access(
+async def classify_access(
     request: Request,
     api_key: Annotated[str | None, Depends(_api_key)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """Open by default; with ``classify_requires_key`` the same check as feedback."""
+    """Open by default; with ``classify_requires_key`` the same check as feedback.
+
+    This and the other key checks are ``async``: they compare a few strings, and FastAPI runs a plain ``def``
+    dependency on its thread pool, one hand-off to a thread and back for every /classify call."""
     if request.app.state.settings.classify_requires_key and _identity(request, api_key, bearer) is None:
         raise HTTPException(401, "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
 
