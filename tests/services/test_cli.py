@@ -22,7 +22,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from services.cli import Progress, _EvalSink, _on_terminal, friendly_errors, main
+from services.cli import friendly_errors, main
+from services.cli.progress import EvalSink, Progress, on_terminal
 from services.settings import REPO_ROOT, Settings, get_settings
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -515,7 +516,7 @@ def test_console_script_installed() -> None:
 @pytest.mark.unit
 def test_progress_without_a_terminal_is_a_few_plain_lines(capsys: pytest.CaptureFixture[str]) -> None:
     """What CI logs get: a line per step, a count at each tenth, the time it took; never a redraw."""
-    assert _on_terminal() is False  # pytest's stderr is no terminal: the same as CI's
+    assert on_terminal() is False  # pytest's stderr is no terminal: the same as CI's
     with Progress() as progress:
         assert progress.bars is None
         with progress.stage("reading", total=100, unit="files") as step:
@@ -569,7 +570,7 @@ def test_progress_on_a_terminal_draws_bars_and_keeps_other_output_above_them() -
 
 @pytest.mark.unit
 def test_live_needs_a_terminal_console() -> None:
-    """``_on_terminal`` is what chooses: forced off here, the bars stay off whatever the command."""
+    """``on_terminal`` is what chooses: forced off here, the bars stay off whatever the command."""
     with Progress(live=False) as progress:
         assert progress.bars is None
 
@@ -600,7 +601,7 @@ def test_eval_reports_its_steps_to_the_bar(protocol: str, corpus: list, tmp_path
         step.update = record  # type: ignore[method-assign]
         run_eval(protocol, downloads_dir=tmp_path, corpus_dir=None, out_dir=tmp_path / "out",
                  json_path=tmp_path / "r.json", curves=False, seeds=1, corpus=small, ablation=False,
-                 sa_rules_dir=None, neural_retrain_every=50, progress=_EvalSink(step))
+                 sa_rules_dir=None, neural_retrain_every=50, progress=EvalSink(step))
         step.done()
     assert seen and all(done <= (total or 0) for done, total in seen)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)  # never goes back

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import click
 
+from services.cli.progress import EvalSink, Progress
+from services.cli.status import print_status, stack_status
 from services.settings import Settings, get_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -82,204 +81,6 @@ _USER_FACING = {
 
 def _dump(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
-
-
-# ---------------------------------------------------------------------------------------------- progress
-def _on_terminal() -> bool:
-    """Live bars only where a person watches: stderr is a terminal that can redraw, and rich is installed (a
-    serving-only install has no rich; it gets the plain lines)."""
-    try:
-        from rich.console import Console
-    except ImportError:
-        return False
-    console = Console(stderr=True)
-    return console.is_terminal and not console.is_dumb_terminal
-
-
-class Stage:
-    """One step of a long command: a bar when its size is known (``total``), a spinner otherwise.
-
-    ``status`` is the step's latest news (a library's progress line); ``advance``/``update`` move the bar. Without
-    a terminal every status is one plain line and the count is printed at each tenth (or every 15 s), so a CI log
-    gets a few lines per step, never a redraw.
-    """
-
-    PLAIN_EVERY_S = 15.0
-
-    def __init__(self, progress: Progress, description: str, total: float | None, unit: str) -> None:
-        self._progress = progress
-        self.description = description
-        self.total = total
-        self.unit = unit
-        self.completed = 0.0
-        self.finished = False
-        self._started = time.monotonic()
-        self._shown_at = self._started
-        self._shown_tenth = 0
-        self._task: Any = None
-        bars = progress.bars
-        if bars is not None:
-            self._task = bars.add_task(description, total=total, status="", unit=unit)
-        else:
-            progress.say(f"==> {description}")
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.monotonic() - self._started
-
-    def status(self, text: str) -> None:
-        self.update(status=text)
-
-    def advance(self, n: float = 1) -> None:
-        self.update(completed=self.completed + n)
-
-    def update(self, *, completed: float | None = None, total: float | None = None, status: str | None = None) -> None:
-        if total is not None:
-            self.total = total
-        if completed is not None:
-            self.completed = completed
-        bars = self._progress.bars
-        if bars is not None:
-            fields: dict[str, Any] = {"status": status} if status is not None else {}
-            bars.update(self._task, completed=self.completed, total=self.total, **fields)
-            return
-        if status is not None:
-            self._progress.say(f"    {status.strip()}")
-        if completed is not None and self.total:
-            tenth = int(10 * self.completed / self.total)
-            now = time.monotonic()
-            if tenth > self._shown_tenth or now - self._shown_at >= self.PLAIN_EVERY_S:
-                self._shown_tenth, self._shown_at = tenth, now
-                self._progress.say(f"    {self.completed:.0f}/{self.total:.0f} {self.unit}".rstrip())
-
-    def done(self, note: str = "", *, failed: bool = False) -> None:
-        """Finish the step (idempotent): the bar full, or one line with the time it took."""
-        if self.finished:
-            return
-        self.finished = True
-        bars = self._progress.bars
-        if bars is not None:
-            total = self.total if self.total else max(self.completed, 1.0)
-            bars.update(self._task, total=total, completed=self.completed if failed else total,
-                        status="failed" if failed else note)
-            bars.stop_task(self._task)
-        else:
-            verb = "failed after" if failed else "done in"
-            self._progress.say(f"    {verb} {self.elapsed_s:.1f}s{': ' + note if note else ''}")
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.done(failed=kind is not None)
-
-
-class Progress:
-    """How far a long command is, on stderr: rich's live bars on a terminal, plain one-line messages elsewhere
-    (CI logs, pipes, ``TERM=dumb``), so a log file never fills with redraws. Results stay on stdout.
-
-    While the bars are live, lines printed to stderr (the libraries' own progress lines, the logs) appear above
-    them instead of tearing them.
-    """
-
-    def __init__(self, *, live: bool | None = None, refresh_per_second: float = 8.0, console: Any = None) -> None:
-        """``live``: bars or plain lines (default: bars on a terminal); ``console``: a rich Console to draw on
-        instead of stderr."""
-        self._live = live
-        self._refresh = refresh_per_second
-        self._console = console
-        self.bars: Any = None
-        self._stages: list[Stage] = []
-        self._handlers: list[tuple[logging.StreamHandler[Any], Any]] = []
-
-    def __enter__(self) -> Self:
-        if self._live is not None:
-            live = self._live
-        elif self._console is not None:
-            live = self._console.is_terminal and not self._console.is_dumb_terminal
-        else:
-            live = _on_terminal()
-        if not live:
-            return self
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-        from rich.progress import Progress as Bars
-
-        before = sys.stderr
-        self.bars = Bars(
-            SpinnerColumn(finished_text="[green]done[/]"),
-            TextColumn("{task.description}", markup=False),
-            BarColumn(bar_width=28),
-            _count_column(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}", markup=False),
-            console=self._console or Console(stderr=True),
-            # stdout is redirected (printed above the bars) only when it is the same terminal: results sent to a
-            # file or a pipe stay there
-            redirect_stdout=sys.stdout.isatty(),
-            redirect_stderr=True,
-            refresh_per_second=self._refresh,
-        )
-        self.bars.start()
-        if sys.stderr is not before:  # the logs' handler holds the real stderr: route it above the bars too
-            for h in logging.getLogger().handlers:
-                if isinstance(h, logging.StreamHandler) and h.stream is before:
-                    self._handlers.append((h, h.setStream(sys.stderr)))
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        for stage in self._stages:
-            stage.done(failed=kind is not None)
-        if self.bars is not None:
-            for h, stream in self._handlers:
-                h.setStream(stream)
-            self.bars.stop()
-            self.bars = None
-
-    def stage(self, description: str, total: float | None = None, unit: str = "") -> Stage:
-        """A new step; finish it with ``done`` or use it as a context manager (failed when an error escapes)."""
-        stage = Stage(self, description, total, unit)
-        self._stages.append(stage)
-        return stage
-
-    def say(self, message: str) -> None:
-        """A line for the person waiting (above the bars on a terminal)."""
-        if self.bars is not None:
-            self.bars.console.print(message, markup=False, highlight=False, soft_wrap=True)
-        else:
-            click.echo(message, err=True)
-
-
-def _count_column() -> Any:
-    """"12/60 files" when a step's size is known, nothing for a spinner (rich imported only when bars are live)."""
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class Count(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            if task.total is None or not task.fields.get("unit"):
-                return Text("")
-            return Text(f"{task.completed:.0f}/{task.total:.0f} {task.fields.get('unit', '')}".rstrip())
-
-    return Count()
-
-
-class _EvalSink:
-    """What ``models.evaluate`` reports to: its stage lines become the step's status, its step counts the bar."""
-
-    def __init__(self, stage: Stage) -> None:
-        self.stage = stage
-
-    def __call__(self, message: str) -> None:
-        self.stage.status(message)
-
-    def advance(self, done: int, total: int) -> None:
-        self.stage.update(completed=done, total=total)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -405,241 +206,6 @@ def replay(quick: bool, json_path: Path | None) -> None:
                        home=s.state_dir))
 
 
-# ---------------------------------------------------------------------------------------------- status
-STATUS_TIMEOUT_S = 2.0
-"""Each server gets this long to answer: a stack under load still answers its health checks within it."""
-
-
-def _loopback(host: str) -> str:
-    """Where to reach a server bound to ``host`` from this machine (a wildcard bind answers on loopback)."""
-    if host in ("", "0.0.0.0"):  # noqa: S104 - recognises a wildcard bind to reach it on loopback; binds nothing
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _http_get(url: str, timeout_s: float = STATUS_TIMEOUT_S) -> tuple[int, bytes]:
-    """(status, body) of a GET; an HTTP error status is an answer too. Raises OSError when nothing answers."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 - a loopback URL built here
-            return int(resp.status), resp.read(1 << 20)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code), exc.read(1 << 20)
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        raise reason if isinstance(reason, OSError) else OSError(str(reason)) from None
-
-
-def _why(exc: BaseException) -> str:
-    """A short reason for a failed connection (``connection refused``, ``timed out``)."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {STATUS_TIMEOUT_S:g}s"
-    return str(exc) or type(exc).__name__
-
-
-def _check_kafka(s: Settings) -> dict[str, Any]:
-    """A TCP connect first (a refused port is known at once, without the Kafka client's timeout), then a
-    metadata request: a port that accepts is not yet a broker that answers."""
-    import socket
-
-    hint = "flywheel kafka start" if s.manages_kafka else "the Kafka that FLYWHEEL_KAFKA_BOOTSTRAP names"
-    refusal: OSError | None = None
-    for server in s.bootstrap_servers.split(","):
-        host, _, port = server.strip().rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=STATUS_TIMEOUT_S):
-                refusal = None
-                break
-        except (OSError, ValueError) as exc:
-            refusal = exc if isinstance(exc, OSError) else OSError(str(exc))
-    if refusal is not None:
-        return {"ok": False, "address": s.bootstrap_servers, "detail": f"{_why(refusal)} (start it: {hint})"}
-    from streams.broker import answers_metadata
-
-    ok = answers_metadata(s.streams(), timeout_s=STATUS_TIMEOUT_S)
-    return {"ok": ok, "address": s.bootstrap_servers,
-            "detail": "answers metadata" if ok else f"accepts connections but answers no metadata request ({hint})"}
-
-
-def _check_prometheus(s: Settings) -> dict[str, Any]:
-    url = f"http://127.0.0.1:{s.prometheus_port}/-/ready"
-    try:
-        code, _ = _http_get(url)
-    except OSError as exc:
-        return {"ok": False, "address": url, "detail": f"{_why(exc)} (start it: flywheel prometheus start)"}
-    return {"ok": code == 200, "address": url, "detail": "ready" if code == 200 else f"HTTP {code}: not ready"}
-
-
-def _check_healthz(s: Settings) -> dict[str, Any]:
-    url = f"http://{_loopback(s.api_host)}:{s.api_port}/healthz"
-    try:
-        code, body = _http_get(url)
-    except OSError as exc:
-        return {"ok": False, "address": url, "detail": f"{_why(exc)} (start it: flywheel serve)"}
-    try:
-        ok = code == 200 and json.loads(body).get("status") == "ok"
-    except (ValueError, AttributeError):
-        ok = False
-    return {"ok": ok, "address": url, "detail": "ok" if ok else f"HTTP {code}: {body[:120].decode(errors='replace')}"}
-
-
-def _check_readyz(s: Settings) -> dict[str, Any]:
-    url = f"http://{_loopback(s.api_host)}:{s.api_port}/readyz"
-    try:
-        code, body = _http_get(url)
-    except OSError as exc:
-        return {"ok": False, "address": url, "detail": _why(exc)}
-    try:
-        ready = json.loads(body)
-    except ValueError:
-        return {"ok": False, "address": url, "detail": f"HTTP {code}: not JSON"}
-    if not isinstance(ready, dict):
-        return {"ok": False, "address": url, "detail": f"HTTP {code}: unexpected answer"}
-    ok = code == 200 and ready.get("ready") is True
-    parts = [f"model {ready.get('model') or 'none'}", f"kafka {'reachable' if ready.get('kafka') else 'unreachable'}"]
-    return {"ok": ok, "address": url, "detail": ("ready: " if ok else "not ready: ") + ", ".join(parts),
-            "model": ready.get("model")}
-
-
-def _check_spamd(s: Settings) -> dict[str, Any]:
-    import socket
-
-    host = _loopback(s.api_host).strip("[]")
-    address = f"{host}:{s.spamd_port}"
-    try:
-        with socket.create_connection((host, s.spamd_port), timeout=STATUS_TIMEOUT_S) as sock:
-            sock.settimeout(STATUS_TIMEOUT_S)
-            sock.sendall(b"PING SPAMC/1.5\r\n\r\n")
-            answer = sock.recv(256).decode("ascii", "replace").strip()
-    except OSError as exc:
-        return {"ok": False, "address": address, "detail": f"{_why(exc)} (the API process serves it)"}
-    ok = answer.endswith("PONG")
-    return {"ok": ok, "address": address, "detail": "PONG" if ok else f"unexpected answer {answer[:60]!r}"}
-
-
-def _check_worker(s: Settings) -> dict[str, Any]:
-    """The worker's metrics page, and from it the lag and the data version it has learned up to."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    url = f"http://127.0.0.1:{s.worker_port}/metrics"
-    try:
-        code, body = _http_get(url)
-    except OSError as exc:
-        return {"ok": False, "address": url, "detail": f"{_why(exc)} (start it: flywheel worker)"}
-    if code != 200:
-        return {"ok": False, "address": url, "detail": f"HTTP {code}"}
-    values: dict[str, float] = {}
-    wanted = {"flywheel_worker_lag_records", "flywheel_worker_data_version"}
-    try:
-        for family in text_string_to_metric_families(body.decode("utf-8", "replace")):
-            for sample in family.samples:
-                if sample.name in wanted:
-                    values[sample.name] = float(sample.value)
-    except ValueError as exc:
-        return {"ok": False, "address": url, "detail": f"unreadable metrics page: {exc}"}
-    if "flywheel_worker_lag_records" not in values:
-        return {"ok": False, "address": url, "detail": "answers, but not with the worker's metrics (another server?)"}
-    lag = int(values["flywheel_worker_lag_records"])
-    version = values.get("flywheel_worker_data_version")
-    return {"ok": True, "address": url, "detail": f"lag {lag} records", "lag_records": lag,
-            "data_version": int(version) if version is not None else None}
-
-
-_CHECKS: dict[str, Callable[[Settings], dict[str, Any]]] = {
-    "kafka": _check_kafka,
-    "prometheus": _check_prometheus,
-    "api": _check_healthz,
-    "api ready": _check_readyz,
-    "spamd": _check_spamd,
-    "worker": _check_worker,
-}
-
-
-def _data_behind(lineage: dict[str, Any]) -> str:
-    """The labelled data a version learned from, in words (seed: corpus counts; worker: flags and corpus)."""
-    counts = lineage.get("counts") or {}
-    parts = []
-    for source in ("flags", "corpus"):
-        c = counts.get(source)
-        if isinstance(c, dict) and (c.get("ham") or c.get("spam")):
-            parts.append(f"{source}: {c.get('ham', 0)} ham + {c.get('spam', 0)} spam")
-    if not parts and ("ham" in counts or "spam" in counts):
-        parts.append(f"{lineage.get('source', 'corpus')}: {counts.get('ham', 0)} ham + {counts.get('spam', 0)} spam")
-    if lineage.get("data_version") is not None:
-        parts.append(f"data version {lineage['data_version']}")
-    return "; ".join(parts) or str(lineage.get("source") or "(no lineage recorded)")
-
-
-def stack_status(s: Settings, decisions: int = 5) -> dict[str, Any]:
-    """Every server's answer (checked side by side), the champion, the worker's lag and the last gate
-    decisions; ``missing`` has one line per part that does not answer (empty when all is well)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from models.registry import Registry, RegistryError
-
-    with ThreadPoolExecutor(max_workers=len(_CHECKS)) as pool:
-        futures = {name: pool.submit(check, s) for name, check in _CHECKS.items()}
-        servers = {name: f.result() for name, f in futures.items()}
-    missing = [f"{name}: {r['address']}: {r['detail']}" for name, r in servers.items() if not r["ok"]]
-
-    reg = Registry(s.registry)
-    champion: dict[str, Any] | None = None
-    version = reg.champion()
-    if version is None:
-        missing.append(f"champion: the registry {s.registry} has none (run `flywheel setup`)")
-    else:
-        try:
-            info = reg.get(version)
-        except RegistryError as exc:
-            missing.append(f"champion: {version} is unreadable: {exc}")
-        else:
-            promoted: dict[str, Any] = next((h for h in reversed(reg.history()) if h.get("version") == version), {})
-            champion = {"version": version, "kind": info.kind, "created_at": info.created_at,
-                        "promoted_at": promoted.get("at"), "reason": promoted.get("reason"),
-                        "data": _data_behind(info.lineage), "lineage": info.lineage}
-    w = servers["worker"]
-    worker = {"lag_records": w.get("lag_records"), "data_version": w.get("data_version")}
-    summary = reg.worker_status()
-    if summary:
-        worker.update(status_at=summary.get("at"), labels=summary.get("labels"))
-    recent = [{k: d.get(k) for k in ("at", "challenger", "decision", "kind", "test", "reason")}
-              for d in reversed(reg.decisions(limit=decisions))] if decisions else []
-    return {"ok": not missing, "servers": servers, "champion": champion, "worker": worker, "decisions": recent,
-            "missing": missing}
-
-
-def _print_status(st: dict[str, Any]) -> None:
-    click.echo("servers")
-    for name, r in st["servers"].items():
-        mark = click.style("ok  ", fg="green") if r["ok"] else click.style("DOWN", fg="red")
-        click.echo(f"  {mark}  {name:10}  {r['address']:38}  {r['detail']}")
-    c = st["champion"]
-    if c:
-        when = (c.get("promoted_at") or c["created_at"] or "")[:19].replace("T", " ")
-        click.echo(f"champion  {c['version']}  ({c['kind']}, promoted {when})")
-        click.echo(f"          trained on {c['data']}")
-    else:
-        click.echo("champion  (none)")
-    w = st["worker"]
-    lag = "?" if w.get("lag_records") is None else w["lag_records"]
-    line = f"worker    lag {lag} records, data version {'?' if w.get('data_version') is None else w['data_version']}"
-    if w.get("labels"):
-        line += "; labels " + ", ".join(f"{k} {v}" for k, v in sorted(w["labels"].items()))
-    click.echo(line)
-    n = len(st["decisions"])
-    click.echo(f"gate decisions (newest first, {n})" if n else "gate decisions: none yet")
-    for d in st["decisions"]:
-        when = (d.get("at") or "")[:19].replace("T", " ")
-        click.echo(f"  {when}  {d.get('decision') or '?':9} {d.get('kind') or '?':7} {d.get('test') or '-':10} "
-                   f"{d.get('reason') or ''}")
-
-
 @main.command()
 @click.option("--decisions", type=click.IntRange(0, 1000), default=5, show_default=True,
               help="Gate decisions to show, newest first.")
@@ -652,7 +218,7 @@ def status(decisions: int, as_json: bool) -> None:
     if as_json:
         _dump(st)
     else:
-        _print_status(st)
+        print_status(st)
     for line in st["missing"]:
         click.secho(f"missing: {line}", fg="red", err=True)
     sys.exit(0 if st["ok"] else 1)
@@ -839,7 +405,7 @@ def eval_cmd(protocol: str, json_path: Path | None, out_dir: Path, curves: bool,
     with Progress() as progress, progress.stage(f"eval {protocol}{' with curves' if curves else ''}",
                                                 unit="steps") as step:
         result = run_eval(protocol, downloads_dir=s.downloads, corpus_dir=s.corpus_dir, out_dir=out_dir,
-                          json_path=json_path, curves=curves, seeds=seeds, progress=_EvalSink(step))
+                          json_path=json_path, curves=curves, seeds=seeds, progress=EvalSink(step))
     click.echo(format_table(result))
 
 
@@ -1120,7 +686,3 @@ def rules_import_sa(paths: tuple[Path, ...], out: Path | None) -> None:
         click.echo(f"  skipped {n:5}  {reason}")
     if out:
         click.echo(f"written to {out}")
-
-
-if __name__ == "__main__":
-    main()
