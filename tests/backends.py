@@ -37,8 +37,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from services.local.daemon import wait_for
 from services.settings import Settings
-from streams.daemon import wait_for
 
 if TYPE_CHECKING:
     from testcontainers.core.container import DockerContainer
@@ -239,7 +239,7 @@ def kafka_spec(settings: Settings, env: Mapping[str, str] | None = None) -> tupl
 
 def prometheus_spec(settings: Settings, env: Mapping[str, str] | None = None) -> ContainerSpec:
     """Prometheus on the host network with the config rendered for ``settings`` (rendered here, in the state dir)."""
-    from services.stack import MONITORING_DIR, prometheus_dir, render_prometheus_config
+    from services.local.stack import MONITORING_DIR, prometheus_dir, render_prometheus_config
 
     env = os.environ if env is None else env
     config = render_prometheus_config(settings)
@@ -292,21 +292,22 @@ def running(spec: ContainerSpec, ready: Callable[[], bool], what: str,
 @contextlib.contextmanager
 def kafka(settings: Settings, session: Session) -> Iterator[Settings]:
     """The session's Kafka with the project's topics; yields the settings that reach it."""
-    from streams import broker
+    from services.local import broker
+    from streams import admin
     from streams.topics import topic_specs
 
     if not settings.manages_kafka:  # FLYWHEEL_KAFKA_BOOTSTRAP names a cluster: every backend uses it as it is
         broker.start(settings.streams())
         session.started.append(f"kafka: the existing cluster at {settings.bootstrap_servers}")
-        broker.ensure_topics(settings.streams(), topic_specs(settings.streams()))
+        admin.ensure_topics(settings.streams(), topic_specs(settings.streams()))
         yield settings
         return
     if session.selection().backend == "containers":
         spec, reached = kafka_spec(settings, session.env)
-        with running(spec, lambda: broker.answers_metadata(reached.bootstrap_servers, timeout_s=1.0),
+        with running(spec, lambda: admin.answers_metadata(reached.bootstrap_servers, timeout_s=1.0),
                      "the Kafka container"):
             session.started.append(f"kafka: container {spec.image} (KRaft) at {reached.bootstrap_servers}")
-            broker.ensure_topics(reached.streams(), topic_specs(reached.streams()))
+            admin.ensure_topics(reached.streams(), topic_specs(reached.streams()))
             yield reached
         return
     config = settings.streams()
@@ -314,7 +315,7 @@ def kafka(settings: Settings, session: Session) -> Iterator[Settings]:
     broker.start(config)
     session.started.append(f"kafka: local broker {settings.kafka_version} at {settings.bootstrap_servers}")
     try:
-        broker.ensure_topics(config, topic_specs(config))
+        admin.ensure_topics(config, topic_specs(config))
         yield settings
     finally:
         broker.stop(config)
@@ -323,7 +324,7 @@ def kafka(settings: Settings, session: Session) -> Iterator[Settings]:
 @contextlib.contextmanager
 def prometheus(settings: Settings, session: Session) -> Iterator[Settings]:
     """The session's Prometheus, scraping the settings' API and worker ports on 127.0.0.1; yields the settings."""
-    from services.stack import prometheus_ready, prometheus_start, prometheus_stop, prometheus_url
+    from services.local.stack import prometheus_ready, prometheus_start, prometheus_stop, prometheus_url
 
     if session.selection().backend == "containers":
         spec = prometheus_spec(settings, session.env)

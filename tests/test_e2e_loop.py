@@ -19,9 +19,9 @@ import pytest
 
 from models.consensus import message_id_for
 from models.metrics import roc_auc
-from services.harness import LocalStack, reporter_keys
+from services.bench.harness import LocalStack, reporter_keys
+from services.local.daemon import tail, wait_until
 from services.settings import Settings
-from streams.daemon import tail, wait_until
 from streams.events import FeedbackEvent, ServedVerdict, encode
 from streams.topics import EventProducer, Topics
 
@@ -64,7 +64,7 @@ class Loop:
 
 @pytest.fixture(scope="module")
 def loop(kafka: Settings, p1_split: tuple[list, list], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
-    from services.flywheelbench import split_flagged
+    from services.bench.flywheel import split_flagged
 
     root = tmp_path_factory.mktemp("loop")
     _, test = p1_split
@@ -173,7 +173,8 @@ def test_kill9_worker_mid_stream_loses_nothing_and_counts_nothing_twice(loop: Lo
 
 def test_broker_restart_api_keeps_classifying_and_feedback_503_until_back(loop: Loop, kafka: Settings,
                                                                        integration_backend: Any) -> None:
-    from streams import broker
+    from services.local import broker
+    from streams import admin
 
     if integration_backend.backend != "local":  # the test stops and starts the broker it runs on
         pytest.skip("stops and restarts the project's own broker: run it with FLYWHEEL_TEST_BACKEND=local")
@@ -182,7 +183,7 @@ def test_broker_restart_api_keeps_classifying_and_feedback_503_until_back(loop: 
     wait_until(lambda: loop.applied(before), 120, "the worker to consume", 0.5)
     broker.stop(kafka.streams())
     try:
-        wait_until(lambda: not broker.answers_metadata(loop.s.bootstrap_servers, 1.0), 30, "the broker to be down")
+        wait_until(lambda: not admin.answers_metadata(loop.s.bootstrap_servers, 1.0), 30, "the broker to be down")
         for _ in range(3):
             assert loop.stack.classify(m.raw)["verdict"] in ("spam", "ham")
         t0 = time.monotonic()

@@ -18,9 +18,9 @@ import pytest
 
 from models.consensus import message_id_for, reporter_weight
 from models.gate import delong
-from services.harness import LocalStack
+from services.bench.harness import LocalStack
+from services.local.daemon import wait_until
 from services.settings import Settings
-from streams.daemon import wait_until
 
 HONEST = {f"k-honest-{i}": f"honest{i}" for i in range(4)}
 COLLUDERS = {f"k-gang-{i}": f"gang{i}" for i in range(3)}
@@ -73,7 +73,7 @@ class Attack:
 
 @pytest.fixture(scope="module")
 def attack(kafka: Settings, p1_split: tuple[list, list], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attack]:
-    from services.flywheelbench import split_flagged
+    from services.bench.flywheel import split_flagged
 
     root = tmp_path_factory.mktemp("poison")
     _, test = p1_split

@@ -34,8 +34,8 @@ from typing import Any
 import httpx
 import pytest
 
+from services.local.daemon import free_port, wait_until
 from services.settings import Settings
-from streams.daemon import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_LIMIT_BYTES = 500 * 1000 * 1000
@@ -165,7 +165,7 @@ def test_serving_imports_pull_in_no_training_package(serve_env: Path, tmp_path: 
 @pytest.mark.integration
 def test_serving_env_serves(serve_env: Path, kafka: Settings, corpus: list[Any], tmp_path: Path) -> None:
     """`flywheel serve` from the serving-only environment, with mounted keys: classify, then a flag into Kafka."""
-    from services.bench import train_quick_version
+    from services.bench.api import train_quick_version
 
     settings = kafka.model_copy(update={
         "state_dir": tmp_path / "state", "downloads_dir": kafka.downloads, "api_host": "127.0.0.1",

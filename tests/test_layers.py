@@ -23,6 +23,12 @@ FORBIDDEN: dict[str, frozenset[str]] = {
 }
 """For each package, the packages of ours it must not import (``services`` may import both others)."""
 
+SERVING: tuple[str, ...] = ("services.api", "services.worker", "services.spamd")
+"""The processes users and operators run: they never import the benchmarks, the harness or the replay."""
+TOOLS = "services.bench.api"
+MAX_MODULE_LINES = 800
+"""No module outside ``tests/`` needs two sittings."""
+
 
 @dataclass(frozen=True, slots=True)
 class Import:
@@ -108,7 +114,7 @@ def test_the_check_sees_imports_wherever_they_are(tmp_path: Path) -> None:
         "from ...services import settings\n"
         "from .. import config\n"
         "import importlib\n"
-        "m = importlib.import_module('services.stack')\n"
+        "m = importlib.import_module('services.local.stack')\n"
     )
     problems, counts = violations(tmp_path)
     assert counts == {"models": 1, "streams": 3, "services": 1}
@@ -116,7 +122,7 @@ def test_the_check_sees_imports_wherever_they_are(tmp_path: Path) -> None:
         "streams/a.py:3: streams.a imports services.settings (streams must not import services)",
         "streams/a.py:5: streams.a imports services.daemon (streams must not import services)",
         "streams/sub/b.py:1: streams.sub.b imports services (streams must not import services)",
-        "streams/sub/b.py:4: streams.sub.b imports services.stack (streams must not import services)",
+        "streams/sub/b.py:4: streams.sub.b imports services.local.stack (streams must not import services)",
     ]
 
 
@@ -136,3 +142,37 @@ def test_no_two_test_files_share_a_basename() -> None:
         seen.setdefault(path.name, []).append(str(path.relative_to(REPO_ROOT)))
     clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
     assert not clashes, f"test files sharing a basename (rename one of each): {clashes}"
+
+
+def _modules(root: Path, package: str) -> list[tuple[Path, str]]:
+    return [(path, module_name(path, root)) for path in sorted((root / package).rglob("*.py"))]
+
+
+@pytest.mark.unit
+def test_the_serving_processes_never_import_the_tools() -> None:
+    problems = []
+    for path, module in _modules(REPO_ROOT, "services"):
+        if not module.startswith(SERVING):
+            continue
+        for imp in imports_of(path.read_text(), module, is_package=path.name == "__init__.py"):
+            if imp.module == TOOLS or imp.module.startswith(TOOLS + "."):
+                problems.append(f"{path.relative_to(REPO_ROOT)}:{imp.line}: {module} imports {imp.module}")
+    assert (REPO_ROOT / "services" / "bench").is_dir()
+    assert not problems, "serving code importing the benchmarks and harness:\n" + "\n".join(problems)
+
+
+@pytest.mark.unit
+def test_streams_starts_no_process() -> None:
+    """``streams/`` is event plumbing: starting the broker, Prometheus or any other process is ``services.local``'s."""
+    problems = [f"{path.relative_to(REPO_ROOT)}:{imp.line}: {module} imports {imp.module}"
+                for path, module in _modules(REPO_ROOT, "streams")
+                for imp in imports_of(path.read_text(), module, is_package=path.name == "__init__.py")
+                if imp.module.split(".")[0] in ("subprocess", "multiprocessing")]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.unit
+def test_no_module_outside_the_tests_is_too_long() -> None:
+    long = {str(path.relative_to(REPO_ROOT)): n for package in FORBIDDEN for path, _ in _modules(REPO_ROOT, package)
+            if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"modules over {MAX_MODULE_LINES} lines (cut them along their sections): {long}"

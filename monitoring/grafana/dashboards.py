@@ -3,12 +3,12 @@
     python monitoring/grafana/dashboards.py [OUT_DIR]     # `make dashboards`; OUT_DIR defaults to dashboards/
 
 The JSON under ``dashboards/`` is what Grafana's file provider loads (``provisioning/dashboards/flywheel.yaml``)
-and what ``services.observability`` reads to run every panel's query against Prometheus; a test regenerates it
+and what ``services.bench.observability`` reads to run every panel's query against Prometheus; a test regenerates it
 and compares, so the two never drift. The output is deterministic: panel ids, query refIds and grid positions are
 assigned in order, keys are sorted.
 
 Every panel reads a series a running stack produces: after ``flywheel replay --quick`` each query returns data
-(``services.observability.run_monitoring_queries`` checks it). The series are defined in
+(``services.bench.observability.run_monitoring_queries`` checks it). The series are defined in
 ``services/api/metrics.py``, ``services/worker/metrics.py`` and ``monitoring/rules/recording.yml``.
 """
 

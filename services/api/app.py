@@ -232,8 +232,8 @@ def serve(settings: Settings) -> None:
 
 def _ensure_topics(settings: Settings, specs: list[tuple[str, int]]) -> None:
     """Create the topics when the broker is up (best effort: the API also starts while Kafka is down)."""
-    from streams.broker import ensure_topics
-    from streams.daemon import port_open
+    from services.local.daemon import port_open
+    from streams.admin import ensure_topics
 
     first = settings.bootstrap_servers.split(",")[0].strip()
     host, _, port = first.rpartition(":")

@@ -38,7 +38,7 @@ def _configure_logging(settings: Settings, process: str | None = None) -> None:
 def _state_settings() -> Settings:
     """The settings of the stack that is running (``flywheel run`` records its state dir and ports under the
     configured state dir), else the configured ones: commands that read state describe what serves."""
-    from services.stack import live_settings
+    from services.local.stack import live_settings
 
     s = get_settings()
     live, pid = live_settings(s)
@@ -96,8 +96,8 @@ def main() -> None:
 def setup(no_seed: bool) -> None:
     """Fetch what the stack needs (Kafka jars, Prometheus, the corpus, a seed model); idempotent."""
     from models.corpus import ensure_corpus
-    from services.stack import ensure_prometheus
-    from streams.broker import ensure_jars
+    from services.local.broker import ensure_jars
+    from services.local.stack import ensure_prometheus
 
     s = get_settings()
     _configure_logging(s)
@@ -155,7 +155,7 @@ def _train_seed(s: Settings, progress: Progress) -> str:
 
 def _preflight_stack(s: Settings) -> None:
     """Every port and prerequisite of the whole stack, before anything (the replay's fresh state included)."""
-    from services.preflight import preflight
+    from services.local.preflight import preflight
 
     preflight(s, api=True, worker=True, kafka=True, prometheus=True)
 
@@ -169,13 +169,13 @@ def _preflight_stack(s: Settings) -> None:
 def run(serve_only: bool, quick: bool, json_path: Path | None) -> None:
     """The main job: the whole stack, replaying the corpus as its users and operator would (both improvement
     curves and a report), then serving on; with --serve-only just the stack. Ctrl-C stops it all."""
-    from services.replay import replay_settings
+    from services.bench.replay import replay_settings
 
     s = get_settings()
     r = s if serve_only else replay_settings(s, quick=quick)
     _preflight_stack(r)  # before the stack's own modules load
-    from services.replay import empty_champion, replay_keys, replay_then
-    from services.stack import run_stack
+    from services.bench.replay import empty_champion, replay_keys, replay_then
+    from services.local.stack import run_stack
 
     _configure_logging(r, "stack")
     if serve_only:
@@ -192,13 +192,13 @@ def run(serve_only: bool, quick: bool, json_path: Path | None) -> None:
 @friendly_errors
 def replay(quick: bool, json_path: Path | None) -> None:
     """Bring the stack up, replay the corpus through it, report both curves, then stop."""
-    from services.replay import replay_settings
+    from services.bench.replay import replay_settings
 
     s = get_settings()
     r = replay_settings(s, quick=quick)
     _preflight_stack(r)  # before the stack's own modules load
-    from services.replay import empty_champion, replay_then
-    from services.stack import run_stack
+    from services.bench.replay import empty_champion, replay_then
+    from services.local.stack import run_stack
 
     _configure_logging(r, "stack")
     empty_champion(r)
@@ -234,8 +234,9 @@ def kafka() -> None:
 @friendly_errors
 def kafka_start() -> None:
     """Start the broker (no-op if running), wait until it answers, create the project's topics."""
-    from services.preflight import preflight
-    from streams import broker
+    from services.local import broker
+    from services.local.preflight import preflight
+    from streams import admin
     from streams.topics import topic_specs
 
     s = get_settings()
@@ -243,7 +244,7 @@ def kafka_start() -> None:
     _configure_logging(s)
     with Progress() as progress, progress.stage(f"Kafka at {s.bootstrap_servers}"):
         broker.start(s.streams())
-        broker.ensure_topics(s.streams(), topic_specs(s.streams()))
+        admin.ensure_topics(s.streams(), topic_specs(s.streams()))
     click.echo(f"kafka ready at {s.bootstrap_servers}")
 
 
@@ -251,7 +252,7 @@ def kafka_start() -> None:
 @friendly_errors
 def kafka_stop() -> None:
     """Stop the local broker cleanly (no-op if it is not running)."""
-    from streams import broker
+    from services.local import broker
 
     s = get_settings()
     _configure_logging(s)
@@ -262,7 +263,7 @@ def kafka_stop() -> None:
 @friendly_errors
 def kafka_status() -> None:
     """Print the broker's state as JSON; exit 1 when it is not reachable."""
-    from streams import broker
+    from services.local import broker
 
     st = broker.status(_state_settings().streams())
     _dump(st)
@@ -279,8 +280,8 @@ def prometheus() -> None:
 @friendly_errors
 def prometheus_start() -> None:
     """Start Prometheus (no-op if running) and wait until it is ready."""
-    from services.preflight import preflight
-    from services.stack import prometheus_start as start
+    from services.local.preflight import preflight
+    from services.local.stack import prometheus_start as start
 
     s = get_settings()
     preflight(s, prometheus=True)
@@ -294,7 +295,7 @@ def prometheus_start() -> None:
 @friendly_errors
 def prometheus_stop() -> None:
     """Stop Prometheus (no-op if it is not running)."""
-    from services.stack import prometheus_stop as stop
+    from services.local.stack import prometheus_stop as stop
 
     s = get_settings()
     _configure_logging(s)
@@ -305,7 +306,7 @@ def prometheus_stop() -> None:
 @friendly_errors
 def prometheus_status() -> None:
     """Print Prometheus's state as JSON; exit 1 when it is not ready."""
-    from services.stack import prometheus_status as status
+    from services.local.stack import prometheus_status as status
 
     st = status(_state_settings())
     _dump(st)
@@ -356,7 +357,7 @@ def corpus_info() -> None:
 def serve(host: str | None, port: int | None, spamd_port: int | None, workers: int | None) -> None:
     """Serve /classify, /feedback, the admin API and the spamd protocol."""
     from services.api.safety import check_serving_settings
-    from services.preflight import preflight
+    from services.local.preflight import preflight
 
     overrides = {"api_host": host, "api_port": port, "spamd_port": spamd_port, "workers": workers}
     s = get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
@@ -373,7 +374,7 @@ def serve(host: str | None, port: int | None, spamd_port: int | None, workers: i
 @friendly_errors
 def worker() -> None:
     """Run the retraining worker: feedback -> labels -> challengers -> gate -> promotion."""
-    from services.preflight import preflight
+    from services.local.preflight import preflight
 
     s = get_settings()
     preflight(s, worker=True)  # before the training libraries are imported (seconds)
@@ -425,7 +426,7 @@ def _bench_progress() -> Progress:
 @friendly_errors
 def bench_models(json_path: Path | None) -> None:
     """In-process: parse + rules + both models, one message at a time and in batches of 64."""
-    from models.bench import run_models_bench
+    from services.bench.models import run_models_bench
 
     s = get_settings()
     _configure_logging(s)
@@ -439,7 +440,7 @@ def bench_models(json_path: Path | None) -> None:
 @friendly_errors
 def bench_api(json_path: Path | None) -> None:
     """Over loopback HTTP and the spamd port, with the load generator in another process."""
-    from services.bench import run_api_bench
+    from services.bench.api import run_api_bench
 
     s = get_settings()
     _configure_logging(s)
@@ -455,7 +456,7 @@ def bench_api(json_path: Path | None) -> None:
 @friendly_errors
 def bench_hostile(json_path: Path | None, corpus_messages: int | None, no_http: bool) -> None:
     """Crafted hostile messages up to the size limit, in-process and over HTTP, against real mail's cost."""
-    from services.hostilebench import run_hostile_bench
+    from services.bench.hostile import run_hostile_bench
 
     s = get_settings()
     _configure_logging(s)
@@ -477,7 +478,7 @@ def bench_abuse(json_path: Path | None, attacks: tuple[str, ...], flood_s: float
     against its target (a JSON request that stalls the API, batches that starve single messages, one spamd peer
     holding every connection, trust farmed by flag-and-retract, flags lost while the store is locked, a store
     flooded with raw mail, a rollback during a gate decision)."""
-    from services.abusebench import run_abuse_bench
+    from services.bench.abuse import run_abuse_bench
 
     s = get_settings()
     _configure_logging(s)
@@ -496,7 +497,7 @@ def bench_campaign(json_path: Path | None, every: int, memory_fingerprints: int)
     """On the real stack, from outside: one trusted flag per near-duplicate group of P1's later spam, the share of
     the copies the model misses caught within 5 s (campaign_recall), later ham blocked by campaign memory
     (campaign_fp), and memory per 100,000 fingerprints."""
-    from services.campaignbench import run_campaign_bench
+    from services.bench.campaign import run_campaign_bench
 
     s = get_settings()
     _configure_logging(s)
@@ -509,7 +510,7 @@ def bench_campaign(json_path: Path | None, every: int, memory_fingerprints: int)
 @friendly_errors
 def bench_loop(json_path: Path | None) -> None:
     """On the real broker, API and worker: flag-to-serving latency, a neural cycle, ingestion rate."""
-    from services.loopbench import run_loop_bench
+    from services.bench.loop import run_loop_bench
 
     s = get_settings()
     _configure_logging(s)
@@ -529,7 +530,7 @@ def bench_loop(json_path: Path | None) -> None:
 def bench_flywheel(json_path: Path | None, noise: float, no_noisy_run: bool, repeats: int) -> None:
     """On the real stack: flag half of the later mail, and measure the other half before and after, against an
     offline refit on the same data (and again with wrong flags)."""
-    from services.flywheelbench import run_flywheel_bench
+    from services.bench.flywheel import run_flywheel_bench
 
     s = get_settings()
     _configure_logging(s)

@@ -68,7 +68,7 @@ def _check_kafka(s: Settings) -> dict[str, Any]:
             refusal = exc if isinstance(exc, OSError) else OSError(str(exc))
     if refusal is not None:
         return {"ok": False, "address": s.bootstrap_servers, "detail": f"{_why(refusal)} (start it: {hint})"}
-    from streams.broker import answers_metadata
+    from streams.admin import answers_metadata
 
     ok = answers_metadata(s.streams(), timeout_s=STATUS_TIMEOUT_S)
     return {"ok": ok, "address": s.bootstrap_servers,

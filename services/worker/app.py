@@ -332,7 +332,7 @@ def await_kafka(settings: Settings, log_every_s: float = 5.0) -> None:
     any orchestration) would die at once. Waiting a bounded time, and saying so, is what a supervisor expects;
     once running, the consumer reconnects by itself.
     """
-    from streams.broker import answers_metadata
+    from streams.admin import answers_metadata
 
     deadline_s = settings.kafka_start_timeout_s
     start = time.monotonic()

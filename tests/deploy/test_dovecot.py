@@ -28,9 +28,9 @@ from typing import Any
 import pytest
 from conftest import consume_all
 
-from services.api.testing import ApiProcess
+from services.bench.api_process import ApiProcess
+from services.local.daemon import free_port, port_open, tail, wait_for, wait_until
 from services.settings import REPO_ROOT, Settings
-from streams.daemon import free_port, port_open, tail, wait_for, wait_until
 
 DEPLOY = REPO_ROOT / "deploy" / "dovecot"
 PIPE_PROGRAM = DEPLOY / "flywheel-feedback"
@@ -85,7 +85,7 @@ def api(kafka: Settings, corpus: list, tmp_path_factory: pytest.TempPathFactory)
     """One API process on the session's broker that knows one relay key (identity ``mx1``)."""
     import random
 
-    from services.bench import train_quick_version
+    from services.bench.api import train_quick_version
 
     s = kafka.model_copy(update={
         "state_dir": tmp_path_factory.mktemp("dovecot-api-state"), "downloads_dir": kafka.downloads,

@@ -330,7 +330,7 @@ def test_compose_kafka_nodes_pass_kafkas_own_config_check(tmp_path: Path) -> Non
     """Each node's KAFKA_* variables, turned into server.properties the way the apache/kafka image does (KAFKA_FOO_BAR
     is foo.bar), are accepted by `kafka-storage format` of the same Kafka version, from the project's own jars: it
     parses and checks the whole KRaft configuration and the cluster id, which no schema does."""
-    from streams import broker
+    from services.local import broker
 
     doc = yaml.safe_load(COMPOSE.read_text())
     nodes = {n: s for n, s in doc["services"].items() if s.get("image", "").startswith("apache/kafka:")}

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from services.api.testing import ApiProcess
+from services.bench.api_process import ApiProcess
+from services.local.daemon import free_port, port_open, tail, wait_until
 from services.settings import Settings
-from streams.daemon import free_port, port_open, tail, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def _tool(name: str, *candidates: str) -> str:
 @pytest.fixture(scope="module")
 def api(kafka: Settings, corpus: list, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
     """One API process with its spamd listener and a model trained on part of the corpus."""
-    from services.bench import train_quick_version
+    from services.bench.api import train_quick_version
 
     s = kafka.model_copy(update={
         "state_dir": tmp_path_factory.mktemp("postfix-api-state"), "downloads_dir": kafka.downloads,

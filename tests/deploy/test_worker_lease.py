@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import free_ports
 
+from services.local.daemon import port_open, wait_until
 from services.settings import REPO_ROOT
-from streams.daemon import port_open, wait_until
 
 SCRIPTS = REPO_ROOT / "deploy" / "worker"
 TAKEOVER_DEADLINE_S = 10.0

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.observability import DASHBOARDS_DIR, MONITORING_DIR
+from services.bench.observability import DASHBOARDS_DIR, MONITORING_DIR
 
 GRAFANA = MONITORING_DIR / "grafana"
 

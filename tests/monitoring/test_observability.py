@@ -14,7 +14,7 @@ import yaml
 from conftest import make_settings
 
 from services import stack
-from services.observability import (
+from services.bench.observability import (
     DASHBOARDS_DIR,
     RULES_DIR,
     alert_measures,
@@ -23,8 +23,8 @@ from services.observability import (
     run_monitoring_queries,
     substitute_variables,
 )
+from services.local.daemon import wait_until
 from services.settings import Settings
-from streams.daemon import wait_until
 
 
 def _count_dashboard_exprs() -> int:

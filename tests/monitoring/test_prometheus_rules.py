@@ -14,7 +14,7 @@ import yaml
 from conftest import make_settings
 
 from services import stack
-from services.observability import RULES_DIR, panel_queries, rule_queries
+from services.bench.observability import RULES_DIR, panel_queries, rule_queries
 
 TESTS_DIR = RULES_DIR / "tests"
 

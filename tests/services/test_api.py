@@ -22,9 +22,9 @@ import httpx
 import pytest
 from conftest import consume_all
 
-from services.api.testing import ApiProcess
+from services.bench.api_process import ApiProcess
+from services.local.daemon import free_port, wait_until
 from services.settings import REPO_ROOT, Settings
-from streams.daemon import free_port, wait_until
 
 ADMIN = {"X-API-Key": "test-admin-key"}
 USER = {"Authorization": "Bearer test-user-key"}
@@ -64,7 +64,7 @@ def versions(api_base: Settings, corpus: list) -> dict[str, str]:
     """A champion, a second good version, and a corrupt copy (truncated graph) in the replicas' registry."""
     import random
 
-    from services.bench import train_quick_version
+    from services.bench.api import train_quick_version
 
     shuffled = random.Random(7).sample(corpus, len(corpus))
     a, b = shuffled[:700], shuffled[700:1400]

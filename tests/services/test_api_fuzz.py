@@ -11,14 +11,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.api.testing import ApiProcess
+from services.bench.api_process import ApiProcess
+from services.local.daemon import free_port
 from services.settings import REPO_ROOT, Settings
-from streams.daemon import free_port
 
 
 @pytest.fixture(scope="module")
 def fuzz_api(kafka: Settings, corpus: list, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
-    from services.bench import train_quick_version
+    from services.bench.api import train_quick_version
 
     s = kafka.model_copy(update={
         "state_dir": tmp_path_factory.mktemp("fuzz-state"), "downloads_dir": kafka.downloads,

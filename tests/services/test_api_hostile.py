@@ -23,9 +23,9 @@ import pytest
 from services.api.limits import FeedbackLimiter, Limits
 from services.api.safety import UnsafeSettings, check_serving_settings, is_loopback
 from services.api.state import FileStore, MessageCache
-from services.api.testing import ApiProcess
+from services.bench.api_process import ApiProcess
+from services.local.daemon import free_port, wait_until
 from services.settings import REPO_ROOT, Settings, SettingsError
-from streams.daemon import free_port, wait_until
 
 KEYS = {"hostile-admin-key": "admin", "hostile-user-key": "alice"}
 
@@ -233,7 +233,7 @@ def pools(kafka: Settings, corpus: list, tmp_path_factory: pytest.TempPathFactor
     default design, small queue), "inline" scores on the event loop (classify_threads=0), for comparison."""
     import random
 
-    from services.bench import train_quick_version
+    from services.bench.api import train_quick_version
 
     tmp = tmp_path_factory.mktemp("pools")
     sub = random.Random(9).sample(corpus, 600)
@@ -271,7 +271,7 @@ def _healthz_during_burst(proc: ApiProcess, msgs: list[bytes], connections: int,
                           ) -> tuple[list[float], dict[str, Any]]:
     """/healthz latencies polled while ``connections`` clients keep large messages in flight. The load comes from
     the benchmark's load generator in its own process, so the client's own GIL does not colour the polls."""
-    from services.bench import build_request, run_load
+    from services.bench.api import build_request, run_load
 
     host, port = proc.settings.api_host, proc.settings.api_port
     reqs = [build_request("/classify", m, "message/rfc822", host) for m in msgs]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_models_bench_on_a_sample(tmp_path: Path) -> None:
-    from models.bench import run_models_bench
+    from services.bench.models import run_models_bench
 
     out = tmp_path / "models.json"
     r = run_models_bench(downloads_dir=DOWNLOADS, corpus_dir=None, json_path=out, limit=300)
@@ -24,7 +24,7 @@ def test_models_bench_on_a_sample(tmp_path: Path) -> None:
 
 
 def test_api_bench_briefly(kafka: Settings, tmp_path: Path) -> None:
-    from services.bench import run_api_bench
+    from services.bench.api import run_api_bench
 
     out = tmp_path / "api.json"
     r = run_api_bench(kafka.model_copy(update={"state_dir": tmp_path}), out, duration_s=1.0)
@@ -35,7 +35,7 @@ def test_api_bench_briefly(kafka: Settings, tmp_path: Path) -> None:
 
 
 def test_loop_bench_briefly(kafka: Settings, tmp_path: Path) -> None:
-    from services.loopbench import run_loop_bench
+    from services.bench.loop import run_loop_bench
 
     out = tmp_path / "loop.json"
     r = run_loop_bench(kafka.model_copy(update={"state_dir": tmp_path}), out, flags=2, ingest_events=300,
@@ -46,7 +46,7 @@ def test_loop_bench_briefly(kafka: Settings, tmp_path: Path) -> None:
 
 
 def test_flywheel_bench_on_a_quarter_of_the_later_mail(kafka: Settings, tmp_path: Path) -> None:
-    from services.flywheelbench import run_flywheel_bench
+    from services.bench.flywheel import run_flywheel_bench
 
     out = tmp_path / "flywheel.json"
     r = run_flywheel_bench(kafka.model_copy(update={"state_dir": tmp_path, "neural_retrain": False}), out,
@@ -63,7 +63,7 @@ def test_flywheel_bench_on_a_quarter_of_the_later_mail(kafka: Settings, tmp_path
 
 def test_abuse_bench_briefly(kafka: Settings, tmp_path: Path) -> None:
     """The API-side attacks, briefly (the worker-side ones take minutes: a 12 s lock, a 60 s flood, a gate)."""
-    from services.abusebench import run_abuse_bench
+    from services.bench.abuse import run_abuse_bench
 
     out = tmp_path / "abuse.json"
     r = run_abuse_bench(kafka.model_copy(update={"state_dir": tmp_path}), out,

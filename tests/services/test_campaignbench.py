@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from models.campaign import normalise, shingles
-from services.campaignbench import group_near_duplicates, memory_per_100k
+from services.bench.campaign import group_near_duplicates, memory_per_100k
 from services.settings import Settings
 
 WORDS = [f"w{c}{d}" for c in "abcdefghij" for d in "klmnopqrst"]
@@ -45,7 +45,7 @@ def test_memory_measure_counts_a_full_index() -> None:
 def test_bench_campaign_runs_on_a_sample(kafka: Settings, tmp_path: Path) -> None:
     """``flywheel bench campaign`` for real on one group in 40 and one later ham in 40 (about 90 s, most of it the
     stack's start and the reporter earning trust), with its figures in the JSON."""
-    from services.campaignbench import run_campaign_bench
+    from services.bench.campaign import run_campaign_bench
 
     out = tmp_path / "campaign.json"
     r = run_campaign_bench(kafka.model_copy(update={"state_dir": tmp_path}), out, every=40, memory_n=2000)

@@ -103,7 +103,7 @@ def flywheel(tmp_path_factory: pytest.TempPathFactory, corpus: list) -> Flywheel
     from conftest import make_settings
 
     from models.rules import Rule, RuleEngine
-    from services.bench import train_quick_version
+    from services.bench.api import train_quick_version
 
     s = make_settings(tmp_path_factory.mktemp("cli"))
     rng = random.Random(7)
@@ -216,7 +216,7 @@ def _run_kafka_stop(fw: Flywheel) -> None:
 
 def _run_prometheus_cycle(fw: Flywheel) -> None:
     """start -> status 0 (ready) -> stop -> status 1; the real Prometheus on the fixture's port."""
-    from services.stack import prometheus_stop
+    from services.local.stack import prometheus_stop
 
     try:
         started = expect(fw("prometheus", "start"), 0)
@@ -426,7 +426,7 @@ def test_status_is_0_when_every_part_answers(kafka: Settings, prometheus: Settin
     from conftest import free_ports
     from prometheus_client import start_http_server
 
-    from services.api.testing import ApiProcess
+    from services.bench.api_process import ApiProcess
     from services.worker.metrics import WorkerMetrics
 
     api_port, spamd_port, worker_port = free_ports(3)

@@ -13,8 +13,8 @@ from services.settings import Settings
 
 @pytest.mark.integration
 def test_bench_hostile_reports_every_figure(settings: Settings, corpus: list, tmp_path: Path) -> None:
-    from services.bench import train_quick_version
-    from services.hostilebench import run_hostile_bench
+    from services.bench.api import train_quick_version
+    from services.bench.hostile import run_hostile_bench
 
     s = settings.model_copy(update={"state_dir": tmp_path / "state", "registry_dir": None, "rules_path": None})
     sample = corpus[:: len(corpus) // 300]

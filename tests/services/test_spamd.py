@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import consume_all
 
-from services.api.testing import ApiProcess
+from services.bench.api_process import ApiProcess
+from services.local.daemon import free_port, wait_until
 from services.settings import Settings
-from streams.daemon import free_port, wait_until
 
 SPAMC = shutil.which("spamc")
 pytestmark = pytest.mark.skipif(SPAMC is None, reason="Debian package spamc is not installed (make system-deps)")
@@ -33,7 +33,7 @@ HTTP_KEYS = {"spamd-test-admin": "admin", "spamd-test-alice": "alice"}
 def spamd(kafka: Settings, corpus: list, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
     """An API with 2 workers: both listen on the spamd port (SO_REUSEPORT). TELL is enabled for 127.0.0.1 and
     for clients with the secret; a reporter may flag 5 times at once, a source introduce 5 new reporters."""
-    from services.bench import train_quick_version
+    from services.bench.api import train_quick_version
 
     s = kafka.model_copy(update={
         "state_dir": tmp_path_factory.mktemp("spamd-state"), "downloads_dir": kafka.downloads,

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from services.local.daemon import free_port
 from services.settings import Settings
 from services.spamd import SpamdServer
-from streams.daemon import free_port
 
 pytestmark = pytest.mark.unit
 

@@ -16,8 +16,8 @@ from backends import Selection
 from conftest import make_settings
 
 from services import stack
+from services.local.daemon import is_alive, port_open, read_pid, wait_for
 from services.settings import Settings
-from streams.daemon import is_alive, port_open, read_pid, wait_for
 
 MONITORING = stack.MONITORING_DIR
 
@@ -27,7 +27,7 @@ def private(tmp_path: Path) -> Iterator[Settings]:
     s = make_settings(tmp_path / "state")
     yield s
     stack.prometheus_stop(s)
-    from streams import broker
+    from services.local import broker
 
     broker.stop(s.streams())
 
@@ -130,7 +130,7 @@ _STACK_SCRIPT = textwrap.dedent(
     """
     import sys
     from services.settings import Settings
-    from services.stack import Child, run_stack
+    from services.local.stack import Child, run_stack
 
     s = Settings()
     mode = sys.argv[1]
@@ -177,11 +177,11 @@ def test_run_stack_starts_everything_and_ctrl_c_stops_it_in_reverse_order(privat
         prom_pid = read_pid(s.state_dir / "prometheus" / "prometheus.pid")
         assert kafka_pid and is_alive(kafka_pid) and prom_pid and is_alive(prom_pid)
         assert port_open(s.api_port) and port_open(s.worker_port)
-        from streams import broker
+        from streams import admin
         from streams.topics import topic_specs
 
         specs = dict(topic_specs(s.streams()))
-        assert broker.topic_partitions(s.streams(), specs) == specs
+        assert admin.topic_partitions(s.streams(), specs) == specs
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from services.local.daemon import wait_until
 from services.settings import REPO_ROOT, Settings
-from streams.daemon import wait_until
 from streams.events import FeedbackEvent, encode
 from streams.topics import EventProducer, Topics, topic_specs
 
@@ -69,7 +69,7 @@ class WorkerProc:
 def _isolated(kafka: Settings, tmp_path: Path) -> Settings:
     import socket
 
-    from streams import broker
+    from streams import admin
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -78,7 +78,7 @@ def _isolated(kafka: Settings, tmp_path: Path) -> Settings:
         "state_dir": tmp_path / "state", "registry_dir": None, "rules_path": None,
         "topic_prefix": f"t{uuid.uuid4().hex[:8]}", "worker_port": port, "feedback_partitions": 3,
     })
-    broker.ensure_topics(s.streams(), topic_specs(s.streams()))
+    admin.ensure_topics(s.streams(), topic_specs(s.streams()))
     return s
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from conftest import make_settings
 
+from services.local import broker
+from services.local.daemon import is_alive, read_pid, wait_for
 from services.settings import Settings
-from streams import broker
-from streams.daemon import is_alive, read_pid, wait_for
+from streams import admin
 
 DEADLINE_S = 30.0
 
@@ -85,18 +86,18 @@ def test_project_topics_exist_with_their_partition_counts(kafka: Settings) -> No
     from streams.topics import topic_specs
 
     specs = dict(topic_specs(kafka.streams()))
-    assert broker.topic_partitions(kafka.streams(), specs) == specs
-    broker.ensure_topics(kafka.streams(), list(specs.items()))  # idempotent: no error, nothing changes
-    assert broker.topic_partitions(kafka.streams(), specs) == specs
+    assert admin.topic_partitions(kafka.streams(), specs) == specs
+    admin.ensure_topics(kafka.streams(), list(specs.items()))  # idempotent: no error, nothing changes
+    assert admin.topic_partitions(kafka.streams(), specs) == specs
 
 
 @pytest.mark.integration
 def test_ensure_topics_grows_a_topic_with_too_few_partitions(kafka: Settings) -> None:
     name = kafka.topic(f"grow-{uuid.uuid4().hex[:6]}")
-    broker.ensure_topics(kafka.streams(), [(name, 1)])
-    assert broker.topic_partitions(kafka.streams(), [name]) == {name: 1}
-    broker.ensure_topics(kafka.streams(), [(name, 3)])
-    assert broker.topic_partitions(kafka.streams(), [name]) == {name: 3}
+    admin.ensure_topics(kafka.streams(), [(name, 1)])
+    assert admin.topic_partitions(kafka.streams(), [name]) == {name: 1}
+    admin.ensure_topics(kafka.streams(), [(name, 3)])
+    assert admin.topic_partitions(kafka.streams(), [name]) == {name: 3}
 
 
 @pytest.mark.integration
@@ -117,7 +118,7 @@ def test_status_reports_the_running_broker(kafka: Settings) -> None:
 def test_group_commit_and_resume_with_kafka_python(kafka: Settings) -> None:
     topic = kafka.topic(f"roundtrip-{uuid.uuid4().hex[:6]}")
     group = f"g-{uuid.uuid4().hex[:6]}"
-    broker.ensure_topics(kafka.streams(), [(topic, 2)])
+    admin.ensure_topics(kafka.streams(), [(topic, 2)])
     first = [f"a{i}".encode() for i in range(10)]
     _produce(kafka.bootstrap_servers, topic, first)
 
@@ -203,7 +204,7 @@ def _run_faust_until(script: Path, args: list[str], out: Path, deadline_s: float
 def test_faust_agent_consumes_commits_and_resumes(kafka: Settings, tmp_path: Path) -> None:
     topic = kafka.topic(f"faust-{uuid.uuid4().hex[:6]}")
     app_id = f"flywheel-test-{uuid.uuid4().hex[:6]}"
-    broker.ensure_topics(kafka.streams(), [(topic, 1)])
+    admin.ensure_topics(kafka.streams(), [(topic, 1)])
     script = tmp_path / "faust_app.py"
     script.write_text(_FAUST_APP)
     out = tmp_path / "seen.txt"
@@ -234,7 +235,7 @@ def test_restart_keeps_data_and_committed_offsets(private: Settings) -> None:
     s = private
     broker.start(s.streams())
     topic, group = s.topic("restart"), "g-restart"
-    broker.ensure_topics(s.streams(), [(topic, 1)])
+    admin.ensure_topics(s.streams(), [(topic, 1)])
     _produce(s.bootstrap_servers, topic, [b"before-1", b"before-2"])
     c = _consumer(s.bootstrap_servers, group, topic)
     try:
@@ -337,7 +338,7 @@ def test_external_bootstrap_starts_and_stops_nothing(kafka: Settings, tmp_path: 
     broker.start(external.streams())
     broker.stop(external.streams())
     assert broker.status(external.streams())["managed"] is False
-    assert broker.answers_metadata(kafka.bootstrap_servers), "stop() must not touch a Kafka it does not manage"
+    assert admin.answers_metadata(kafka.bootstrap_servers), "stop() must not touch a Kafka it does not manage"
     assert not (external.state_dir / "kafka").exists()
 
     nowhere = make_settings(tmp_path / "ext2", kafka_bootstrap=f"127.0.0.1:{external.kafka_port}",

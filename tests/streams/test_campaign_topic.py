@@ -43,10 +43,10 @@ def test_the_campaign_topic_is_created_compacted(kafka: Settings) -> None:
     from kafka import KafkaAdminClient
     from kafka.admin import ConfigResource, ConfigResourceType
 
-    from streams import broker
+    from streams import admin
     from streams.topics import Topics, topic_specs
 
-    broker.ensure_topics(kafka.streams(), topic_specs(kafka.streams()))
+    admin.ensure_topics(kafka.streams(), topic_specs(kafka.streams()))
     topic = Topics.from_config(kafka.streams()).campaigns
     admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers.split(","))
     try:

@@ -1,5 +1,5 @@
 """Kafka security in every client, against the project's own local broker started with a SASL_PLAINTEXT listener
-and a SCRAM-SHA-512 user (created by ``kafka-storage format --add-scram``; streams/broker.py), then with SASL_SSL
+and a SCRAM-SHA-512 user (created by ``kafka-storage format --add-scram``; services/local/broker.py), then with SASL_SSL
 (the same login over TLS, a certificate for 127.0.0.1 signed by a CA made for the test with ``openssl``).
 
 A client without credentials, with a wrong password, without TLS or trusting another CA is refused; the producer,
@@ -23,9 +23,10 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 from test_app import WorkerProc, _counters, _flags
 
+from services.local import broker
+from services.local.daemon import tail, wait_until
 from services.settings import Settings, SettingsError
-from streams import broker
-from streams.daemon import tail, wait_until
+from streams import admin
 from streams.events import FeedbackEvent, decode, encode
 from streams.topics import BrokerUnavailable, EventProducer, Topics, topic_specs
 
@@ -106,7 +107,7 @@ def sasl_ssl_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setting
 
 def _fresh_topics(s: Settings) -> Settings:
     s = s.model_copy(update={"topic_prefix": f"sec-{uuid.uuid4().hex[:8]}"})
-    broker.ensure_topics(s.streams(), topic_specs(s.streams()))
+    admin.ensure_topics(s.streams(), topic_specs(s.streams()))
     return s
 
 
@@ -115,11 +116,11 @@ def test_the_broker_refuses_clients_without_the_right_credentials(sasl_kafka: Se
     config = sasl_kafka.streams()
     props = (config.state_dir / "kafka" / "server.properties")
     assert "SASL_PLAINTEXT://127.0.0.1" in props.read_text() and props.stat().st_mode & 0o077 == 0
-    assert broker.answers_metadata(config, timeout_s=5.0)  # the configured client is answered
+    assert admin.answers_metadata(config, timeout_s=5.0)  # the configured client is answered
 
-    assert not broker.answers_metadata(config.bootstrap_servers, timeout_s=3.0)  # PLAINTEXT: no login
+    assert not admin.answers_metadata(config.bootstrap_servers, timeout_s=3.0)  # PLAINTEXT: no login
     wrong = dataclasses.replace(config, sasl_password="not-the-password")
-    assert not broker.answers_metadata(wrong, timeout_s=3.0)
+    assert not admin.answers_metadata(wrong, timeout_s=3.0)
     with pytest.raises(KafkaError):
         KafkaProducer(bootstrap_servers=config.bootstrap_servers, max_block_ms=3000, request_timeout_ms=3000)
 
@@ -178,12 +179,12 @@ def test_tls_refuses_plain_and_foreign_clients_and_carries_every_client(sasl_ssl
                                                                        tmp_path: Path) -> None:
     s = _fresh_topics(sasl_ssl_kafka).model_copy(update={"state_dir": tmp_path / "worker"})
     config = s.streams()
-    assert broker.answers_metadata(config, timeout_s=5.0)
+    assert admin.answers_metadata(config, timeout_s=5.0)
     no_tls = dataclasses.replace(config, security_protocol="SASL_PLAINTEXT")
-    assert not broker.answers_metadata(no_tls, timeout_s=3.0)
+    assert not admin.answers_metadata(no_tls, timeout_s=3.0)
     other_ca, _ = _make_ca(tmp_path / "other", "someone else's CA")
     foreign = dataclasses.replace(config, ssl_cafile=other_ca)
-    assert not broker.answers_metadata(foreign, timeout_s=3.0)  # the broker's certificate is not trusted
+    assert not admin.answers_metadata(foreign, timeout_s=3.0)  # the broker's certificate is not trusted
     topic = Topics.from_config(config).feedback
     with EventProducer(foreign, timeout_s=3.0) as untrusting, pytest.raises(BrokerUnavailable):
         untrusting.send_bytes(topic, b"k", b"refused")
@@ -263,7 +264,7 @@ def test_the_api_process_records_a_flag_over_sasl(sasl_kafka: Settings, tmp_path
     secured broker acknowledged it, and a configured consumer reads it back."""
     import httpx
 
-    from services.api.testing import ApiProcess
+    from services.bench.api_process import ApiProcess
 
     (api_port, spamd_port) = free_ports(2)
     s = _fresh_topics(sasl_kafka).model_copy(update={"state_dir": tmp_path / "api", "api_port": api_port,

@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from prometheus_client import REGISTRY
 
 from services.api.middleware import GuardedHttpToolsProtocol, GuardMiddleware
-from streams.daemon import free_port, wait_until
+from services.local.daemon import free_port, wait_until
 
 LIMIT = 100
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from services.api.offload import Busy, ClassifyPool
-from streams.daemon import wait_until
+from services.local.daemon import wait_until
 
 pytestmark = pytest.mark.unit
 

@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 import pytest
 
-from services.api.testing import ApiProcess
+from services.bench.api_process import ApiProcess
+from services.local.daemon import free_port, wait_until
 from services.settings import Settings
-from streams.daemon import free_port, wait_until
 
 KEYS = {"op-admin-key": "admin", "op-viewer-key": "viewer", "op-user-key": "alice"}
 ADMIN = {"X-API-Key": "op-admin-key"}
@@ -53,7 +53,7 @@ def populated(op_settings: Settings, corpus: list) -> dict[str, Any]:
     """Two real versions (the first the champion), both curves as the worker records them, gate decisions and a
     worker summary whose most trusted reporter has a name made of markup."""
     from models.registry import Registry
-    from services.bench import train_quick_version
+    from services.bench.api import train_quick_version
 
     shuffled = random.Random(11).sample(corpus, len(corpus))
     a, b = shuffled[:300], shuffled[300:600]
@@ -111,7 +111,7 @@ def api(op_settings: Settings, populated: dict[str, Any], tmp_path_factory: pyte
 
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    from services.browser import BrowserMissing, chromium_path
+    from services.bench.browser import BrowserMissing, chromium_path
 
     try:
         return chromium_path()
@@ -167,7 +167,7 @@ def test_curves_fits_and_crossing_agree_with_the_replay(tmp_path: Path) -> None:
     from models.evaluate import fit_line, fit_log
     from models.registry import Registry
     from services.api.operator import _curve_point, curves_payload
-    from services.replay import crossing
+    from services.bench.replay import crossing
 
     reg = Registry(tmp_path / "reg")
     for i, (side, x, r) in enumerate([("rules", 0, 0.0), ("model", 0, 0.0), ("rules", 10, 0.4), ("model", 50, 0.3),
@@ -205,7 +205,7 @@ def test_data_needs_an_operator_key_and_is_bounded(api: ApiProcess, populated: d
     from models.evaluate import fit_line, fit_log
     from models.registry import Registry
     from services.api.operator import MAX_DATA_BYTES
-    from services.replay import crossing
+    from services.bench.replay import crossing
 
     assert get_data(api, {}).status_code == 401
     r = httpx.get(api.base_url + "/operator/data?key=op-admin-key", timeout=30.0)
@@ -297,7 +297,7 @@ def test_page_in_a_real_browser(api: ApiProcess, populated: dict[str, Any], chro
     """No key: the page asks for one. With a key: drawn, no console errors, charts in the curves' colours,
     markup in data shown as text. Then a promotion: the new champion appears without a reload."""
     from models.registry import Registry
-    from services.browser import OPERATOR_READY, open_page, operator_url
+    from services.bench.browser import OPERATOR_READY, open_page, operator_url
 
     v1, v2 = populated["v1"], populated["v2"]
     timings: dict[str, float] = {}
@@ -362,7 +362,7 @@ def test_page_in_a_real_browser(api: ApiProcess, populated: dict[str, Any], chro
 @pytest.mark.integration
 def test_screenshot_of_the_operator_page(api: ApiProcess, chromium: str, tmp_path: Path) -> None:
     """What the replay calls: the page with a key from the settings, drawn, as a PNG."""
-    from services.browser import (
+    from services.bench.browser import (
         OPERATOR_READY,
         operator_url,
         screenshot_operator_page,

@@ -29,7 +29,7 @@ from api_fakes import (
 from prometheus_client import REGISTRY
 
 from services.api.schemas import ClassifyResponse
-from streams.daemon import wait_until
+from services.local.daemon import wait_until
 
 pytestmark = pytest.mark.unit
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from services.harness import LocalStack
+from services.bench.harness import LocalStack
+from services.local.daemon import wait_until
 from services.settings import Settings
-from streams.daemon import wait_until
 from streams.topics import Topics
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
 """``flywheel bench flywheel``: do users' correct flags on new mail reach serving, as much better models, soon?
 
-Measured from outside, on the real broker, API and worker (a :class:`~services.harness.LocalStack` per run):
+Measured from outside, on the real broker, API and worker (a :class:`~services.bench.harness.LocalStack` per run):
 
 1. P1's test period (the later mail, hard ham included) is split by a hash of the message id into a *flagged*
    half A and an *unflagged* half B. B is never seen by the worker: it is not flagged, and the worker is told to
@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from services.harness import LocalStack, reporter_keys
-from streams.daemon import wait_until
+from services.bench.harness import LocalStack, reporter_keys
+from services.local.daemon import wait_until
 
 if TYPE_CHECKING:
     from models.corpus import CorpusMessage

@@ -1,5 +1,5 @@
 """``flywheel bench abuse``: the attacks of an abusive client or an unlucky operator, run from outside against a
-running stack (a :class:`~services.harness.LocalStack`: the real broker, API and worker), each with its figure.
+running stack (a :class:`~services.bench.harness.LocalStack`: the real broker, API and worker), each with its figure.
 
 What it measures (JSON keys in brackets; each has a target in ``TARGETS`` and a line in ``checks``):
 
@@ -47,9 +47,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from services.harness import LocalStack
-from services.hostilebench import _pct, _poll_healthz
-from streams.daemon import wait_until
+from services.bench.harness import LocalStack
+from services.bench.hostile import _pct, _poll_healthz
+from services.local.daemon import wait_until
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -601,7 +601,7 @@ def run_abuse_bench(settings: Settings, json_path: Path | None, *, attacks: list
                 _say(f"==> {name}")
                 t0 = time.monotonic()
                 if name in _NEEDS_WORKER and not stack.worker.alive():
-                    from streams.daemon import tail
+                    from services.local.daemon import tail
 
                     result[f"{name}_error"] = "the worker exited: " + tail(stack.worker.logfile, 5)
                     result.update(dict.fromkeys(_KEYS_OF[name]))

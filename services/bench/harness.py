@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from services.local.daemon import free_port, wait_until
 from services.settings import REPO_ROOT
-from streams.daemon import free_port, wait_until
 
 if TYPE_CHECKING:
     import httpx
@@ -109,16 +109,17 @@ class LocalStack:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self, *, api: bool = True, worker: bool = True, timeout_s: float = 300.0) -> LocalStack:
-        from streams import broker
+        from services.local import broker
+        from streams import admin
         from streams.topics import topic_specs
 
         s = self.settings
         s.state_dir.mkdir(parents=True, exist_ok=True)
-        if s.manages_kafka and not broker.answers_metadata(s.streams(), 2.0):
+        if s.manages_kafka and not admin.answers_metadata(s.streams(), 2.0):
             broker.ensure_jars(s.streams())
             broker.start(s.streams())
             self._started_broker = True
-        broker.ensure_topics(s.streams(), topic_specs(s.streams()))
+        admin.ensure_topics(s.streams(), topic_specs(s.streams()))
         if self.seed and self.registry().champion() is None:
             from models.corpus import load_corpus
             from models.seed import train_seed
@@ -140,7 +141,7 @@ class LocalStack:
 
     def _require_alive(self, proc: Proc, name: str) -> None:
         if not proc.alive():
-            from streams.daemon import tail
+            from services.local.daemon import tail
 
             raise RuntimeError(f"the {name} exited during start-up; its log ends:\n{tail(proc.logfile, 30)}")
 
@@ -151,7 +152,7 @@ class LocalStack:
         self.api.stop()
         self.worker.stop()
         if self._started_broker:
-            from streams import broker
+            from services.local import broker
 
             broker.stop(self.settings.streams())
             self._started_broker = False

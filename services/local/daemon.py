@@ -1,7 +1,7 @@
 """Detached server processes managed through a pidfile: the local broker and Prometheus use the same few steps.
 
-It lives in ``streams`` because the local broker (``streams.broker``) needs it and ``streams`` imports nothing
-from ``services``; the services use it too (Prometheus, the stack, bounded waits), as they may.
+The local broker (:mod:`services.local.broker`), Prometheus and the stack start their servers through it; the
+bounded waits (:func:`wait_for`, :func:`wait_until`) and port helpers serve everyone who waits on a condition.
 
 A server started here runs in its own session (Ctrl-C in the terminal that started it does not reach it; the
 stack stops it in order), writes stdout and stderr to a log file, and is found again later through its

@@ -150,7 +150,7 @@ def _say(msg: str) -> None:
 def _wait(condition: Callable[[], Any], timeout_s: float, what: str, stop: threading.Event) -> None:
     """Wait for ``condition`` (``TimeoutError`` naming ``what``); a stop (Ctrl-C, a part of the stack that died)
     ends the wait at once as an interruption."""
-    from streams.daemon import wait_for
+    from services.local.daemon import wait_for
 
     if not wait_for(lambda: bool(condition()), timeout_s, interval_s=0.5, abort=stop.is_set):
         if stop.is_set():
@@ -206,7 +206,7 @@ def run_replay(settings: Settings, stop: threading.Event, *, quick: bool = False
                 bar.update(task, status=f"champion {champ[-13:]}  promotions {len(reg.history()) - 1}")
             bar.advance(task)
     _say("==> waiting for the worker to learn the last flags")
-    from services.harness import LocalStack
+    from services.bench.harness import LocalStack
 
     probe = LocalStack.attach(settings)
     _wait(probe.settled, 900, "the worker to settle", stop)
@@ -216,8 +216,8 @@ def run_replay(settings: Settings, stop: threading.Event, *, quick: bool = False
     result["report"] = str(write_report(result, out))
     _say(format_summary(result))
     if json_path is not None:
-        from services.browser import screenshot_operator_page
-        from services.observability import run_monitoring_queries
+        from services.bench.browser import screenshot_operator_page
+        from services.bench.observability import run_monitoring_queries
 
         queries = run_monitoring_queries(settings)
         result["queries_total"], result["queries_empty"] = queries["total"], queries["empty"]
@@ -354,7 +354,7 @@ def write_report(r: dict[str, Any], out_dir: Path) -> Path:
 
 def replay_then(settings: Settings, *, quick: bool, json_path: Path | None,
                 keep_running: bool) -> Callable[[threading.Event], bool]:
-    """The ``after_start`` hook of :func:`services.stack.run_stack`: replay, then keep the stack up or stop it."""
+    """The ``after_start`` hook of :func:`services.local.stack.run_stack`: replay, then keep the stack up or stop it."""
 
     def hook(stop: threading.Event) -> bool:
         run_replay(settings, stop, quick=quick, json_path=json_path)

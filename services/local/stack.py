@@ -34,16 +34,16 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from services.preflight import PreflightError, preflight
-from services.preflight import bind_host as _bind_host
-from streams.daemon import Daemon, DaemonError, port_free, port_open, rss_bytes, terminate, wait_for
+from services.local.daemon import Daemon, DaemonError, port_free, port_open, rss_bytes, terminate, wait_for
+from services.local.preflight import PreflightError, preflight
+from services.local.preflight import bind_host as _bind_host
 
 if TYPE_CHECKING:
     from services.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-MONITORING_DIR = Path(__file__).resolve().parent.parent / "monitoring"
+MONITORING_DIR = Path(__file__).resolve().parents[2] / "monitoring"
 PROMETHEUS_READY_TIMEOUT_S = 30.0
 CHILD_READY_TIMEOUT_S = 120.0
 CHILD_STOP_TIMEOUT_S = 20.0
@@ -382,7 +382,7 @@ def run_stack(
     record under ``home`` (the configured state dir; default ``settings.state_dir``) names this stack's state
     dir and ports. ``public_keys``: API keys the banner may print (known values, such as the replay's).
     """
-    from streams import broker
+    from services.local import broker
 
     stop = stop_event or threading.Event()
     previous: dict[signal.Signals, Any] = {}
@@ -495,14 +495,14 @@ def _watch_children(kids: Sequence[Child], stop: threading.Event, done: threadin
 
 
 def _ensure_project_topics(settings: Settings) -> None:
-    from streams import broker
+    from streams import admin
 
     try:
         from streams.topics import topic_specs
     except ImportError:  # the worker's modules may be absent in a partial checkout
         log.warning("streams.topics not importable; no topics created")
         return
-    broker.ensure_topics(settings.streams(), topic_specs(settings.streams()))
+    admin.ensure_topics(settings.streams(), topic_specs(settings.streams()))
 
 
 def _wait_child_ready(child: Child, settings: Settings, stop: threading.Event) -> None:

@@ -32,7 +32,7 @@ def bind_host(host: str) -> str:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on ``host:port`` and a server could bind it (``streams.daemon.port_free``'s
+    """True when nothing listens on ``host:port`` and a server could bind it (``services.local.daemon.port_free``'s
     check, without importing the logging library that module loads)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -77,7 +77,7 @@ def preflight(settings: Settings, *, api: bool = False, worker: bool = False, ka
     if worker:
         port("worker_port", settings.worker_port)
     if kafka and settings.manages_kafka:
-        from streams import broker
+        from services.local import broker
 
         s = settings.streams()
         if not broker.is_running(s):
@@ -90,7 +90,7 @@ def preflight(settings: Settings, *, api: bool = False, worker: bool = False, ka
                 except broker.BrokerError as exc:
                     problems.append(str(exc))
     if prometheus:
-        from services.stack import _prometheus_daemon, _resolve_binary
+        from services.local.stack import _prometheus_daemon, _resolve_binary
 
         if not _prometheus_daemon(settings).running():
             port("prometheus_port", settings.prometheus_port)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from streams.daemon import free_port
+from services.local.daemon import free_port
 
 if TYPE_CHECKING:
     from models.rules import RuleEngine
@@ -330,7 +330,7 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
     """Start a real API (own state dir, the user's corpus and broker settings) and measure it; see module doc."""
     import httpx
 
-    from services.api.testing import ApiProcess
+    from services.bench.api_process import ApiProcess
     from services.settings import Settings as _S
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-api-"))

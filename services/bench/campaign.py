@@ -1,6 +1,6 @@
 """``flywheel bench campaign``: does one trusted flag stop the rest of a campaign, and only the campaign?
 
-On a stack driven from outside (``services.harness.LocalStack``: HTTP, flags through ``/feedback``, the worker
+On a stack driven from outside (``services.bench.harness.LocalStack``: HTTP, flags through ``/feedback``, the worker
 and Kafka in between), with P1's later mail in Date order:
 
 1. Grouping (stated in the output): P1's later spam grouped by near-duplicate in time order, the same text a
@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import structlog
 
-from services.harness import LocalStack
-from streams.daemon import wait_until
+from services.bench.harness import LocalStack
+from services.local.daemon import wait_until
 
 if TYPE_CHECKING:
     from models.corpus import CorpusMessage

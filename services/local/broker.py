@@ -18,8 +18,6 @@ stop only check that it answers.
 from __future__ import annotations
 
 import base64
-import contextlib
-import logging
 import os
 import re
 import shutil
@@ -28,13 +26,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from streams.daemon import Daemon, DaemonError, port_free, rss_bytes, wait_for
+from services.local.daemon import Daemon, DaemonError, port_free, rss_bytes, wait_for
+from streams.admin import BrokerError, answers_metadata
 
 if TYPE_CHECKING:
     from streams.config import StreamsConfig
@@ -47,11 +46,6 @@ DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
 MIN_JAVA = 17
 STOP_TIMEOUT_S = 30.0
 
-
-class BrokerError(RuntimeError):
-    """The broker could not be fetched, started, reached or stopped; the message is meant for the operator."""
-
-    user_facing = True
 
 
 def _progress(message: str) -> None:
@@ -424,56 +418,6 @@ def _format_storage(config: StreamsConfig, java: str, libs: Path, props: Path) -
         raise BrokerError(f"formatting Kafka storage failed (exit {out.returncode}):\n{detail}")
 
 
-# ------------------------------------------------------------------------------------------------- probing
-def _admin(target: StreamsConfig | str, timeout_s: float) -> Any:
-    """A kafka-python admin client; on a config's security protocol (TLS, SASL) when given a config."""
-    from kafka import KafkaAdminClient
-
-    bootstrap, auth = (target, {}) if isinstance(target, str) else (target.bootstrap_servers, target.kafka_python_auth())
-    ms = max(200, int(timeout_s * 1000))
-    return KafkaAdminClient(
-        bootstrap_servers=bootstrap.split(","),
-        client_id="flywheel-admin",
-        **auth,
-        request_timeout_ms=ms,
-        bootstrap_timeout_ms=ms,
-        reconnect_backoff_ms=100,
-        reconnect_backoff_max_ms=500,
-    )
-
-
-@contextlib.contextmanager
-def _quiet_client_logs() -> Iterator[None]:
-    """Mute kafka-python while probing: every refused connection of a broker still starting is logged as an
-    error, which buries the one line that matters (ready, or the broker's own log tail)."""
-    logger = logging.getLogger("kafka")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def answers_metadata(target: StreamsConfig | str, timeout_s: float = 2.0) -> bool:
-    """True when a broker answers a metadata request within ``timeout_s``: at a config's bootstrap servers and on
-    its security protocol (a broker that refuses our credentials does not answer), or at a PLAINTEXT address."""
-    from kafka.errors import KafkaError
-
-    with _quiet_client_logs():
-        try:
-            admin = _admin(target, timeout_s)
-        except (KafkaError, OSError, ValueError):
-            return False
-        try:
-            return bool(admin.describe_cluster().get("brokers"))
-        except (KafkaError, OSError, ValueError):
-            return False
-        finally:
-            with contextlib.suppress(Exception):
-                admin.close()
-
-
 # ------------------------------------------------------------------------------------------------- lifecycle
 def start(config: StreamsConfig) -> None:
     """Start the local broker and wait until it answers metadata; a no-op when it already runs.
@@ -589,85 +533,9 @@ def status(config: StreamsConfig) -> dict[str, Any]:
     return st
 
 
-# ------------------------------------------------------------------------------------------------- topics
-def ensure_topics(config: StreamsConfig, specs: Iterable[tuple[str, int]], timeout_s: float = 30.0) -> None:
-    """Create missing topics with their partition counts and grow ones with too few; idempotent.
-
-    Returns once every topic has a leader for each partition, so producers can send right away.
-    """
-    from kafka.errors import KafkaError
-
-    wanted = {name: max(1, int(n)) for name, n in specs}
-    if not wanted:
-        return
-    # One node: replication 1. Someone else's cluster: its own default (-1).
-    rf = 1 if config.manages_kafka else -1
-    try:
-        admin = _admin(config, timeout_s)
-    except (KafkaError, OSError) as exc:
-        raise BrokerError(f"Kafka at {config.bootstrap_servers} is not reachable to create topics: {exc}") from exc
-    try:
-        existing = {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics()}
-        missing = {n: p for n, p in wanted.items() if n not in existing}
-        if missing:
-            from streams.topics import topic_configs
-
-            configs = topic_configs(config)
-            result = admin.create_topics(
-                {n: {"num_partitions": p, "replication_factor": rf, **({"configs": configs[n]} if n in configs else {})}
-                 for n, p in missing.items()},
-                timeout_ms=int(timeout_s * 1000),
-                raise_errors=False,
-                wait_for_metadata=True,
-            )
-            for t in result.get("topics", []):
-                code = t.get("error_code", 0)
-                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent creator won)
-                    raise BrokerError(f"creating topic {t.get('name')} failed: {t.get('error_message') or code}")
-            log.info("topics created", topics=missing)
-        grow = {n: p for n, p in wanted.items() if n in existing and existing[n] < p}
-        if grow:
-            admin.create_partitions(grow, timeout_ms=int(timeout_s * 1000))
-            log.info("topics grown", topics=grow)
-        for n, p in wanted.items():
-            if n in existing and existing[n] > p:
-                log.warning("topic has more partitions than configured", topic=n, has=existing[n], wanted=p)
-        _wait_topics_ready(admin, wanted, timeout_s)
-    except KafkaError as exc:
-        raise BrokerError(f"managing topics on {config.bootstrap_servers} failed: {exc}") from exc
-    finally:
-        with contextlib.suppress(Exception):
-            admin.close()
-
-
-def _wait_topics_ready(admin: Any, wanted: dict[str, int], timeout_s: float) -> None:
-    def ready() -> bool:
-        topics = {t["name"]: t for t in admin.describe_topics(list(wanted))}
-        for name, n in wanted.items():
-            t = topics.get(name)
-            if t is None or t.get("error_code", 0) != 0:
-                return False
-            parts = t.get("partitions") or []
-            if len(parts) < n or any(p.get("leader_id", p.get("leader", -1)) in (-1, None) for p in parts):
-                return False
-        return True
-
-    if not wait_for(ready, timeout_s, interval_s=0.2):
-        raise BrokerError(f"topics {sorted(wanted)} did not get partition leaders within {timeout_s:.0f}s")
-
-
-def topic_partitions(config: StreamsConfig, names: Iterable[str]) -> dict[str, int]:
-    """Partition count of each named topic that exists (for status pages and tests)."""
-    with contextlib.closing(_admin(config, 10.0)) as admin:
-        return {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics(list(names))
-                if t.get("error_code", 0) == 0}
-
-
 __all__ = [
     "BrokerError",
-    "answers_metadata",
     "ensure_jars",
-    "ensure_topics",
     "find_java",
     "is_running",
     "jars_dir",
@@ -675,5 +543,4 @@ __all__ = [
     "start",
     "status",
     "stop",
-    "topic_partitions",
 ]

@@ -39,7 +39,7 @@ log = structlog.get_logger(__name__)
 __all__ = ["GRAFANA_LITERALS", "MonitoringQuery", "alert_measures", "panel_queries", "rule_queries",
            "run_monitoring_queries"]
 
-MONITORING_DIR = Path(__file__).resolve().parent.parent / "monitoring"
+MONITORING_DIR = Path(__file__).resolve().parents[2] / "monitoring"
 DASHBOARDS_DIR = MONITORING_DIR / "grafana" / "dashboards"
 RULES_DIR = MONITORING_DIR / "rules"
 

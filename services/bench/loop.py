@@ -1,6 +1,6 @@
 """``flywheel bench loop``: the feedback loop's speed, end to end, on the real broker, API and worker.
 
-The bench runs its own :class:`~services.harness.LocalStack` (fresh state dir, own topics and ports) on the
+The bench runs its own :class:`~services.bench.harness.LocalStack` (fresh state dir, own topics and ports) on the
 settings' broker, which it starts when Flywheel manages it, and stops what it started. Three figures:
 
 * ``flag_to_serving_median_s``: from ``POST /feedback`` to the first ``/classify`` answer served by a version
@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from services.harness import LocalStack, reporter_keys
-from streams.daemon import wait_until
+from services.bench.harness import LocalStack, reporter_keys
+from services.local.daemon import wait_until
 
 if TYPE_CHECKING:
     from services.settings import Settings

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from streams.daemon import free_port
+from services.local.daemon import free_port
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -223,7 +223,7 @@ def _http_suite(settings: Settings, sizes: list[int], cases: list[Any], rows: li
     """Start an API, poll /healthz from another process, POST every case; fill ``rows[i]["http_ms"]``."""
     import httpx
 
-    from services.api.testing import ApiProcess
+    from services.bench.api_process import ApiProcess
 
     work = Path(tempfile.mkdtemp(prefix="flywheel-bench-hostile-"))
     port, spamd_port = free_port(), free_port()
