@@ -13,7 +13,6 @@ import pytest
 import yaml
 from conftest import make_settings
 
-from services import stack
 from services.bench.observability import (
     DASHBOARDS_DIR,
     RULES_DIR,
@@ -23,6 +22,7 @@ from services.bench.observability import (
     run_monitoring_queries,
     substitute_variables,
 )
+from services.local import stack
 from services.local.daemon import wait_until
 from services.settings import Settings
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from conftest import make_settings
 
-from services import stack
 from services.bench.observability import RULES_DIR, panel_queries, rule_queries
+from services.local import stack
 
 TESTS_DIR = RULES_DIR / "tests"
 

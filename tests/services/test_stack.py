@@ -15,7 +15,7 @@ import pytest
 from backends import Selection
 from conftest import make_settings
 
-from services import stack
+from services.local import stack
 from services.local.daemon import is_alive, port_open, read_pid, wait_for
 from services.settings import Settings
 
