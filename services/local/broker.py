@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from services.local.daemon import Daemon, DaemonError, port_free, rss_bytes, wait_for
+from services.local.daemon import Daemon, DaemonError, rss_bytes, wait_for
+from services.local.preflight import port_free
 from streams.admin import BrokerError, answers_metadata
 
 if TYPE_CHECKING:

@@ -13,7 +13,6 @@ chose (e.g. the config path), so ``stop`` never signals a stranger.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import socket
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
+from services.local.preflight import port_free
 
 log = structlog.get_logger(__name__)
 
@@ -241,19 +242,6 @@ def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, interv
     raise TimeoutError(f"timed out after {timeout_s:g}s waiting for {what} (last: {last!r})")
 
 
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on ``host:port`` and we could bind it."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return False
-            raise
-    return True
-
-
 def port_open(port: int, host: str = "127.0.0.1", timeout_s: float = 0.5) -> bool:
     """True when something accepts TCP connections on ``host:port``."""
     try:
@@ -299,7 +287,6 @@ __all__ = [
     "cmdline",
     "free_port",
     "is_alive",
-    "port_free",
     "port_open",
     "read_pid",
     "require_ports_free",

@@ -32,8 +32,8 @@ def bind_host(host: str) -> str:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    """True when nothing listens on ``host:port`` and a server could bind it (``services.local.daemon.port_free``'s
-    check, without importing the logging library that module loads)."""
+    """True when nothing listens on ``host:port`` and a server could bind it (standard library only, so a server
+    checks its ports before the logging, web and training libraries load)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from services.local.daemon import Daemon, DaemonError, port_free, port_open, rss_bytes, terminate, wait_for
-from services.local.preflight import PreflightError, preflight
+from services.local.daemon import Daemon, DaemonError, port_open, rss_bytes, terminate, wait_for
+from services.local.preflight import PreflightError, port_free, preflight
 from services.local.preflight import bind_host as _bind_host
 
 if TYPE_CHECKING:
