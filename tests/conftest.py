@@ -122,6 +122,20 @@ def no_worker_data_outside_the_state_dir() -> Iterator[None]:
         pytest.fail(f"faust data directories outside the state directory: {left}", pytrace=False)
 
 
+# --------------------------------------------------------------------------------------------- tiers
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test carries exactly one tier mark (``-m unit`` must select every pure-logic test, and a test without
+    a tier would fall out of every tiered run)."""
+    wrong = [f"{item.nodeid} ({', '.join(t for t in TIERS if item.get_closest_marker(t)) or 'no tier'})"
+             for item in items if sum(item.get_closest_marker(t) is not None for t in TIERS) != 1]
+    if wrong:
+        raise pytest.UsageError("tests need exactly one tier mark (" + ", ".join(TIERS) + "):\n  "
+                                + "\n  ".join(wrong))
+
+
 # --------------------------------------------------------------------------------------------- backend
 def pytest_configure(config: pytest.Config) -> None:
     """Check FLYWHEEL_TEST_BACKEND before any test: a bad value, or containers without Docker, stops the run here."""

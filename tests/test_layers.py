@@ -134,6 +134,7 @@ def test_relative_imports_resolve_against_the_package() -> None:
     assert [i.module for i in imports_of("from ..services import s\n", "streams.topics")] == ["services"]
 
 
+@pytest.mark.unit
 def test_no_two_test_files_share_a_basename() -> None:
     """pytest imports test files by basename (rootdir-relative, no packages): a second ``test_app.py`` anywhere
     under ``tests/`` stops the whole run at collection ("import file mismatch"), in CI as here."""

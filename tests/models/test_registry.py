@@ -334,6 +334,7 @@ def test_prune_bounds_disk_and_keeps_rollback_targets(
         reg.rollback("too deep")
 
 
+@pytest.mark.unit
 def test_jsonable_turns_numpy_and_undefined_metrics_into_plain_json() -> None:
     import json
 

@@ -14,6 +14,7 @@ from services.settings import Settings
 from services.worker.app import await_kafka
 
 
+@pytest.mark.integration
 def test_await_kafka_returns_at_once_when_the_broker_answers(kafka: Settings) -> None:
     t0 = time.monotonic()
     with capture_logs() as logs:
@@ -22,6 +23,7 @@ def test_await_kafka_returns_at_once_when_the_broker_answers(kafka: Settings) ->
     assert not [e for e in logs if e["event"] == "waiting for kafka"]
 
 
+@pytest.mark.unit
 def test_await_kafka_waits_saying_so_then_exits_naming_the_setting(tmp_path: Path) -> None:
     s = make_settings(tmp_path, kafka_start_timeout_s=5.0)  # a free port: no broker there
     t0 = time.monotonic()
