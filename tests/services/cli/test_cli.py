@@ -163,22 +163,22 @@ def test_every_command_refuses_bad_usage_with_2() -> None:
 # runs it). A new command that is in neither fails ``test_every_command_is_run_by_a_test``.
 RUN_ELSEWHERE: dict[tuple[str, ...], tuple[str, ...] | None] = {
     ("eval",): ("tests/models/test_evaluate.py::test_eval_p1_on_a_real_subsample",
-                "tests/services/test_cli.py::test_eval_reports_its_steps_to_the_bar"),
-    ("kafka", "start"): ("tests/streams/test_broker.py::test_restart_keeps_data_and_committed_offsets",
-                         "tests/services/test_cli.py::test_status_is_0_when_every_part_answers"),
+                "tests/services/cli/test_cli.py::test_eval_reports_its_steps_to_the_bar"),
+    ("kafka", "start"): ("tests/services/local/test_broker.py::test_restart_keeps_data_and_committed_offsets",
+                         "tests/services/cli/test_cli.py::test_status_is_0_when_every_part_answers"),
     ("serve",): ("tests/services/test_api_hostile.py::test_serve_refuses_the_development_keys_on_0_0_0_0",
                  "tests/services/test_api.py::test_health_ready_and_multiprocess_metrics"),
     ("worker",): ("tests/test_e2e_loop.py::test_flags_on_new_mail_improve_the_mail_nobody_flagged",),
-    ("bench", "hostile"): ("tests/services/test_hostilebench.py::test_bench_hostile_reports_every_figure",),
-    ("bench", "models"): ("tests/services/test_benches.py::test_models_bench_on_a_sample",),
-    ("bench", "api"): ("tests/services/test_benches.py::test_api_bench_briefly",),
-    ("bench", "loop"): ("tests/services/test_benches.py::test_loop_bench_briefly",),
-    ("bench", "flywheel"): ("tests/services/test_benches.py::test_flywheel_bench_on_a_quarter_of_the_later_mail",),
-    ("bench", "campaign"): ("tests/services/test_campaignbench.py::test_bench_campaign_runs_on_a_sample",),
-    ("bench", "abuse"): ("tests/services/test_benches.py::test_abuse_bench_briefly",),
+    ("bench", "hostile"): ("tests/services/bench/test_hostilebench.py::test_bench_hostile_reports_every_figure",),
+    ("bench", "models"): ("tests/services/bench/test_benches.py::test_models_bench_on_a_sample",),
+    ("bench", "api"): ("tests/services/bench/test_benches.py::test_api_bench_briefly",),
+    ("bench", "loop"): ("tests/services/bench/test_benches.py::test_loop_bench_briefly",),
+    ("bench", "flywheel"): ("tests/services/bench/test_benches.py::test_flywheel_bench_on_a_quarter_of_the_later_mail",),
+    ("bench", "campaign"): ("tests/services/bench/test_campaignbench.py::test_bench_campaign_runs_on_a_sample",),
+    ("bench", "abuse"): ("tests/services/bench/test_benches.py::test_abuse_bench_briefly",),
     # `run` is the replay below that then keeps serving, on the stack run_stack keeps until Ctrl-C
     ("run",): ("tests/test_e2e_replay.py::test_both_curves_are_drawn_by_the_running_system",
-               "tests/services/test_stack.py::test_run_stack_starts_everything_and_ctrl_c_stops_it_in_reverse_order"),
+               "tests/services/local/test_stack.py::test_run_stack_starts_everything_and_ctrl_c_stops_it_in_reverse_order"),
     ("replay",): ("tests/test_e2e_replay.py::test_both_curves_are_drawn_by_the_running_system",),
 }
 
