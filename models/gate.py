@@ -47,8 +47,9 @@ Decision rule (every test one-sided at level ``alpha``, default 5%, on the SAME 
   ``>= credible``, 0.9: corpus labels and proven reporters' flags), or where the set has too few of them, on the
   clean reference set's ham, each model's served verdict at its own operating threshold. A "false positive" on
   a doubtful ham label is as likely a spam caught under a wrong label: with 30% wrong flags, a refit that learned
-  the new spam was blocked at "FPR 21.9% -> 26.1%" on flags whose "ham" was a third spam. Paired: only discordant ham tell the models apart; given ``m`` discordant ham of which ``b`` are
-  false positives of the challenger only, ``b ~ Binomial(m, pi)`` and ``FPR_c - FPR_k = m (2 pi - 1) / n``. The
+  the new spam was blocked at "FPR 21.9% -> 26.1%" on flags whose "ham" was a third spam. Paired: only
+  discordant ham tell the models apart; given ``m`` discordant ham of which ``b`` are false positives of the
+  challenger only, ``b ~ Binomial(m, pi)`` and ``FPR_c - FPR_k = m (2 pi - 1) / n``. The
   challenger is blocked when the one-sided lower confidence bound (exact Clopper-Pearson on ``pi``) of that
   difference exceeds ``fpr_tolerance``. Error rate: a challenger whose FPR exceeds the champion's by no more than
   the tolerance is blocked with probability <= alpha. One extra false positive among a few hundred ham is not
@@ -308,7 +309,8 @@ def decide(
     # A refit on more of the same data needs only not to be shown worse where its new labels are sound: the set's
     # labels are clean (the champion's error on them is tiny), or every label it learned is one the base model is
     # very sure of (labels from unproven reporters that only confirm it: noise there cannot bend the refit).
-    lenient = fresher and refit and ((1.0 - auc.auc_b) <= policy.clean_error or vouched)
+    clean = (1.0 - auc.auc_b) <= policy.clean_error
+    lenient = fresher and refit and (clean or vouched)
     shown_worse = -auc.z_better() > z
     figures["better"], figures["not_worse"], figures["shown_worse"] = better, not_worse, shown_worse
     figures["lenient"] = lenient
@@ -332,10 +334,9 @@ def decide(
         return GateResult(True, f"better: {d}, z={auc.z_better():.2f} > {z:.2f}", "better", figures)
     if lenient and not shown_worse and anchor_ok:
         return GateResult(True, f"a refit on more of the same data, not shown worse: {d}, "
-                                f"z={-auc.z_better():.2f} <= {z:.2f} (" + (
-                                    f"champion's 1-AUC {1.0 - auc.auc_b:.5f} <= {policy.clean_error}"
-                                    if (1.0 - auc.auc_b) <= policy.clean_error else
-                                    f"every label learned vouched for by the base model; labels' noise {noise:.2f}")
+                                f"z={-auc.z_better():.2f} <= {z:.2f} ("
+                                + (f"champion's 1-AUC {1.0 - auc.auc_b:.5f} <= {policy.clean_error}" if clean else
+                                   f"every label learned vouched for by the base model; labels' noise {noise:.2f}")
                                 + ")", "not_shown_worse", figures)
     if lenient and not shown_worse:
         a = figures["anchor_auc"]
