@@ -18,8 +18,13 @@ help:  ## list targets
 run: setup  ## the main job: the stack, the corpus replayed through it, then serving (RUN_ARGS=--quick|--serve-only)
 	$(FLYWHEEL) run $(RUN_ARGS)
 
+# pytest-xdist: one worker per module (its module fixtures, such as a running stack, start once), more workers than
+# cores because most tests wait on servers; the tests that measure latency under their own load run after, alone.
+TEST_WORKERS ?= 3
+
 test: setup  ## every test: unit, integration (real Kafka, Prometheus, spamc), end-to-end
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadscope -m "not alone" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m alone $(PYTEST_ARGS)
 
 lint: venv  ## ruff (lint rules) and mypy (types), configured in pyproject.toml; both must be clean
 	$(VENV)/bin/ruff check
@@ -48,8 +53,8 @@ lock: | $(UV)  ## re-pin after editing pyproject.toml: the full lock, then each 
 	$(UV) pip compile pyproject.toml --python-version 3.11 -c requirements.lock -o requirements-serve.lock
 	$(UV) pip compile pyproject.toml --extra gpu --python-version 3.11 -c requirements.lock -o requirements-serve-gpu.lock
 
-dashboards: venv  ## regenerate the Grafana dashboards' JSON (monitoring/grafana/dashboards/) from monitoring/grafana/dashboards.py
-	$(PY) monitoring/grafana/dashboards.py
+dashboards: venv  ## regenerate the Grafana dashboards' JSON (monitoring/grafana/dashboards/) from monitoring/grafana/flywheel_dashboard.py
+	$(PY) monitoring/grafana/flywheel_dashboard.py
 
 eval: setup  ## offline evaluation on both protocols, with the improvement curves
 	$(FLYWHEEL) eval --protocol P1 --curves --json out/eval-P1.json

@@ -194,12 +194,12 @@ def serve(settings: Settings) -> None:
     """Run the API (and spamd) until interrupted: ``flywheel serve``."""
     import uvicorn
 
-    from services.api.state import ensure_champion
+    from services.api.state import require_champion
     from streams.topics import topic_specs
 
     check_serving_settings(settings)  # before anything binds, trains or touches Kafka
     settings.state_dir.mkdir(parents=True, exist_ok=True)
-    version = ensure_champion(settings)  # a fresh install classifies from the first message
+    version = require_champion(settings)  # before binding: serving never trains (`flywheel setup` does)
     log.info("serving", champion=version, host=settings.api_host, port=settings.api_port,
              spamd_port=settings.spamd_port, workers=settings.workers)
     print(f"==> serving http://{settings.api_host}:{settings.api_port} and spamd on port {settings.spamd_port} "

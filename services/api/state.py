@@ -18,8 +18,6 @@ import fcntl
 import hashlib
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
@@ -397,11 +395,8 @@ class ServingState:
     # ------------------------------------------------------------------ start / stop
     def start(self) -> None:
         """Load rules and the champion (blocking, before serving), then start the reload threads."""
-        ensure_champion(self.settings, self.registry)
+        version = require_champion(self.settings, self.registry)
         engine = self._load_rules_from_disk(initial=True)
-        version = self.registry.champion()
-        if version is None:
-            raise RuntimeError("the registry has no champion and no seed could be trained")
         model = self._first_servable(version)
         self._install(engine, model)
         metrics.MODEL_RELOADS.labels("ok").inc()
@@ -758,42 +753,21 @@ def rules_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-_SEED_CODE = (
-    "import sys\n"
-    "from pathlib import Path\n"
-    "from models.corpus import load_corpus\n"
-    "from models.seed import train_seed\n"
-    "corpus_dir = Path(sys.argv[2]) if sys.argv[2] else None\n"
-    "train_seed(load_corpus(Path(sys.argv[1]), corpus_dir), Path(sys.argv[3]))\n"
-)
+class NoChampion(RuntimeError):
+    """The registry holds no model to serve: serving never trains one (``flywheel setup`` does)."""
 
 
-def ensure_champion(settings: Settings, registry: Registry | None = None) -> str:
-    """The champion's version; on a fresh install train and promote the seed model first (once, locked)."""
+def require_champion(settings: Settings, registry: Registry | None = None) -> str:
+    """The champion's version, or :class:`NoChampion` naming the registry and the command that fills it.
+
+    Training belongs to set-up (``flywheel setup``, ``flywheel models seed``) and the worker: an API replica that
+    trained its own seed would load torch and the corpus into the serving path, and two replicas starting on an
+    empty registry would each train one."""
     from models.registry import Registry
 
     reg = registry or Registry(settings.registry)
     version = reg.champion()
-    if version:
-        return version
-    settings.registry.mkdir(parents=True, exist_ok=True)
-    with open(settings.registry / ".seed.lock", "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            version = reg.champion()
-            if version:
-                return version
-            log.info("no champion: training the seed model (first start only)")
-            # In a child process: seed training may import torch, which the serving process must never load.
-            subprocess.run(  # noqa: S603 - this interpreter, code and paths built here
-                [sys.executable, "-c", _SEED_CODE, str(settings.downloads), str(settings.corpus_dir or ""),
-                 str(settings.registry)],
-                check=True,
-            )
-            version = reg.champion()
-            if not version:
-                raise RuntimeError("seed training finished without promoting a champion")
-            log.info("seed model promoted", version=version)
-            return version
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    if not version:
+        raise NoChampion(f"no champion in the model registry {settings.registry}: run `flywheel setup` (or "
+                         "`flywheel models seed`) first, or point FLYWHEEL_REGISTRY_DIR at a registry that has one")
+    return version

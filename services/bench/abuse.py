@@ -601,9 +601,7 @@ def run_abuse_bench(settings: Settings, json_path: Path | None, *, attacks: list
                 _say(f"==> {name}")
                 t0 = time.monotonic()
                 if name in _NEEDS_WORKER and not stack.worker.alive():
-                    from services.local.daemon import tail
-
-                    result[f"{name}_error"] = "the worker exited: " + tail(stack.worker.logfile, 5)
+                    result[f"{name}_error"] = "the worker exited: " + stack.worker.log_tail(5)
                     result.update(dict.fromkeys(_KEYS_OF[name]))
                     _say(f"    not measured: {result[f'{name}_error']}")
                     continue

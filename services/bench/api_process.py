@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
 
 import httpx
 
+from services.local.daemon import Child
 from services.settings import REPO_ROOT, Settings
 
 
@@ -23,8 +22,12 @@ class ApiProcess:
         self.settings = settings
         self.log_path = log_path
         self.extra_env = extra_env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self.child = Child("api", [sys.executable, "-m", "services.api"], settings.api_port, logfile=log_path,
+                           cwd=REPO_ROOT)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.child.proc
 
     @property
     def base_url(self) -> str:
@@ -33,14 +36,7 @@ class ApiProcess:
     def start(self, timeout_s: float = 180.0) -> ApiProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        env.update(self.settings.child_env())
-        env.update(self.extra_env)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.api"], cwd=REPO_ROOT, env=env, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        self.child.start({**env, **self.settings.child_env(), **self.extra_env})
         self.wait_ready(timeout_s)
         return self
 
@@ -64,10 +60,7 @@ class ApiProcess:
         raise RuntimeError(f"API not ready within {timeout_s}s; log:\n{self.tail()}")
 
     def tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return ""
+        return self.child.log_tail(n)
 
     def worker_pids(self) -> list[int]:
         """The uvicorn worker processes (children of the server) that are alive."""
@@ -85,21 +78,7 @@ class ApiProcess:
         return out or [self.proc.pid]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        if self.proc is not None:
-            with contextlib.suppress(ProcessLookupError):  # stragglers of the group
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self.child.stop()
 
     def __enter__(self) -> ApiProcess:
         return self

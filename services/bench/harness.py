@@ -11,11 +11,11 @@ HTTP to the API and read the worker's store read-only, the way an operator would
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
+import hashlib
+import shutil
 import sqlite3
-import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from services.local.daemon import free_port, wait_until
+from services.local.daemon import Child, free_port, wait_until
 from services.settings import REPO_ROOT
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["LocalStack", "Proc", "reporter_keys"]
+__all__ = ["LocalStack", "reporter_keys", "seed_registry"]
 
 
 def reporter_keys(n: int, prefix: str = "k-rep") -> dict[str, str]:
@@ -45,37 +45,41 @@ def reporter_keys(n: int, prefix: str = "k-rep") -> dict[str, str]:
     return {**{f"{prefix}-{i}": f"rep{i}" for i in range(n)}, "dev-admin-key": "admin"}
 
 
-class Proc:
-    """A child process of the stack in its own session (so a signal reaches its whole process group)."""
+def _child(settings: Settings, name: str, argv: list[str], logfile: Path) -> Child:
+    """A part of the stack as a child with ``settings`` in its environment, output appended to ``logfile``."""
+    return Child(name, argv, extra_env={**settings.child_env(), "PYTHONUNBUFFERED": "1"}, logfile=logfile,
+                 cwd=REPO_ROOT)
 
-    def __init__(self, settings: Settings, argv: Sequence[str], logfile: Path) -> None:
 
-        self.argv = list(argv)
-        self.logfile = logfile
-        self.env = {**os.environ, **settings.child_env(), "PYTHONUNBUFFERED": "1"}
-        self.proc: subprocess.Popen[bytes] | None = None
+def _seed_key(settings: Settings) -> str:
+    """What the seed depends on: the code of ``models/`` (training, features, rules, export) and the corpus."""
+    digest = hashlib.sha256(str(settings.corpus_dir or "npm").encode())
+    root = REPO_ROOT / "models"
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".yaml", ".cf")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
-    def start(self) -> None:
-        self.logfile.parent.mkdir(parents=True, exist_ok=True)
-        with self.logfile.open("ab") as out:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=self.env, stdout=out,  # noqa: S603 - argv built by the caller, no shell
-                                         stderr=subprocess.STDOUT, start_new_session=True)
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+def seed_registry(settings: Settings) -> None:
+    """Put the seed model (``flywheel setup``'s) in the empty registry of ``settings``.
 
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30.0) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        self.proc = None
+    It is trained once per version of the code and kept under the downloads directory: every stack a benchmark
+    or a test session starts begins from the same seed, and training it each time would cost each of them the
+    same seconds of CPU. Several processes may build it at once; the first rename wins."""
+    from models.corpus import load_corpus
+    from models.seed import train_seed
+
+    cache = settings.downloads / "seed-cache" / _seed_key(settings)
+    if not (cache / "champion").is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        building = Path(tempfile.mkdtemp(prefix=".building-", dir=cache.parent))
+        try:
+            train_seed(load_corpus(settings.downloads, settings.corpus_dir), building)
+            with contextlib.suppress(OSError):  # another process renamed its copy first: the same seed
+                building.rename(cache)
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    shutil.copytree(cache, settings.registry, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock", "tmp"))
 
 
 class LocalStack:
@@ -91,8 +95,8 @@ class LocalStack:
         self.settings: Settings = settings.model_copy(update=values)
         self.root = root
         self.seed = seed
-        self.worker = Proc(self.settings, [sys.executable, "-m", "services.worker"], root / "worker.log")
-        self.api = Proc(self.settings, [sys.executable, "-m", "services.api"], root / "api.log")
+        self.worker = _child(self.settings, "worker", [sys.executable, "-m", "services.worker"], root / "worker.log")
+        self.api = _child(self.settings, "api", [sys.executable, "-m", "services.api"], root / "api.log")
         self._started_broker = False
         self._http: httpx.Client | None = None
         self._quiet: tuple[int, float] | None = None  # (data_version, since) while the worker looks idle
@@ -102,8 +106,8 @@ class LocalStack:
         """Helpers over a stack that is already running with ``settings`` (nothing is started or stopped)."""
         stack = cls.__new__(cls)
         stack.settings, stack.root, stack.seed = settings, settings.state_dir, False
-        stack.worker = Proc(settings, [], settings.state_dir / "worker.log")
-        stack.api = Proc(settings, [], settings.state_dir / "api.log")
+        stack.worker = _child(settings, "worker", [], settings.state_dir / "worker.log")
+        stack.api = _child(settings, "api", [], settings.state_dir / "api.log")
         stack._started_broker, stack._http, stack._quiet = False, None, None
         return stack
 
@@ -121,10 +125,7 @@ class LocalStack:
             self._started_broker = True
         admin.ensure_topics(s.streams(), topic_specs(s.streams()))
         if self.seed and self.registry().champion() is None:
-            from models.corpus import load_corpus
-            from models.seed import train_seed
-
-            train_seed(load_corpus(s.downloads, s.corpus_dir), s.registry)
+            seed_registry(s)
         if worker:
             self.worker.start()
             wait_until(lambda: self.registry().champion() is not None or not self.worker.alive(), timeout_s,
@@ -139,11 +140,9 @@ class LocalStack:
             self._require_alive(self.worker, "worker")
         return self
 
-    def _require_alive(self, proc: Proc, name: str) -> None:
+    def _require_alive(self, proc: Child, name: str) -> None:
         if not proc.alive():
-            from services.local.daemon import tail
-
-            raise RuntimeError(f"the {name} exited during start-up; its log ends:\n{tail(proc.logfile, 30)}")
+            raise RuntimeError(f"the {name} exited during start-up; its log ends:\n{proc.log_tail(30)}")
 
     def stop(self) -> None:
         if self._http is not None:

@@ -120,8 +120,7 @@ def run_loop_bench(settings: Settings, json_path: Path | None, *, flags: int = 1
                 producer.send_many(Topics.from_config(stack.settings.streams()).feedback, items[lo : lo + 2000])
         finally:
             producer.close()
-        stack.worker = type(stack.worker)(stack.settings.model_copy(update={"neural_retrain": neural}),
-                                          stack.worker.argv, stack.worker.logfile)
+        stack.worker.extra_env.update(stack.settings.model_copy(update={"neural_retrain": neural}).child_env())
         stack.worker.start()
         wait_until(lambda: stack.counters().get("events", 0) > base, 300, "the worker to start consuming", 0.01)
         t_first = time.monotonic()

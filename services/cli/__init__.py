@@ -76,6 +76,7 @@ _USER_FACING = {
     "ModelRejected",
     "RegistryError",
     "BrokerUnavailable",
+    "NoChampion",
 }
 
 
@@ -179,6 +180,8 @@ def run(serve_only: bool, quick: bool, json_path: Path | None) -> None:
 
     _configure_logging(r, "stack")
     if serve_only:
+        with Progress() as progress:
+            _ensure_seed(s, progress)  # `make run` has set up; a bare `flywheel run --serve-only` sets up its seed
         sys.exit(run_stack(s))
     empty_champion(r)
     sys.exit(run_stack(r, after_start=replay_then(r, quick=quick, json_path=json_path, keep_running=True),

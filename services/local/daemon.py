@@ -1,4 +1,5 @@
-"""Detached server processes managed through a pidfile: the local broker and Prometheus use the same few steps.
+"""Starting and stopping processes, the one way: detached servers through a pidfile (:class:`Daemon`: the local
+broker, Prometheus) and foreground children (:class:`Child`: the stack's API and worker, a benchmark's servers).
 
 The local broker (:mod:`services.local.broker`), Prometheus and the stack start their servers through it; the
 bounded waits (:func:`wait_for`, :func:`wait_until`) and port helpers serve everyone who waits on a condition.
@@ -13,13 +14,14 @@ chose (e.g. the config path), so ``stop`` never signals a stranger.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +109,83 @@ class Daemon:
 
     def log_tail(self, lines: int = 40) -> str:
         return tail(self.logfile, lines)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """The child gets SIGTERM if its parent is killed, so none outlives a stack that was SIGKILLed."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass(slots=True, eq=False)
+class Child:
+    """A foreground child process in a session of its own: a signal reaches its whole process group (uvicorn's
+    workers, a JVM's helpers), and the terminal's Ctrl-C reaches only the parent, which stops children in order.
+
+    Output is appended to ``logfile``, or goes to the parent's own without one."""
+
+    name: str
+    argv: list[str]
+    port: int | None = None
+    """Ready once something accepts connections here (None: ready once started)."""
+    extra_env: dict[str, str] = field(default_factory=dict)
+    logfile: Path | None = None
+    cwd: Path | None = None
+    die_with_parent: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: Mapping[str, str] | None = None) -> Child:
+        """Start ``argv`` with ``env`` (default: this process's) plus ``extra_env``; stdin closed."""
+        environ = {**(os.environ if env is None else env), **self.extra_env}
+        out: Any = None
+        if self.logfile is not None:
+            self.logfile.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.logfile, "ab")  # noqa: SIM115 - the child holds it; closed here right after the fork
+        try:
+            self.proc = subprocess.Popen(  # noqa: S603 - argv is built by the caller from settings
+                self.argv, cwd=self.cwd, env=environ, stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT if out is not None else None, start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
+        finally:
+            if out is not None:
+                out.close()
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of its log ("" without one)."""
+        return tail(self.logfile, lines) if self.logfile is not None else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> bool:
+        """``sig`` to the group, SIGKILL after ``timeout_s``, then SIGKILL to what is left of the group (a worker
+        its parent did not wait for). True when the child exited on ``sig``; a stopped child can start again."""
+        proc = self.proc
+        if proc is None:
+            return False
+        clean = True
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("did not exit; killing", child=self.name, pid=proc.pid, waited_s=timeout_s)
+                clean = False
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        return clean
 
 
 # Children we started are reaped by a background-free poll in is_alive(); keep the Popen objects so that
@@ -282,6 +361,7 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 __all__ = [
+    "Child",
     "Daemon",
     "DaemonError",
     "cmdline",

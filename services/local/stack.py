@@ -13,7 +13,6 @@ they were. If a child dies, the stack stops and exits 1.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import os
@@ -28,13 +27,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from services.local.daemon import Daemon, DaemonError, port_open, rss_bytes, terminate, wait_for
+from services.local.daemon import Child, Daemon, DaemonError, port_open, rss_bytes, wait_for
 from services.local.preflight import PreflightError, port_free, preflight
 from services.local.preflight import bind_host as _bind_host
 
@@ -306,18 +304,6 @@ def live_settings(settings: Settings) -> tuple[Settings, int | None]:
 
 
 # ------------------------------------------------------------------------------------------------- the stack
-@dataclass(slots=True)
-class Child:
-    """One foreground process of the stack (the API, the worker)."""
-
-    name: str
-    argv: list[str]
-    port: int | None
-    """Ready once something accepts connections here (None: ready once started)."""
-    proc: subprocess.Popen[bytes] | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-
 def flywheel_argv(*args: str) -> list[str]:
     """Command line of a ``flywheel`` subcommand run with this interpreter (works without the script on PATH)."""
     script = Path(sys.executable).with_name("flywheel")
@@ -333,35 +319,18 @@ def default_children(settings: Settings) -> list[Child]:
     ]
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Children get SIGTERM if the stack process itself is killed, so none outlive it."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _start_child(child: Child, env: dict[str, str]) -> None:
     _progress(f"==> starting {child.name}: {' '.join(child.argv[-1:]) if child.argv else ''}")
-    # Own process group: the terminal's Ctrl-C reaches only the stack, which stops children in order.
-    child.proc = subprocess.Popen(  # noqa: S603 - argv built here
-        child.argv, env={**env, **child.extra_env}, stdin=subprocess.DEVNULL,
-        start_new_session=True, preexec_fn=_die_with_parent,
-    )
+    child.die_with_parent = True
+    child.start(env)
 
 
 def _stop_child(child: Child) -> None:
-    proc = child.proc
-    if proc is None or proc.poll() is not None:
+    if not child.alive():
         return
-    _progress(f"==> stopping {child.name} (pid {proc.pid})")
-    try:
-        terminate(proc.pid, timeout_s=CHILD_STOP_TIMEOUT_S)
-    except DaemonError:
-        log.error("child survived SIGKILL", child=child.name, pid=proc.pid)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
+    _progress(f"==> stopping {child.name} (pid {child.proc.pid if child.proc else '?'})")
+    if not child.stop(timeout_s=CHILD_STOP_TIMEOUT_S):
+        log.warning("child did not stop on SIGTERM; killed", child=child.name)
 
 
 def run_stack(
@@ -451,10 +420,10 @@ def run_stack(
         _print_addresses(settings, kids, public_keys)
         # --- wait for Ctrl-C or a child's death
         while not stop.wait(0.5):
-            dead = [c for c in kids if c.proc is not None and c.proc.poll() is not None]
+            dead = [c for c in kids if c.returncode is not None]
             if dead:
                 for c in dead:
-                    _progress(f"!!  {c.name} exited with code {c.proc.returncode if c.proc else '?'}; stopping the stack")
+                    _progress(f"!!  {c.name} exited with code {c.returncode}; stopping the stack")
                 exit_code = 1
                 break
         else:
@@ -485,10 +454,10 @@ def _watch_children(kids: Sequence[Child], stop: threading.Event, done: threadin
     """While the replay runs in the main thread (until ``done``): a child that exits stops the stack (``died``
     says which)."""
     while not done.wait(0.5) and not stop.is_set():
-        dead = [c for c in kids if c.proc is not None and c.proc.poll() is not None]
+        dead = [c for c in kids if c.returncode is not None]
         if dead:
             for c in dead:
-                _progress(f"!!  {c.name} exited with code {c.proc.returncode if c.proc else '?'}; stopping the stack")
+                _progress(f"!!  {c.name} exited with code {c.returncode}; stopping the stack")
             died.extend(dead)
             stop.set()
             return

@@ -20,7 +20,7 @@ GRAFANA = MONITORING_DIR / "grafana"
 
 
 def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("flywheel_dashboards", GRAFANA / "dashboards.py")
+    spec = importlib.util.spec_from_file_location("flywheel_dashboards", GRAFANA / "flywheel_dashboard.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 import uuid
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.local.daemon import wait_until
+from services.local.daemon import Child, wait_until
 from services.settings import REPO_ROOT, Settings
 from streams.events import FeedbackEvent, encode
 from streams.topics import EventProducer, Topics, topic_specs
@@ -42,28 +41,15 @@ class WorkerProc:
     """``python -m services.worker`` as a child process (what ``flywheel worker`` runs)."""
 
     def __init__(self, settings: Settings, *args: str) -> None:
-        self.settings = settings
-        self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = settings.state_dir / "worker.log"
+        self.child = Child("worker", [sys.executable, "-m", "services.worker", *args],
+                           logfile=settings.state_dir / "worker.log", cwd=REPO_ROOT)
+        self.env = _env(settings)
 
     def start(self) -> None:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        out = self.log.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.worker", *self.args], cwd=REPO_ROOT, env=_env(self.settings),
-            stdout=out, stderr=subprocess.STDOUT,
-        )
+        self.child.start(self.env)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
+        self.child.stop(sig, timeout_s=30)
 
 
 def _isolated(kafka: Settings, tmp_path: Path) -> Settings:

@@ -660,6 +660,27 @@ def test_a_server_command_on_a_taken_port_exits_1_at_once_with_one_line(
     assert not list(s.state_dir.rglob("*.pid")) and not list(s.state_dir.rglob("live-stack.json"))
 
 
+@pytest.mark.integration
+def test_serve_on_an_empty_registry_exits_1_naming_the_command_that_fills_it(tmp_path: Path) -> None:
+    """Serving never trains a model (that is set-up's and the worker's work): an empty registry is one line and
+    exit 1 before anything binds, not minutes of training inside the API."""
+    from conftest import make_settings
+
+    from models.registry import Registry
+
+    s = make_settings(tmp_path / "state")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}, **cli_env(s)}
+    result = subprocess.run([sys.executable, "-m", "services.cli", "serve"], cwd=tmp_path,
+                            env={k: v for k, v in env.items() if v is not None},
+                            capture_output=True, text=True, timeout=60, check=False)
+    shown = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 1, shown
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: no champion in the model registry {s.registry}: run `flywheel setup` (or "
+                      "`flywheel models seed`) first, or point FLYWHEEL_REGISTRY_DIR at a registry that has one"], shown
+    assert Registry(s.registry).champion() is None
+
+
 @pytest.mark.unit
 def test_the_readme_command_list_matches_help() -> None:
     """Every command and every option ``--help`` shows is in the README's command list (and no command there is

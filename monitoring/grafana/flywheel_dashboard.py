@@ -1,6 +1,6 @@
 """Flywheel's Grafana dashboard as code (grafana-foundation-sdk), and the generator of its checked-in JSON.
 
-    python monitoring/grafana/dashboards.py [OUT_DIR]     # `make dashboards`; OUT_DIR defaults to dashboards/
+    python monitoring/grafana/flywheel_dashboard.py [OUT_DIR]     # `make dashboards`; OUT_DIR defaults to dashboards/
 
 The JSON under ``dashboards/`` is what Grafana's file provider loads (``provisioning/dashboards/flywheel.yaml``)
 and what ``services.bench.observability`` reads to run every panel's query against Prometheus; a test regenerates it
