@@ -134,6 +134,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if wrong:
         raise pytest.UsageError("tests need exactly one tier mark (" + ", ".join(TIERS) + "):\n  "
                                 + "\n  ".join(wrong))
+    # Slowest first: modules with end-to-end tests, then those with integration tests, the unit tests last, so
+    # that parallel workers (`make test`) fill the end of the run with short tests instead of one long module.
+    rank = {name: i for i, name in enumerate(reversed(TIERS))}  # e2e 0, integration 1, unit 2
+    module_rank: dict[str, int] = {}
+    for item in items:
+        tier = next(t for t in TIERS if item.get_closest_marker(t))
+        module = item.nodeid.split("::", 1)[0]
+        module_rank[module] = min(module_rank.get(module, 2), rank[tier])
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (module_rank[item.nodeid.split("::", 1)[0]], order[id(item)]))
 
 
 # --------------------------------------------------------------------------------------------- backend

@@ -345,6 +345,7 @@ USE = {
     "pytest": "pytest", "hypothesis": "hypothesis", "testcontainers": "testcontainers",
     "grafana-foundation-sdk": "grafana_foundation_sdk", "playwright": "playwright",
     "pytest-timeout": None, "schemathesis": None, "ruff": None, "mypy": None, "types-pyyaml": None,
+    "pytest-xdist": None,  # `make test` runs the tests in parallel with it
     "check-jsonschema": None, "kubernetes-validate": None,  # commands run by tests/deploy/test_manifests.py
 }
 

@@ -265,10 +265,12 @@ def test_the_api_process_records_a_flag_over_sasl(sasl_kafka: Settings, tmp_path
     import httpx
 
     from services.bench.api_process import ApiProcess
+    from services.bench.harness import seed_registry
 
     (api_port, spamd_port) = free_ports(2)
     s = _fresh_topics(sasl_kafka).model_copy(update={"state_dir": tmp_path / "api", "api_port": api_port,
                                                      "spamd_port": spamd_port})
+    seed_registry(s)  # serving never trains its own
     config = s.streams()
     raw = f"Subject: flagged over SASL {uuid.uuid4().hex}\r\nFrom: a@example.com\r\n\r\nbuy now\r\n"
     with ApiProcess(s, tmp_path / "api.log").start() as api, httpx.Client(base_url=api.base_url, timeout=30) as http:
