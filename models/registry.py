@@ -380,6 +380,43 @@ class Registry:
         log.info("model_saved", version=version, kind=kind, parent=parent)
         return version
 
+    def version_files(self, version: str) -> dict[str, bytes]:
+        """The files of ``version`` as stored (to publish it where replicas share no directory)."""
+        self._meta(version)  # a known version, and a safe name
+        root = self.versions_dir / version
+        return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.is_file()}
+
+    def install(self, version: str, files: Mapping[str, bytes]) -> bool:
+        """Add a version received whole from elsewhere (the models topic); False when it is here already.
+
+        Nothing is checked here beyond the names: :meth:`load` checks the hashes and the self-check before
+        anything serves it, as for a version trained here."""
+        if "/" in version or version.startswith(".") or not version:
+            raise RegistryError(f"bad version id {version!r}")
+        if any("/" in name or name.startswith(".") or not name for name in files) or META_FILE not in files:
+            raise RegistryError(f"version {version}: bad file names {sorted(files)[:8]}")
+        if (self.versions_dir / version).is_dir():
+            return False
+        self._ensure()
+        staging = Path(tempfile.mkdtemp(prefix=f"{version}.", dir=self._tmp_dir))
+        try:
+            for name, data in files.items():
+                with (staging / name).open("wb") as f:
+                    f.write(data)
+                    os.fsync(f.fileno())
+            _fsync_dir(staging)
+            with self._writer():
+                if (self.versions_dir / version).is_dir():
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return False
+                os.rename(staging, self.versions_dir / version)
+                _fsync_dir(self.versions_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        log.info("model_installed", version=version)
+        return True
+
     # ------------------------------------------------------------------ reading versions
     def _meta(self, version: str) -> dict[str, Any]:
         path = self.versions_dir / version / META_FILE

@@ -114,6 +114,15 @@ class Settings(BaseSettings):
         description="Who decides the verdict: combined (calibrated blend), model, rules, either (spam if any side says so).",
     )
     model_poll_s: float = Field(2.0, description="Fallback interval at which the API checks the champion pointer.")
+    model_source: Literal["registry", "kafka"] = Field(
+        "registry",
+        description="Where an API replica gets its models: the registry directory (shared with the worker), or kafka "
+        "(the models topic the worker publishes, into this replica's own registry directory: nothing shared).",
+    )
+    model_bootstrap_timeout_s: float = Field(
+        60.0, gt=0, description="With model_source=kafka: how long a starting replica waits for the champion.")
+    publish_models: bool = Field(
+        True, description="The worker publishes each champion (files and pointer) on the models topic.")
     message_cache_size: int = Field(100_000, description="Recent /classify messages kept for feedback by message id.")
     campaign_memory: bool = Field(
         True, description="Campaign memory: a trusted spam flag's near-duplicates are spam for every user (README)."

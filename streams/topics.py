@@ -46,6 +46,7 @@ class Topics:
     rule_changes: str
     dead_letter: str
     campaigns: str  # compacted: the fingerprints of trusted labels (streams.campaign)
+    models: str  # compacted: published model versions and the champion (streams.models)
 
     @classmethod
     def from_config(cls, config: StreamsConfig) -> Topics:
@@ -57,6 +58,7 @@ class Topics:
             rule_changes=config.topic("rule-changes"),
             dead_letter=config.topic("dead-letter"),
             campaigns=config.topic("campaigns"),
+            models=config.topic("models"),
         )
 
 
@@ -64,7 +66,7 @@ def topic_specs(config: StreamsConfig) -> list[tuple[str, int]]:
     """(name, partitions) of every topic to create before producers or the worker start.
 
     Model events and rule changes have one partition so every consumer sees one total order of decisions; so
-    has the campaign topic, which every API replica reads whole.
+    have the campaign and models topics, which every API replica reads whole.
     """
     t = Topics.from_config(config)
     return [
@@ -73,14 +75,17 @@ def topic_specs(config: StreamsConfig) -> list[tuple[str, int]]:
         (t.rule_changes, 1),
         (t.dead_letter, 1),
         (t.campaigns, 1),
+        (t.models, 1),
     ]
 
 
 def topic_configs(config: StreamsConfig) -> dict[str, dict[str, str]]:
     """Topic-level settings a topic is created with (the others take the broker's defaults)."""
     from streams.campaign import CAMPAIGN_TOPIC_CONFIG
+    from streams.models import MODELS_TOPIC_CONFIG
 
-    return {Topics.from_config(config).campaigns: dict(CAMPAIGN_TOPIC_CONFIG)}
+    t = Topics.from_config(config)
+    return {t.campaigns: dict(CAMPAIGN_TOPIC_CONFIG), t.models: dict(MODELS_TOPIC_CONFIG)}
 
 
 class EventProducer:

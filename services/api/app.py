@@ -199,6 +199,11 @@ def serve(settings: Settings) -> None:
 
     check_serving_settings(settings)  # before anything binds, trains or touches Kafka
     settings.state_dir.mkdir(parents=True, exist_ok=True)
+    if settings.model_source == "kafka":  # fill this replica's registry once, before its workers start
+        from models.registry import Registry
+        from services.api.follow_models import ModelFollower
+
+        ModelFollower(settings, Registry(settings.registry)).catch_up(settings.model_bootstrap_timeout_s)
     version = require_champion(settings)  # before binding: serving never trains (`flywheel setup` does)
     log.info("serving", champion=version, host=settings.api_host, port=settings.api_port,
              spamd_port=settings.spamd_port, workers=settings.workers)

@@ -66,6 +66,10 @@ CAMPAIGN_FINGERPRINTS = Gauge(
     "flywheel_campaign_fingerprints", "Fingerprints in this process's campaign memory.", ["flagged"],
     multiprocess_mode="livemax",
 )
+MODEL_RECORDS = Counter(
+    "flywheel_model_records_total",
+    "Models-topic records applied by a replica with model_source=kafka (version, champion, refused).", ["kind"],
+)
 CAMPAIGN_RECORDS = Counter(
     "flywheel_campaign_records_total", "Campaign-topic records applied, by kind (fingerprint, withdrawn, invalid).",
     ["kind"],

@@ -467,6 +467,7 @@ async def promote(request: Request, version: Annotated[str, _VERSION], ident: Ad
     from models.registry import ModelRejected, RegistryError
     from streams.events import ModelEvent
 
+    _not_following_kafka(state)
     body = await read_body(request, 64 * 1024, state.settings.client_timeout_s)
     reason = _validate(PromoteIn, parse_json(body)).reason if body.strip() else "promoted through the API"
     try:
@@ -489,6 +490,13 @@ async def promote(request: Request, version: Annotated[str, _VERSION], ident: Ad
     return ORJSONResponse({"champion": version, "previous": previous, "event_id": event_id})
 
 
+def _not_following_kafka(state: ServingState) -> None:
+    """A replica that follows the models topic holds a copy: its champion is the one the worker publishes."""
+    if state.settings.model_source == "kafka":
+        raise HTTPException(409, "this replica follows the models topic (model_source=kafka): promote or roll back "
+                                 "on the worker's registry (`flywheel models promote|rollback` there)")
+
+
 @router.post(
     "/models/rollback",
     response_model=ChampionOut,
@@ -501,6 +509,7 @@ async def rollback(request: Request, ident: Admin, state: State) -> Response:
     from models.registry import RegistryError
     from streams.events import ModelEvent
 
+    _not_following_kafka(state)
     body = await read_body(request, 64 * 1024, state.settings.client_timeout_s)
     reason = _validate(PromoteIn, parse_json(body)).reason if body.strip() else "rolled back through the API"
     previous = state.registry.champion()

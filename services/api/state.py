@@ -395,12 +395,18 @@ class ServingState:
     # ------------------------------------------------------------------ start / stop
     def start(self) -> None:
         """Load rules and the champion (blocking, before serving), then start the reload threads."""
+        loops = [(self._reload_loop, "flywheel-reloader"), (self._events_loop, "flywheel-events")]
+        if self.settings.model_source == "kafka":
+            from services.api.follow_models import ModelFollower
+
+            follower = ModelFollower(self.settings, self.registry, self.request_check)
+            follower.catch_up(self.settings.model_bootstrap_timeout_s)
+            loops.append((lambda: follower.run(self._stop), "flywheel-models"))
         version = require_champion(self.settings, self.registry)
         engine = self._load_rules_from_disk(initial=True)
         model = self._first_servable(version)
         self._install(engine, model)
         metrics.MODEL_RELOADS.labels("ok").inc()
-        loops = [(self._reload_loop, "flywheel-reloader"), (self._events_loop, "flywheel-events")]
         if self.campaign is not None:
             loops.append((self._campaign_loop, "flywheel-campaigns"))
         for target, name in loops:
@@ -767,6 +773,9 @@ def require_champion(settings: Settings, registry: Registry | None = None) -> st
 
     reg = registry or Registry(settings.registry)
     version = reg.champion()
+    if not version and settings.model_source == "kafka":
+        raise NoChampion(f"no champion on the models topic within {settings.model_bootstrap_timeout_s:.0f} s "
+                         "(model_source=kafka): is a worker with publish_models running on these brokers?")
     if not version:
         raise NoChampion(f"no champion in the model registry {settings.registry}: run `flywheel setup` (or "
                          "`flywheel models seed`) first, or point FLYWHEEL_REGISTRY_DIR at a registry that has one")

@@ -508,6 +508,22 @@ def bench_campaign(json_path: Path | None, every: int, memory_fingerprints: int)
         run_campaign_bench(s, json_path, every=every, memory_n=memory_fingerprints)
 
 
+@bench.command("scale")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
+@click.option("--repeats", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Promotions timed (the worst is reported).")
+@friendly_errors
+def bench_scale(json_path: Path | None, repeats: int) -> None:
+    """Two API replicas that share nothing with the worker but Kafka (model_source=kafka): seconds from a
+    promotion on the worker until both serve it (replica_converge_s)."""
+    from services.bench.scale import run_scale_bench
+
+    s = get_settings()
+    _configure_logging(s)
+    with _bench_progress() as progress, progress.stage("bench scale"):
+        run_scale_bench(s, json_path, repeats=repeats)
+
+
 @bench.command("loop")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
 @friendly_errors

@@ -115,6 +115,8 @@ class Worker:
         self.metrics.data_version.set(self.store.data_version)
         self._measure_store()
         self._status_at = 0.0
+        self._published_champion: str | None = None  # on the models topic (streams.models) by this process
+        self.publish_champion()  # replicas on an empty disk wait for it; ticks retry if Kafka is down now
         self.publish_status()
 
     def publish_status(self) -> None:
@@ -152,6 +154,38 @@ class Worker:
         except OSError as exc:
             log.warning("free disk not measured", error=str(exc))
 
+    def publish_champion(self) -> bool:
+        """Put the champion on the models topic, its files before the pointer, when it changed since this process
+        last did (at start: always, so a replica on an empty disk finds it however the topic was compacted).
+
+        API replicas with ``model_source=kafka`` follow the topic instead of sharing the registry directory; a
+        promotion by the gate and an operator's ``flywheel models promote|rollback`` reach them the same way.
+        Returns whether it published (False: nothing changed, or Kafka is down and the next tick retries)."""
+        from models.registry import Registry, RegistryError
+        from streams.models import champion_record, version_records
+        from streams.topics import BrokerUnavailable
+
+        if not self.settings.publish_models:
+            return False
+        registry = Registry(self.settings.registry)
+        champion = registry.champion()
+        if champion is None or champion == self._published_champion:
+            return False
+        try:
+            records = version_records(champion, registry.version_files(champion))
+            history = registry.history()
+            reason = str(history[-1].get("reason", "")) if history else ""
+            self.producer.send_many(self.topics.models, [*records, champion_record(champion, reason)])
+        except (RegistryError, OSError) as exc:
+            log.error("champion not published", version=champion, error=str(exc))
+            return False
+        except BrokerUnavailable as exc:
+            log.warning("champion not published yet (Kafka down)", version=champion, error=str(exc))
+            return False
+        self._published_champion = champion
+        log.info("champion published on the models topic", version=champion, records=len(records) + 1)
+        return True
+
     def _emit_model_event(self, event: ModelEvent) -> None:
         from streams.topics import BrokerUnavailable
 
@@ -184,6 +218,8 @@ class Worker:
         if self.learner is not None:
             self.learner.wake()
         self._update_lag()
+        if self.settings.publish_models:
+            await asyncio.get_running_loop().run_in_executor(None, self.publish_champion)
         if time.monotonic() - self._status_at >= STATUS_EVERY_S:
             try:
                 await asyncio.get_running_loop().run_in_executor(self._exec, self.publish_status)

@@ -109,7 +109,7 @@ def test_topics_and_specs() -> None:
     assert t.feedback == "t1.feedback" and t.retractions == t.feedback
     specs = dict(topic_specs(s.streams()))
     assert specs == {"t1.feedback": 6, "t1.model-events": 1, "t1.rule-changes": 1, "t1.dead-letter": 1,
-                     "t1.campaigns": 1}
+                     "t1.campaigns": 1, "t1.models": 1}
 
 
 def _closed_port() -> int:

@@ -1,0 +1,113 @@
+"""``flywheel bench scale``: API replicas that share nothing with the worker but Kafka.
+
+On the real broker: a worker (a :class:`~services.bench.harness.LocalStack`, its registry on its own disk) and two
+API replicas started with ``model_source=kafka``, each with a state directory of its own (no registry directory in
+common with anyone). The replicas bootstrap the champion from the models topic; then a new version is promoted on
+the worker's registry, as the gate or an operator does, ``repeats`` times:
+
+* ``replica_converge_s``: from the promotion until both replicas answer ``/classify`` with the new version (worst
+  of the repeats; target <= 10 s);
+* ``replica_bootstrap_s``: from a replica's start on an empty disk until it serves (the champion read from Kafka).
+
+The other figures of the issue's scale benchmark (standby takeover, the worker rebuilt from the feedback log, a
+broker killed in a three-node cluster, the manifests) are printed as not measured by this version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import structlog
+
+from services.bench.api_process import ApiProcess
+from services.bench.harness import LocalStack
+from services.local.daemon import free_port, wait_until
+
+if TYPE_CHECKING:
+    from services.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["TARGETS", "run_scale_bench"]
+
+TARGETS = {"replica_converge_s": 10.0}
+NOT_MEASURED = ("takeover_s", "takeover_lost_flags", "rebuild_equal", "broker_kill_lost_flags", "manifests_valid")
+PROBE = b"Subject: which model answers?\r\nFrom: probe@example.com\r\n\r\nA message to ask the replicas their version.\r\n"
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _served_version(http: httpx.Client) -> str | None:
+    try:
+        r = http.post("/classify", content=PROBE, headers={"Content-Type": "message/rfc822"})
+    except httpx.HTTPError:
+        return None
+    return str(r.json()["model"]["version"]) if r.status_code == 200 else None
+
+
+def run_scale_bench(settings: Settings, json_path: Path | None, *, repeats: int = 3) -> dict[str, Any]:
+    """Run the benchmark (module docstring) and return its figures (also written to ``json_path``)."""
+    from models.corpus import load_corpus, split_p1
+    from services.bench.api import train_quick_version
+
+    started = time.monotonic()
+    root = settings.state_dir / "bench-scale" / time.strftime("%Y%m%dT%H%M%S")
+    train, _ = split_p1(load_corpus(settings.downloads, settings.corpus_dir))
+    sample = train[:: max(1, len(train) // 300)][:300]
+    result: dict[str, Any] = {"repeats": repeats, "replicas": 2}
+    _say("==> worker (its registry on its own disk) and the broker")
+    stack = LocalStack(settings, root / "worker", neural_retrain=False, linear_refit_s=86400.0)
+    replicas: list[ApiProcess] = []
+    try:
+        stack.start(api=False)  # the worker alone: the replicas are the API
+        worker_registry = stack.registry()
+        boot: list[float] = []
+        for i in range(2):
+            s = stack.settings.model_copy(update={
+                "state_dir": root / f"replica-{i}", "registry_dir": None, "rules_path": None,
+                "model_source": "kafka", "api_port": free_port(), "spamd_port": free_port(), "workers": 1,
+                "campaign_memory": False})
+            t0 = time.monotonic()
+            replicas.append(ApiProcess(s, root / f"replica-{i}.log").start())
+            boot.append(time.monotonic() - t0)
+            assert s.registry.resolve() != worker_registry.root.resolve()  # nothing shared but Kafka
+        result["replica_bootstrap_s"] = round(max(boot), 2)
+        clients = [httpx.Client(base_url=r.base_url, timeout=10.0) for r in replicas]
+        champion = worker_registry.champion()
+        wait_until(lambda: all(_served_version(c) == champion for c in clients), 60, "both replicas on the seed")
+        _say(f"    two replicas serve {champion} from the models topic (start to ready, worst "
+             f"{result['replica_bootstrap_s']} s)")
+        converge: list[float] = []
+        for r in range(repeats):
+            version = train_quick_version(worker_registry.root, [m.raw for m in sample],
+                                          [m.is_spam for m in sample], seed=100 + r)
+            t0 = time.monotonic()
+            worker_registry.promote(version, f"bench scale: promotion {r + 1}")
+            wait_until(lambda: all(_served_version(c) == version for c in clients),  # noqa: B023 - waited here
+                       120, "both replicas to serve the promotion", 0.05)
+            converge.append(time.monotonic() - t0)
+            _say(f"    promotion {r + 1}/{repeats}: both replicas serve it after {converge[-1]:.2f} s")
+        for c in clients:
+            c.close()
+    finally:
+        for p in replicas:
+            p.stop()
+        stack.stop()
+    result["replica_converge_s_runs"] = [round(x, 2) for x in converge]
+    result["replica_converge_s"] = round(max(converge), 2)
+    result["not_measured"] = list(NOT_MEASURED)
+    result["checks"] = {k: {"value": result[k], "bound": b, "met": result[k] <= b} for k, b in TARGETS.items()}
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    _say(f"replica_converge_s {result['replica_converge_s']} (worst of {repeats}; target <= "
+         f"{TARGETS['replica_converge_s']:.0f}): {'met' if result['checks']['replica_converge_s']['met'] else 'SHORT'}")
+    _say("not measured by this version: " + ", ".join(NOT_MEASURED))
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2))
+    return result
