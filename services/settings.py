@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     )
     kafka_port: int = Field(9092, description="Port of the local broker Flywheel starts.")
     kafka_controller_port: int = Field(9093, description="KRaft controller port of the local broker.")
+    kafka_nodes: int = Field(
+        1, ge=1, le=3, description="Nodes of the local KRaft cluster: 3 replicates every topic three times (min.insync.replicas "
+        "2), node i listening on kafka_port + i and kafka_controller_port + i.")
     kafka_version: str = Field("4.1.1", description="org.apache.kafka:kafka_2.13 version from Maven Central.")
     kafka_heap: str = Field("512m", description="-Xmx of the local broker.")
     kafka_start_timeout_s: float = Field(
@@ -365,6 +368,7 @@ class Settings(BaseSettings):
             kafka_bootstrap=self.kafka_bootstrap,
             kafka_port=self.kafka_port,
             kafka_controller_port=self.kafka_controller_port,
+            kafka_nodes=self.kafka_nodes,
             kafka_version=self.kafka_version,
             kafka_heap=self.kafka_heap,
             kafka_start_timeout_s=self.kafka_start_timeout_s,

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["BrokerError", "answers_metadata", "ensure_topics", "topic_partitions"]
+__all__ = ["BrokerError", "answers_metadata",
+    "brokers_answering", "ensure_topics", "topic_partitions"]
 
 
 class BrokerError(RuntimeError):
@@ -61,17 +62,22 @@ def _quiet_client_logs() -> Iterator[None]:
 def answers_metadata(target: StreamsConfig | str, timeout_s: float = 2.0) -> bool:
     """True when a broker answers a metadata request within ``timeout_s``: at a config's bootstrap servers and on
     its security protocol (a broker that refuses our credentials does not answer), or at a PLAINTEXT address."""
+    return brokers_answering(target, timeout_s) > 0
+
+
+def brokers_answering(target: StreamsConfig | str, timeout_s: float = 2.0) -> int:
+    """How many brokers the cluster's metadata lists (0: none answered within ``timeout_s``)."""
     from kafka.errors import KafkaError
 
     with _quiet_client_logs():
         try:
             admin = _admin(target, timeout_s)
         except (KafkaError, OSError, ValueError):
-            return False
+            return 0
         try:
-            return bool(admin.describe_cluster().get("brokers"))
+            return len(admin.describe_cluster().get("brokers") or ())
         except (KafkaError, OSError, ValueError):
-            return False
+            return 0
         finally:
             with contextlib.suppress(Exception):
                 admin.close()
@@ -88,8 +94,7 @@ def ensure_topics(config: StreamsConfig, specs: Iterable[tuple[str, int]], timeo
     wanted = {name: max(1, int(n)) for name, n in specs}
     if not wanted:
         return
-    # One node: replication 1. Someone else's cluster: its own default (-1).
-    rf = 1 if config.manages_kafka else -1
+    rf = config.replication_factor  # every node of the local cluster; someone else's cluster: its default (-1)
     try:
         admin = _admin(config, timeout_s)
     except (KafkaError, OSError) as exc:

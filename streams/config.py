@@ -34,6 +34,8 @@ class StreamsConfig:
     """An existing cluster (``host:port,...``); when set, the local broker is never fetched, started or stopped."""
     kafka_port: int
     kafka_controller_port: int
+    kafka_nodes: int = 1
+    """Nodes of the local cluster: node i listens on ``kafka_port + i`` (controller ``kafka_controller_port + i``)."""
     kafka_version: str
     kafka_heap: str
     kafka_start_timeout_s: float
@@ -68,7 +70,12 @@ class StreamsConfig:
 
     @property
     def bootstrap_servers(self) -> str:
-        return self.kafka_bootstrap or f"127.0.0.1:{self.kafka_port}"
+        return self.kafka_bootstrap or ",".join(f"127.0.0.1:{self.kafka_port + i}" for i in range(self.kafka_nodes))
+
+    @property
+    def replication_factor(self) -> int:
+        """Replicas of each topic created here: every node of the local cluster; an existing cluster's default."""
+        return self.kafka_nodes if self.manages_kafka else -1
 
     @property
     def manages_kafka(self) -> bool:

@@ -201,7 +201,7 @@ def serve(settings: Settings) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     if settings.model_source == "kafka":  # fill this replica's registry once, before its workers start
         from models.registry import Registry
-        from services.api.follow_models import ModelFollower
+        from services.api.follow import ModelFollower
 
         ModelFollower(settings, Registry(settings.registry)).catch_up(settings.model_bootstrap_timeout_s)
     version = require_champion(settings)  # before binding: serving never trains (`flywheel setup` does)

@@ -384,7 +384,6 @@ class ServingState:
             from models.campaign import CampaignIndex
 
             self.campaign = CampaignIndex(settings.campaign_capacity, settings.campaign_threshold)
-        self.campaign_position = -1  # the campaign topic's offset applied last (-1: none yet)
         self._rules_stamp: tuple[int, int] | None = None
         self._reload_lock = threading.Lock()
         self._wake = threading.Event()
@@ -397,7 +396,7 @@ class ServingState:
         """Load rules and the champion (blocking, before serving), then start the reload threads."""
         loops = [(self._reload_loop, "flywheel-reloader"), (self._events_loop, "flywheel-events")]
         if self.settings.model_source == "kafka":
-            from services.api.follow_models import ModelFollower
+            from services.api.follow import ModelFollower
 
             follower = ModelFollower(self.settings, self.registry, self.request_check)
             follower.catch_up(self.settings.model_bootstrap_timeout_s)
@@ -651,45 +650,17 @@ class ServingState:
     def _campaign_loop(self) -> None:
         """Follow the compacted campaign topic from its beginning: every trusted label's fingerprint, whenever
         it was published, ends up in this replica's campaign memory (a tombstone removes one)."""
-        from kafka import TopicPartition
+        from services.api.follow import TopicFollower
 
         memory = self.campaign
         assert memory is not None
-        topic = self.topics.campaigns
-        backoff = 0.5
-        while not self._stop.is_set():
-            consumer = None
-            try:
-                consumer = self._follower("campaigns", fetch_max_wait_ms=100)
-                parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-                if not parts:
-                    raise RuntimeError("the campaign topic does not exist yet")
-                consumer.assign(parts)
-                for tp in parts:  # after a reconnect, go on where this replica stopped
-                    if self.campaign_position >= 0:
-                        consumer.seek(tp, self.campaign_position + 1)
-                    else:
-                        consumer.seek_to_beginning(tp)
-                log.info("following campaign fingerprints", topic=topic, from_offset=self.campaign_position + 1)
-                backoff = 0.5
-                while not self._stop.is_set():
-                    batches = consumer.poll(timeout_ms=200)
-                    for records in batches.values():
-                        for rec in records:
-                            self.apply_campaign_record(rec.key, rec.value)
-                            self.campaign_position = int(rec.offset)
-                    if batches:
-                        spam = memory.spam_count()
-                        metrics.CAMPAIGN_FINGERPRINTS.labels("spam").set(spam)
-                        metrics.CAMPAIGN_FINGERPRINTS.labels("ham").set(len(memory) - spam)
-            except Exception as exc:  # noqa: BLE001 - Kafka down: keep the memory, retry later
-                log.debug("campaign follower retrying", error=str(exc))
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
-            finally:
-                if consumer is not None:
-                    with contextlib.suppress(Exception):
-                        consumer.close()
+
+        def gauges() -> None:
+            spam = memory.spam_count()
+            metrics.CAMPAIGN_FINGERPRINTS.labels("spam").set(spam)
+            metrics.CAMPAIGN_FINGERPRINTS.labels("ham").set(len(memory) - spam)
+
+        TopicFollower(self.settings, self.topics.campaigns, "campaigns", self.apply_campaign_record, gauges).run(self._stop)
 
     def apply_campaign_record(self, key: bytes | None, value: bytes | None) -> None:
         """One campaign-topic record into this replica's memory (a fingerprint, or a tombstone withdrawing one)."""

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ import structlog
 
 from services.local.daemon import Daemon, DaemonError, rss_bytes, wait_for
 from services.local.preflight import port_free
-from streams.admin import BrokerError, answers_metadata
+from streams.admin import BrokerError, answers_metadata, brokers_answering
 
 if TYPE_CHECKING:
     from streams.config import StreamsConfig
@@ -55,23 +56,33 @@ def _progress(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- paths
-def kafka_dir(config: StreamsConfig) -> Path:
-    """Where this broker keeps its config, data, pidfile and log (``<state_dir>/kafka``)."""
-    return config.state_dir / "kafka"
+def kafka_dir(config: StreamsConfig, node: int = 0) -> Path:
+    """Where a node keeps its config, data, pidfile and log: ``<state_dir>/kafka`` (the first or only node),
+    ``<state_dir>/kafka/node-<i>`` (the others of a three-node cluster)."""
+    return config.state_dir / "kafka" if node == 0 else config.state_dir / "kafka" / f"node-{node}"
 
 
 def jars_dir(config: StreamsConfig) -> Path:
     return config.downloads / f"kafka-{config.kafka_version}" / "libs"
 
 
-def _daemon(config: StreamsConfig) -> Daemon:
-    d = kafka_dir(config)
+def node_daemon(config: StreamsConfig, node: int = 0) -> Daemon:
+    """The pidfile, log and process of one node (the tests kill one to show nothing acknowledged is lost)."""
+    d = kafka_dir(config, node)
     return Daemon(
-        name="kafka",
+        name="kafka" if node == 0 else f"kafka-{node}",
         pidfile=d / "kafka.pid",
         logfile=d / "kafka.log",
         marker=str(d / "server.properties"),
     )
+
+
+def _daemon(config: StreamsConfig) -> Daemon:
+    return node_daemon(config, 0)
+
+
+def _nodes(config: StreamsConfig) -> range:
+    return range(max(1, config.kafka_nodes))
 
 
 # ------------------------------------------------------------------------------------------------- jars
@@ -263,9 +274,12 @@ def _check_security(config: StreamsConfig) -> None:
                           "commas, '=' or brackets (FLYWHEEL_KAFKA_SASL_USERNAME, FLYWHEEL_KAFKA_SASL_PASSWORD)")
 
 
-def _server_properties(config: StreamsConfig) -> str:
-    d = kafka_dir(config)
-    port, cport = config.kafka_port, config.kafka_controller_port
+def _server_properties(config: StreamsConfig, node: int = 0) -> str:
+    d = kafka_dir(config, node)
+    port, cport = config.kafka_port + node, config.kafka_controller_port + node
+    n = max(1, config.kafka_nodes)
+    voters = ",".join(f"{i + 1}@127.0.0.1:{config.kafka_controller_port + i}" for i in range(n))
+    isr = str(min(2, n))  # three nodes: a write is acknowledged once two hold it, so one may die
     # The client listener is named after its protocol (PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL): with SASL a client
     # that does not log in is refused, with TLS one that does not speak it. The broker reaches itself over it too,
     # as the same SCRAM user, which `kafka-storage format --add-scram` creates before the first start
@@ -273,8 +287,8 @@ def _server_properties(config: StreamsConfig) -> str:
     listener = config.security_protocol
     props = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@127.0.0.1:{cport}",
+        "node.id": str(node + 1),
+        "controller.quorum.voters": voters,
         "listeners": f"{listener}://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}",
         "advertised.listeners": f"{listener}://127.0.0.1:{port}",
         "controller.listener.names": "CONTROLLER",
@@ -282,16 +296,16 @@ def _server_properties(config: StreamsConfig) -> str:
         "listener.security.protocol.map": f"{listener}:{listener},CONTROLLER:PLAINTEXT",
         "log.dirs": str(d / "data"),
         "num.partitions": "1",
-        "default.replication.factor": "1",
-        "min.insync.replicas": "1",
+        "default.replication.factor": str(n),
+        "min.insync.replicas": isr,
         # Internal topics default to RF 3: on one node they could never be created.
-        "offsets.topic.replication.factor": "1",
+        "offsets.topic.replication.factor": str(n),
         "offsets.topic.num.partitions": "10",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
-        # One node: nobody else will join, so a new group need not wait 3 s for members.
+        "transaction.state.log.replication.factor": str(n),
+        "transaction.state.log.min.isr": isr,
+        "share.coordinator.state.topic.replication.factor": str(n),
+        "share.coordinator.state.topic.min.isr": isr,
+        # Local nodes start together: a new group need not wait 3 s for members.
         "group.initial.rebalance.delay.ms": "0",
         "log.retention.hours": "168",
         "log.segment.bytes": str(256 * 1024 * 1024),
@@ -356,14 +370,14 @@ def _cluster_id(d: Path) -> str:
     return cid
 
 
-def _write_config(config: StreamsConfig) -> Path:
-    d = kafka_dir(config)
+def _write_config(config: StreamsConfig, node: int = 0) -> Path:
+    d = kafka_dir(config, node)
     (d / "data").mkdir(parents=True, exist_ok=True)
     props = d / "server.properties"
     # it may hold the SCRAM password: readable by its owner only, from the moment it exists
     props.touch(mode=0o600, exist_ok=True)
     props.chmod(0o600)
-    props.write_text(_server_properties(config))
+    props.write_text(_server_properties(config, node))
     if config.uses_tls and config.broker_ssl_keyfile and config.broker_ssl_certfile:
         keystore = d / "broker-keystore.pem"
         keystore.touch(mode=0o600, exist_ok=True)
@@ -374,8 +388,8 @@ def _write_config(config: StreamsConfig) -> Path:
     return props
 
 
-def _java_argv(config: StreamsConfig, java: str, libs: Path, main: str, *args: str) -> list[str]:
-    d = kafka_dir(config)
+def _java_argv(config: StreamsConfig, java: str, libs: Path, main: str, *args: str, node: int = 0) -> list[str]:
+    d = kafka_dir(config, node)
     return [
         java,
         f"-Xmx{config.kafka_heap}",
@@ -401,13 +415,15 @@ def _mb(heap: str) -> int:
     return {"k": n // 1024, "m": n, "g": n * 1024, "": n // (1024 * 1024)}[unit]
 
 
-def _format_storage(config: StreamsConfig, java: str, libs: Path, props: Path) -> None:
-    """Format the metadata log once (a data dir with meta.properties is already formatted)."""
-    d = kafka_dir(config)
+def _format_storage(config: StreamsConfig, java: str, libs: Path, props: Path, node: int = 0) -> None:
+    """Format the metadata log once (a data dir with meta.properties is already formatted); every node of a
+    cluster with the first node's cluster id."""
+    d = kafka_dir(config, node)
     if (d / "data" / "meta.properties").is_file():
         return
-    cid = _cluster_id(d)
-    argv = _java_argv(config, java, libs, "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props))
+    cid = _cluster_id(kafka_dir(config))
+    argv = _java_argv(config, java, libs, "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(props),
+                      node=node)
     if config.uses_sasl:
         # the SCRAM user every client (and the broker itself) logs in as, stored in the metadata log at format
         argv += ["--add-scram", f"{config.sasl_mechanism}=[name={config.sasl_username},"
@@ -433,52 +449,69 @@ def start(config: StreamsConfig) -> None:
             )
         log.info("using existing kafka", bootstrap=config.bootstrap_servers)
         return
-    daemon = _daemon(config)
-    if daemon.running():
-        _wait_ready(config, daemon, started_at=None)
-        log.info("kafka already running", pid=daemon.pid(), bootstrap=config.bootstrap_servers)
+    daemons = [node_daemon(config, i) for i in _nodes(config)]
+    if all(d.running() for d in daemons):
+        _wait_ready(config, daemons, started_at=None)
+        log.info("kafka already running", pids=[d.pid() for d in daemons], bootstrap=config.bootstrap_servers)
         return
     _check_security(config)
     java = find_java()
     libs = ensure_jars(config)
-    for setting, port in (("kafka_port", config.kafka_port), ("kafka_controller_port", config.kafka_controller_port)):
-        if not port_free(port):
-            raise BrokerError(
-                f"port {port} on 127.0.0.1 is already in use by another program, so the broker cannot listen "
-                f"there; stop that program or choose another port (FLYWHEEL_{setting.upper()}), or point "
-                "FLYWHEEL_KAFKA_BOOTSTRAP at a Kafka you already run"
-            )
-    props = _write_config(config)
-    _format_storage(config, java, libs, props)
-    _progress(f"==> starting Kafka {config.kafka_version} on 127.0.0.1:{config.kafka_port}")
+    down = [i for i, d in enumerate(daemons) if not d.running()]
+    for i in down:
+        for setting, port in (("kafka_port", config.kafka_port + i),
+                              ("kafka_controller_port", config.kafka_controller_port + i)):
+            if not port_free(port):
+                raise BrokerError(
+                    f"port {port} on 127.0.0.1 is already in use by another program, so the broker cannot listen "
+                    f"there; stop that program or choose another port (FLYWHEEL_{setting.upper()}"
+                    + (f" + {i}, node {i}" if i else "") + "), or point FLYWHEEL_KAFKA_BOOTSTRAP at a Kafka you "
+                    "already run"
+                )
+    kafka_dir(config).mkdir(parents=True, exist_ok=True)
+    _cluster_id(kafka_dir(config))  # before any node formats: they share it
+    for i in down:
+        props = _write_config(config, i)
+        _format_storage(config, java, libs, props, i)
+    where = ", ".join(f"127.0.0.1:{config.kafka_port + i}" for i in down)
+    _progress(f"==> starting Kafka {config.kafka_version} on {where}")
     started_at = time.monotonic()
-    try:
-        daemon.start(_java_argv(config, java, libs, "kafka.Kafka", str(props)), cwd=kafka_dir(config))
-    except DaemonError as exc:
-        raise BrokerError(str(exc)) from exc
-    _wait_ready(config, daemon, started_at=started_at)
+    for i in down:
+        try:
+            daemons[i].start(_java_argv(config, java, libs, "kafka.Kafka", str(kafka_dir(config, i) / "server.properties"),
+                                        node=i), cwd=kafka_dir(config, i))
+        except DaemonError as exc:
+            raise BrokerError(str(exc)) from exc
+    _wait_ready(config, daemons, started_at=started_at)
 
 
-def _wait_ready(config: StreamsConfig, daemon: Daemon, started_at: float | None) -> None:
+def _wait_ready(config: StreamsConfig, daemons: list[Daemon], started_at: float | None) -> None:
+    """Until every node is in the cluster's metadata (one node: until it answers)."""
     deadline_s = config.kafka_start_timeout_s
+    want = len(daemons)
     ok = wait_for(
-        lambda: answers_metadata(config, timeout_s=1.0),
+        lambda: brokers_answering(config, timeout_s=1.0) >= want,
         deadline_s,
         interval_s=0.25,
-        abort=lambda: not daemon.running(),
+        abort=lambda: not all(d.running() for d in daemons),
     )
     if ok:
         if started_at is not None:
             elapsed = time.monotonic() - started_at
-            pid = daemon.pid()
-            rss = rss_bytes(pid) if pid else None
-            _progress(f"    kafka ready in {elapsed:.1f}s (pid {pid})")
-            log.info("kafka ready", seconds=round(elapsed, 2), pid=pid, rss_mb=rss and round(rss / 1e6))
+            pids = [d.pid() for d in daemons]
+            rss = [rss_bytes(p) if p else None for p in pids]
+            _progress(f"    kafka ready in {elapsed:.1f}s (pid {', '.join(str(p) for p in pids)})")
+            log.info("kafka ready", seconds=round(elapsed, 2), pids=pids, rss_mb=[r and round(r / 1e6) for r in rss])
         return
+    dead = [d for d in daemons if not d.running()]
+    daemon = dead[0] if dead else daemons[0]
     tail = daemon.log_tail(30)
-    if not daemon.running():
+    if dead:
+        for d in daemons:
+            d.stop(timeout_s=10.0)
         raise BrokerError(f"the broker exited during start-up; last lines of {daemon.logfile}:\n{tail}")
-    daemon.stop(timeout_s=10.0)
+    for d in daemons:
+        d.stop(timeout_s=10.0)
     raise BrokerError(
         f"the broker did not answer a metadata request within {deadline_s:.0f}s "
         f"(FLYWHEEL_KAFKA_START_TIMEOUT_S) and was stopped; last lines of {daemon.logfile}:\n{tail}"
@@ -486,29 +519,32 @@ def _wait_ready(config: StreamsConfig, daemon: Daemon, started_at: float | None)
 
 
 def stop(config: StreamsConfig) -> None:
-    """Stop the local broker (SIGTERM, then SIGKILL after 30 s); a no-op when it is not running."""
+    """Stop the local broker, every node of it (SIGTERM, then SIGKILL after 30 s); a no-op when none runs."""
     if not config.manages_kafka:
         reachable = answers_metadata(config, timeout_s=2.0)
         log.info("external kafka is not managed by flywheel; nothing stopped",
                  bootstrap=config.bootstrap_servers, reachable=reachable)
         return
-    daemon = _daemon(config)
-    pid = daemon.pid()
-    if pid is None:
+    daemons = [d for d in (node_daemon(config, i) for i in _nodes(config)) if d.pid() is not None]
+    if not daemons:
         log.info("kafka not running")
         return
-    _progress(f"==> stopping Kafka (pid {pid})")
+    _progress(f"==> stopping Kafka (pid {', '.join(str(d.pid()) for d in daemons)})")
     started = time.monotonic()
-    try:
-        daemon.stop(timeout_s=STOP_TIMEOUT_S)
-    except DaemonError as exc:
-        raise BrokerError(str(exc)) from exc
+    # All nodes at once: stopped one by one, the last ones would wait out their shutdown for a controller quorum
+    # that left with the first ones.
+    with ThreadPoolExecutor(max_workers=len(daemons)) as pool:
+        futures = [pool.submit(d.stop, timeout_s=STOP_TIMEOUT_S) for d in daemons]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise BrokerError(str(errors[0])) from errors[0]
     log.info("kafka stopped", seconds=round(time.monotonic() - started, 2))
 
 
 def is_running(config: StreamsConfig) -> bool:
-    """True when the broker Flywheel manages for this config has a live process (says nothing of readiness)."""
-    return config.manages_kafka and _daemon(config).running()
+    """True when a node of the broker Flywheel manages for this config has a live process (says nothing of
+    readiness)."""
+    return config.manages_kafka and any(node_daemon(config, i).running() for i in _nodes(config))
 
 
 def status(config: StreamsConfig) -> dict[str, Any]:
@@ -541,6 +577,7 @@ __all__ = [
     "is_running",
     "jars_dir",
     "kafka_dir",
+    "node_daemon",
     "start",
     "status",
     "stop",

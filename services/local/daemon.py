@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,6 +347,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_run(n: int, avoid: Collection[int] = (), host: str = "127.0.0.1") -> int:
+    """A port ``p`` with ``p .. p+n-1`` all free right now and none in ``avoid`` (a local cluster's nodes listen on
+    consecutive ports)."""
+    for _ in range(200):
+        base = free_port(host)
+        ports = range(base, base + n)
+        if base + n > 65535 or any(p in avoid for p in ports):
+            continue
+        if all(port_free(p, host) for p in ports):
+            return base
+    raise DaemonError(f"no run of {n} free ports on {host}")
+
+
 def tail(path: Path, lines: int = 40) -> str:
     """The last ``lines`` lines of a text file ('' when missing); reads only the end of big logs."""
     try:
@@ -366,6 +379,7 @@ __all__ = [
     "DaemonError",
     "cmdline",
     "free_port",
+    "free_port_run",
     "is_alive",
     "port_open",
     "read_pid",

@@ -82,8 +82,9 @@ def preflight(settings: Settings, *, api: bool = False, worker: bool = False, ka
         s = settings.streams()
         if not broker.is_running(s):
             before = len(problems)
-            port("kafka_port", settings.kafka_port)
-            port("kafka_controller_port", settings.kafka_controller_port)
+            for node in range(settings.kafka_nodes):  # node i listens on the configured ports + i
+                port("kafka_port", settings.kafka_port + node)
+                port("kafka_controller_port", settings.kafka_controller_port + node)
             if len(problems) == before:  # Java answers in seconds on a busy host: only when the ports are free
                 try:
                     broker.find_java()

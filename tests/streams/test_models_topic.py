@@ -1,4 +1,4 @@
-"""The models topic (streams.models, services.api.follow_models): versions travel whole in bounded chunks,
+"""The models topic (streams.models, services.api.follow): versions travel whole in bounded chunks,
 anything tampered with is refused, and a replica on an empty disk that knows only the brokers ends up serving the
 worker's champion and follows its promotions."""
 
@@ -102,7 +102,7 @@ def test_a_replica_on_an_empty_disk_serves_the_champion_and_follows_promotions(
     whose registry starts empty: the champion arrives whole and passes the load-time self-check; a later
     promotion reaches the running follower; a rollback too."""
     from models.registry import Registry
-    from services.api.follow_models import ModelFollower
+    from services.api.follow import ModelFollower
     from services.local.daemon import wait_until
     from streams import admin
     from streams.topics import EventProducer, Topics, topic_specs

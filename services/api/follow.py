@@ -1,4 +1,5 @@
-"""An API replica's models from Kafka: the models topic (``streams.models``) followed into the replica's own registry.
+"""What an API replica follows on Kafka as whole tables: the campaign topic, and the models topic
+(``streams.models``) followed into the replica's own registry.
 
 With ``model_source = "kafka"`` a replica needs no directory shared with the worker: on start it reads the
 compacted topic from its beginning into its local registry (every published version whole, then the champion),
@@ -30,7 +31,97 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["ModelFollower"]
+__all__ = ["ModelFollower", "TopicFollower"]
+
+
+class TopicFollower:
+    """Follows a compacted, single-partition topic from its beginning, as a table every replica holds whole (the
+    models topic, the campaign topic): each record goes to ``apply``; ``after_batch`` runs after each poll that
+    brought records. It reconnects with back-off when Kafka goes away and goes on where it stopped."""
+
+    def __init__(self, settings: Settings, topic: str, name: str, apply: Callable[[bytes | None, bytes | None], None],
+                 after_batch: Callable[[], None] = lambda: None, **consumer: Any) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.name = name
+        self.apply = apply
+        self.after_batch = after_batch
+        self.consumer_settings = consumer
+        self.position = -1  # the offset applied last
+
+    def _consumer(self) -> KafkaConsumer:
+        from kafka import KafkaConsumer
+
+        return KafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers.split(","), **self.settings.streams().kafka_python_auth(),
+            group_id=None, enable_auto_commit=False, client_id=f"flywheel-api-{self.name}-{os.getpid()}",
+            request_timeout_ms=5000, reconnect_backoff_max_ms=2000, fetch_max_wait_ms=100,
+            **self.consumer_settings,
+        )
+
+    def _assign(self, consumer: KafkaConsumer) -> Any:
+        from kafka import TopicPartition
+
+        parts = [TopicPartition(self.topic, p) for p in consumer.partitions_for_topic(self.topic) or ()]
+        if not parts:
+            raise RuntimeError(f"the topic {self.topic} does not exist yet")
+        consumer.assign(parts)
+        for tp in parts:  # after a reconnect, go on where this replica stopped
+            if self.position >= 0:
+                consumer.seek(tp, self.position + 1)
+            else:
+                consumer.seek_to_beginning(tp)
+        return parts
+
+    def _poll(self, consumer: KafkaConsumer) -> None:
+        batches = consumer.poll(timeout_ms=200)
+        for records in batches.values():
+            for rec in records:
+                self.apply(rec.key, rec.value)
+                self.position = int(rec.offset)
+        if batches:
+            self.after_batch()
+
+    def catch_up(self, timeout_s: float, done: Callable[[], bool] = lambda: True) -> None:
+        """Read the topic to its current end, and on until ``done()`` holds, for at most ``timeout_s`` (best
+        effort: Kafka unreachable is logged, and the caller checks what it needed)."""
+        consumer = None
+        deadline = time.monotonic() + timeout_s
+        try:
+            consumer = self._consumer()
+            parts = self._assign(consumer)
+            end = consumer.end_offsets(parts)
+            while time.monotonic() < deadline:
+                if not any(consumer.position(tp) < end[tp] for tp in parts) and done():
+                    break
+                self._poll(consumer)
+        except Exception as exc:  # noqa: BLE001 - Kafka unreachable or no topic yet: the caller says what is missing
+            log.warning("topic not read", topic=self.topic, error=str(exc))
+        finally:
+            if consumer is not None:
+                with contextlib.suppress(Exception):
+                    consumer.close()
+
+    def run(self, stop: threading.Event) -> None:
+        """Follow the topic until ``stop``."""
+        backoff = 0.5
+        while not stop.is_set():
+            consumer = None
+            try:
+                consumer = self._consumer()
+                self._assign(consumer)
+                log.info("following", topic=self.topic, from_offset=self.position + 1)
+                backoff = 0.5
+                while not stop.is_set():
+                    self._poll(consumer)
+            except Exception as exc:  # noqa: BLE001 - Kafka down: keep what was applied, retry later
+                log.debug("follower retrying", topic=self.topic, error=str(exc))
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        consumer.close()
 
 
 class ModelFollower:
@@ -41,89 +132,21 @@ class ModelFollower:
         from streams.models import ModelAssembler
         from streams.topics import Topics
 
-        self.settings = settings
         self.registry = registry
         self.on_champion = on_champion
-        self.topic = Topics.from_config(settings.streams()).models
         self.assembler = ModelAssembler()
-        self.position = -1  # the offset applied last
         self.waiting: str | None = None  # a champion named before its version arrived whole
-
-    def _consumer(self) -> KafkaConsumer:
-        from kafka import KafkaConsumer
-
-        return KafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers.split(","), **self.settings.streams().kafka_python_auth(),
-            group_id=None, enable_auto_commit=False, client_id=f"flywheel-api-models-{os.getpid()}",
-            request_timeout_ms=5000, reconnect_backoff_max_ms=2000, fetch_max_wait_ms=100,
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
-
-    def _assign(self, consumer: KafkaConsumer) -> Any:
-        from kafka import TopicPartition
-
-        parts = [TopicPartition(self.topic, p) for p in consumer.partitions_for_topic(self.topic) or ()]
-        if not parts:
-            raise RuntimeError(f"the models topic {self.topic} does not exist yet")
-        consumer.assign(parts)
-        for tp in parts:  # after a reconnect, go on where this replica stopped
-            if self.position >= 0:
-                consumer.seek(tp, self.position + 1)
-            else:
-                consumer.seek_to_beginning(tp)
-        return parts
-
-    def _poll(self, consumer: KafkaConsumer) -> int:
-        n = 0
-        for records in consumer.poll(timeout_ms=200).values():
-            for rec in records:
-                self.apply(rec.key, rec.value)
-                self.position = int(rec.offset)
-                n += 1
-        return n
+        self.follower = TopicFollower(settings, Topics.from_config(settings.streams()).models, "models", self.apply,
+                                      max_partition_fetch_bytes=4 * 1024 * 1024)
 
     def catch_up(self, timeout_s: float) -> bool:
         """Read the topic to its current end, and on until a champion is installed (a worker that has not
         published yet), for at most ``timeout_s``; True when the registry then has a champion."""
-        consumer = None
-        deadline = time.monotonic() + timeout_s
-        try:
-            consumer = self._consumer()
-            parts = self._assign(consumer)
-            end = consumer.end_offsets(parts)
-            while time.monotonic() < deadline:
-                behind = any(consumer.position(tp) < end[tp] for tp in parts)
-                if not behind and self.registry.champion() is not None:
-                    break
-                self._poll(consumer)
-        except Exception as exc:  # noqa: BLE001 - Kafka unreachable or no topic yet: the caller says what is missing
-            log.warning("models topic not read", topic=self.topic, error=str(exc))
-        finally:
-            if consumer is not None:
-                with contextlib.suppress(Exception):
-                    consumer.close()
+        self.follower.catch_up(timeout_s, lambda: self.registry.champion() is not None)
         return self.registry.champion() is not None
 
     def run(self, stop: threading.Event) -> None:
-        """Follow the topic until ``stop``; reconnect with back-off when Kafka goes away."""
-        backoff = 0.5
-        while not stop.is_set():
-            consumer = None
-            try:
-                consumer = self._consumer()
-                self._assign(consumer)
-                log.info("following models", topic=self.topic, from_offset=self.position + 1)
-                backoff = 0.5
-                while not stop.is_set():
-                    self._poll(consumer)
-            except Exception as exc:  # noqa: BLE001 - Kafka down: keep the models, retry later
-                log.debug("models follower retrying", error=str(exc))
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
-            finally:
-                if consumer is not None:
-                    with contextlib.suppress(Exception):
-                        consumer.close()
+        self.follower.run(stop)
 
     def apply(self, key: bytes | None, value: bytes | None) -> None:
         """One record of the models topic."""
