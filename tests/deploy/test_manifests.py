@@ -22,25 +22,26 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from services.bench.manifests import (
+    CHART,
+    COMPOSE,
+    DEPLOY,
+    KUBE_VERSIONS,
+    install_tools,
+    validate_manifests,
+    versions,
+)
 from services.settings import REPO_ROOT, Settings
 
-DEPLOY = REPO_ROOT / "deploy"
-CHART = DEPLOY / "helm" / "flywheel"
-COMPOSE = DEPLOY / "compose.yaml"
-VENV_BIN = Path(sys.executable).parent
 TOOLS_DIR = REPO_ROOT / "var" / "downloads" / "deploy-tools"
 HELM_VERSION = "v4.3.2"
 HADOLINT_VERSION = "2.15.1"
-# the Kubernetes versions the rendered manifests are checked against: the chart's kubeVersion floor and the newest
-# schema kubernetes-validate ships
-KUBE_VERSIONS = ("1.25.0", "1.37.0")
 # the first run builds helm from source (about 7 minutes on 2 cores with an empty Go cache), within the first test
 pytestmark = pytest.mark.timeout(1800)
 
@@ -55,22 +56,18 @@ def run(cmd: list[str], *, ok: bool = True, timeout_s: float = 300, cwd: Path = 
 @pytest.fixture(scope="module")
 def tools() -> dict[str, str]:
     """helm and hadolint, installed by the project's own script (idempotent; the first helm build takes minutes)."""
-    out = run(["bash", str(DEPLOY / "validation-tools.sh"), str(TOOLS_DIR)], timeout_s=1500)
-    found = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
-    found["check-jsonschema"] = str(VENV_BIN / "check-jsonschema")
-    found["kubernetes-validate"] = str(VENV_BIN / "kubernetes-validate")
+    found = install_tools(TOOLS_DIR.parent)
     for name, path in found.items():
         assert Path(path).is_file(), f"{name}: {path} missing"
     return found
 
 
-def versions(tools: dict[str, str]) -> dict[str, str]:
-    """Each validator's own report of its version."""
-    helm = run([tools["helm"], "version", "--template", "{{.Version}}"]).stdout.strip()
-    hadolint = run([tools["hadolint"], "--version"]).stdout.strip()
-    cj = run([tools["check-jsonschema"], "--version"]).stdout.strip()
-    kv = run([tools["kubernetes-validate"], "--version"]).stdout.strip()
-    return {"helm": helm, "hadolint": hadolint, "check-jsonschema": cj, "kubernetes-validate": kv}
+@pytest.mark.integration
+def test_the_benchmark_finds_every_check_valid(tools: dict[str, str]) -> None:
+    """What `flywheel bench scale` reports as manifests_valid: the same validators, all passing here."""
+    report = validate_manifests(tools)
+    assert report["valid"], {k: c["detail"] for k, c in report["checks"].items() if not c["ok"]}
+    assert len(report["checks"]) == 2 + 2 * (2 + len(KUBE_VERSIONS)) and report["versions"] == versions(tools)
 
 
 # ------------------------------------------------------------------------------------------------ the images
