@@ -9,6 +9,11 @@ the worker's registry, as the gate or an operator does, ``repeats`` times:
   of the repeats; target <= 10 s);
 * ``replica_bootstrap_s``: from a replica's start on an empty disk until it serves (the champion read from Kafka).
 
+Then the worker image's lease (``deploy/worker/flywheel-worker-leased``) run twice on one state directory, a worker
+and its standby, with flags streaming through the API: the active worker is SIGKILLed. ``takeover_s`` is the time
+until the standby has applied a flag acknowledged after the kill (target <= 30 s), ``takeover_lost_flags`` the
+acknowledged flags the store does not hold once the standby caught up (target 0), and the flags stored twice.
+
 Then a three-node local KRaft cluster (``kafka_nodes = 3``: every topic on three nodes, min.insync.replicas 2) with
 a worker and an API on it: flags stream through ``POST /feedback`` while one node is SIGKILLed and, later,
 restarted. ``broker_kill_lost_flags`` counts the flags the API acknowledged (202, with their partition and offset)
@@ -18,8 +23,8 @@ elected new leaders were never acknowledged and are counted apart.
 Last, ``manifests_valid``: compose file, Dockerfiles, Helm chart and its rendered manifests validated offline
 (``services.bench.manifests``), with the validators' versions.
 
-The other figures of the issue's scale benchmark (a standby worker's takeover, the worker rebuilt from the feedback
-log) are printed as not measured by this version.
+The worker rebuilt on an empty disk from the feedback log (``rebuild_equal``) is printed as not measured by this
+version.
 """
 
 from __future__ import annotations
@@ -43,8 +48,8 @@ log = structlog.get_logger(__name__)
 
 __all__ = ["TARGETS", "run_scale_bench"]
 
-TARGETS = {"replica_converge_s": 10.0, "broker_kill_lost_flags": 0}
-NOT_MEASURED = ("takeover_s", "takeover_lost_flags", "rebuild_equal")
+TARGETS = {"replica_converge_s": 10.0, "takeover_s": 30.0, "takeover_lost_flags": 0, "broker_kill_lost_flags": 0}
+NOT_MEASURED = ("rebuild_equal",)
 PROBE = b"Subject: which model answers?\r\nFrom: probe@example.com\r\n\r\nA message to ask the replicas their version.\r\n"
 
 
@@ -60,79 +65,162 @@ def _served_version(http: httpx.Client) -> str | None:
     return str(r.json()["model"]["version"]) if r.status_code == 200 else None
 
 
+class FlagStream:
+    """Flags sent through ``POST /feedback`` by a thread, one after another, until stopped: what the API
+    acknowledged (202: partition and offset) and what it refused (by status), as a mail client would see it."""
+
+    def __init__(self, stack: LocalStack, users: list[str]) -> None:
+        import threading
+
+        self.stack = stack
+        self.users = users
+        self.acked: list[tuple[int, int]] = []
+        self.refused: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send, daemon=True, name="flag-stream")
+
+    def __enter__(self) -> FlagStream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def _send(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            raw = f"Subject: scale flag {i} {time.time_ns()}\r\nFrom: s{i}@example.com\r\n\r\nbody {i}\r\n"
+            try:
+                r = self.stack.flag("spam", self.users[i % len(self.users)], raw=raw.encode())
+            except httpx.HTTPError as exc:
+                self.refused[type(exc).__name__] = self.refused.get(type(exc).__name__, 0) + 1
+            else:
+                if r.status_code == 202:
+                    body = r.json()
+                    self.acked.append((int(body["partition"]), int(body["offset"])))
+                else:
+                    self.refused[f"HTTP {r.status_code}"] = self.refused.get(f"HTTP {r.status_code}", 0) + 1
+            i += 1
+
+    def wait_for(self, more: int, timeout_s: float, what: str) -> None:
+        """Until ``more`` flags beyond those acknowledged now are acknowledged."""
+        target = len(self.acked) + more
+        wait_until(lambda: len(self.acked) >= target, timeout_s, what, 0.05)
+
+    def stored(self, timeout_s: float = 300.0) -> tuple[int, int]:
+        """Once the worker applied every acknowledged offset: (acknowledged but not stored, stored twice)."""
+        from streams.topics import Topics
+
+        topic = Topics.from_config(self.stack.settings.streams()).feedback
+        last: dict[int, int] = {}
+        for p, o in self.acked:
+            last[p] = max(o, last.get(p, -1))
+        wait_until(lambda: all(self.stack.applied_offsets(topic).get(p, -1) >= o for p, o in last.items()),
+                   timeout_s, "the worker to store every acknowledged flag", 0.5)
+        with self.stack.db() as db:
+            rows = [(int(p), int(o)) for t, p, o in db.execute("SELECT topic, partition, offset FROM votes")
+                    if t == topic]
+        return len(set(self.acked) - set(rows)), len(rows) - len(set(rows))
+
+
+def _users() -> tuple[dict[str, str], list[str]]:
+    from services.bench.harness import reporter_keys
+
+    keys = reporter_keys(10, prefix="k-scale")
+    return keys, [k for k in keys if k != "dev-admin-key"]
+
+
 def broker_kill(settings: Settings, root: Path, *, flags: int = 300) -> dict[str, Any]:
     """Flags through the API on a three-node cluster while a node is killed and restarted (module docstring)."""
     import os
     import signal
-    import threading
 
-    from services.bench.harness import reporter_keys
     from services.local import broker
-    from streams.topics import Topics
 
     port = free_port_run(3)
     cport = free_port_run(3, avoid=range(port, port + 3))
-    keys = reporter_keys(10, prefix="k-scale")
-    users = [k for k in keys if k != "dev-admin-key"]
+    keys, users = _users()
     cluster = settings.model_copy(update={"kafka_nodes": 3, "kafka_port": port, "kafka_controller_port": cport,
                                           "kafka_bootstrap": None})
-    acked: list[tuple[int, int]] = []
-    refused: dict[str, int] = {}
-    stop = threading.Event()
+    third = max(1, flags // 3)
     _say("==> three-node cluster, a worker and an API; flags stream in while node 2 of 3 is killed and restarted")
     with LocalStack(cluster, root, api_keys=keys, neural_retrain=False, linear_refit_s=86400.0,
                     campaign_memory=False) as stack:
         streams = stack.settings.streams()
         assert streams.kafka_nodes == 3 and streams.bootstrap_servers.count(",") == 2
-
-        def send() -> None:
-            i = 0
-            while not stop.is_set():
-                raw = f"Subject: scale flag {i} {time.time_ns()}\r\nFrom: s{i}@example.com\r\n\r\nbody {i}\r\n"
-                try:
-                    r = stack.flag("spam", users[i % len(users)], raw=raw.encode())
-                except httpx.HTTPError as exc:
-                    refused[type(exc).__name__] = refused.get(type(exc).__name__, 0) + 1
-                else:
-                    if r.status_code == 202:
-                        body = r.json()
-                        acked.append((int(body["partition"]), int(body["offset"])))
-                    else:
-                        refused[f"HTTP {r.status_code}"] = refused.get(f"HTTP {r.status_code}", 0) + 1
-                i += 1
-
-        sender = threading.Thread(target=send, daemon=True)
-        sender.start()
-        try:
-            third = max(1, flags // 3)
-            wait_until(lambda: len(acked) >= third, 120, "flags before the kill", 0.05)
+        with FlagStream(stack, users) as stream:
+            stream.wait_for(third, 120, "flags before the kill")
             pid = broker.node_daemon(streams, 1).pid()
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
             t_kill = time.monotonic()
-            at_kill = len(acked)
-            wait_until(lambda: len(acked) >= at_kill + third, 180, "flags with a node down", 0.05)
+            stream.wait_for(third, 180, "flags with a node down")
             broker.start(streams)  # the killed node only; back once all three are in the metadata again
             down_s = time.monotonic() - t_kill
-            at_back = len(acked)
-            wait_until(lambda: len(acked) >= at_back + third, 120, "flags after the restart", 0.05)
-        finally:
-            stop.set()
-            sender.join(60)
-        topic = Topics.from_config(streams).feedback
-        last: dict[int, int] = {}
-        for p, o in acked:
-            last[p] = max(o, last.get(p, -1))
-        wait_until(lambda: all(stack.applied_offsets(topic).get(p, -1) >= o for p, o in last.items()), 300,
-                   "the worker to store every acknowledged flag", 0.5)
-        with stack.db() as db:
-            stored = {(int(p), int(o)) for t, p, o in db.execute("SELECT topic, partition, offset FROM votes")
-                      if t == topic}
-    lost = len(set(acked) - stored)
-    _say(f"    {len(acked)} flags acknowledged ({down_s:.1f} s with a node down), {sum(refused.values())} refused "
-         f"{refused}; acknowledged but not stored: {lost}")
-    return {"broker_kill_lost_flags": lost, "broker_kill_acknowledged": len(acked), "broker_kill_refused": refused,
+            stream.wait_for(third, 120, "flags after the restart")
+        lost, doubled = stream.stored()
+    _say(f"    {len(stream.acked)} flags acknowledged ({down_s:.1f} s with a node down), "
+         f"{sum(stream.refused.values())} refused {stream.refused}; acknowledged but not stored: {lost}")
+    return {"broker_kill_lost_flags": lost, "broker_kill_doubled_flags": doubled,
+            "broker_kill_acknowledged": len(stream.acked), "broker_kill_refused": stream.refused,
             "broker_kill_node_down_s": round(down_s, 1)}
+
+
+def takeover(settings: Settings, root: Path, *, flags: int = 200) -> dict[str, Any]:
+    """The worker image's lease (``deploy/worker/flywheel-worker-leased``) run twice on one state directory: the
+    active worker is SIGKILLed while flags stream in; ``takeover_s`` is the time until the standby has applied a
+    flag acknowledged after the kill, ``takeover_lost_flags`` the acknowledged flags never stored."""
+    import os
+    import signal
+    import sys
+
+    from services.local.daemon import Child
+    from services.settings import REPO_ROOT
+    from streams.topics import Topics
+
+    keys, users = _users()
+    lease = REPO_ROOT / "deploy" / "worker" / "flywheel-worker-leased"
+    half = max(1, flags // 2)
+    _say("==> a worker and its standby on one state directory (the image's lease); the active one is SIGKILLed")
+    stack = LocalStack(settings, root, api_keys=keys, neural_retrain=False, linear_refit_s=86400.0,
+                       campaign_memory=False)
+    workers: list[Child] = []
+    try:
+        stack.start(worker=False)
+        topic = Topics.from_config(stack.settings.streams()).feedback
+        path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+        for name in ("a", "b"):
+            (root / name).mkdir(parents=True, exist_ok=True)
+            env = {**stack.settings.child_env(), "PATH": path, "TMPDIR": str(root / name), "PYTHONUNBUFFERED": "1",
+                   "FLYWHEEL_WORKER_PORT": str(stack.settings.worker_port if name == "a" else free_port())}
+            workers.append(Child(f"worker-{name}", ["sh", str(lease)], extra_env=env, logfile=root / f"worker-{name}.log",
+                                 cwd=REPO_ROOT).start())
+            if name == "a":  # the first takes the lease and runs; the second waits for it
+                wait_until(lambda: stack.worker_up() or not workers[0].alive(), 300, "the active worker", 0.2)
+        wait_until(lambda: (root / "b" / "flywheel-standby").exists() or not workers[1].alive(), 60, "the standby", 0.1)
+        assert workers[0].alive() and workers[1].alive(), workers[0].log_tail(20) + workers[1].log_tail(20)
+        with FlagStream(stack, users) as stream:
+            stream.wait_for(half, 120, "flags to the active worker")
+            wait_until(lambda: stack.applied_offsets(topic), 60, "the active worker to apply flags", 0.2)
+            workers[0].stop(signal.SIGKILL)
+            t_kill = time.monotonic()
+            after = len(stream.acked)
+            stream.wait_for(1, 60, "a flag acknowledged after the kill")
+            first_after = stream.acked[after]
+            wait_until(lambda: stack.applied_offsets(topic).get(first_after[0], -1) >= first_after[1], 300,
+                       "the standby to apply a flag sent after the kill", 0.1)
+            takeover_s = time.monotonic() - t_kill
+            stream.wait_for(half, 120, "flags to the standby")
+        lost, doubled = stream.stored()
+    finally:
+        for w in workers:
+            w.stop()
+        stack.stop()
+    _say(f"    the standby applied flags {takeover_s:.1f} s after the active worker's SIGKILL; {len(stream.acked)} "
+         f"acknowledged, {lost} not stored, {doubled} stored twice")
+    return {"takeover_s": round(takeover_s, 1), "takeover_lost_flags": lost, "takeover_doubled_flags": doubled,
+            "takeover_acknowledged": len(stream.acked)}
 
 
 def run_scale_bench(settings: Settings, json_path: Path | None, *, repeats: int = 3,
@@ -186,6 +274,7 @@ def run_scale_bench(settings: Settings, json_path: Path | None, *, repeats: int 
         stack.stop()
     result["replica_converge_s_runs"] = [round(x, 2) for x in converge]
     result["replica_converge_s"] = round(max(converge), 2)
+    result.update(takeover(settings, root / "takeover", flags=broker_kill_flags))
     result.update(broker_kill(settings, root / "cluster", flags=broker_kill_flags))
     from services.bench.manifests import install_tools, validate_manifests
 

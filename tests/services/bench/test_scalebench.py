@@ -1,6 +1,7 @@
 """`flywheel bench scale`, briefly: two API replicas with model_source=kafka and state directories of their own follow
 a promotion made on the worker's registry, as users would see it (their /classify answers); flags sent through the
-API while a node of a three-node cluster is killed and restarted are all stored."""
+API while a node of a three-node cluster is killed and restarted are all stored, and so are those sent while the
+active worker is SIGKILLed and its standby (the image's lease) takes over."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def test_replicas_sharing_only_kafka_follow_a_promotion(kafka: Settings, tmp_pat
     assert r["checks"]["replica_converge_s"]["bound"] == TARGETS["replica_converge_s"]
     assert r["replica_converge_s"] < 60  # the bench waits up to 120 s; the target is 10
     assert r["broker_kill_acknowledged"] >= 60 and r["broker_kill_lost_flags"] == 0, r
+    assert r["takeover_acknowledged"] >= 60 and r["takeover_lost_flags"] == 0 and r["takeover_doubled_flags"] == 0, r
+    assert 0 < r["takeover_s"] < 120 and r["manifests_valid"] is True, r
+    assert r["not_measured"] == ["rebuild_equal"]
     replica_dirs = sorted(p.name for p in (tmp_path / "bench-scale").glob("*/replica-*") if p.is_dir())
     assert replica_dirs == ["replica-0", "replica-1"]
     assert json.loads(out.read_text())["replica_converge_s"] == r["replica_converge_s"]
