@@ -665,10 +665,13 @@ class Registry:
             log.info("registry_pruned", removed=len(doomed), kept=len(keep_set) + min(len(others), keep))
         return doomed
 
-    def delete(self, version: str) -> None:
-        """Remove a version no rollback can reach (not the champion nor below it in the stack): housekeeping."""
+    def delete(self, version: str, *, keep_rollback_targets: bool = True) -> None:
+        """Remove a version no rollback can reach (not the champion nor below it in the stack): housekeeping.
+
+        ``keep_rollback_targets=False`` (a replica's copy of a version its source withdrew: the replica never rolls
+        back by itself) refuses the champion only."""
         with self._writer():
-            if version in self._stack() or version == self.champion():
+            if version == self.champion() or (keep_rollback_targets and version in self._stack()):
                 raise RegistryError(f"{version} is the champion or a rollback target; keep it")
             target = self.versions_dir / version
             if not target.is_dir():

@@ -133,6 +133,7 @@ class ModelFollower:
         from streams.topics import Topics
 
         self.registry = registry
+        self.keep = settings.registry_keep
         self.on_champion = on_champion
         self.assembler = ModelAssembler()
         self.waiting: str | None = None  # a champion named before its version arrived whole
@@ -166,12 +167,15 @@ class ModelFollower:
             try:
                 if self.registry.install(got.version, got.files):
                     metrics.MODEL_RECORDS.labels("version").inc()
+                    self.registry.prune(self.keep)  # this replica's copy stays as bounded as the worker's
             except (RegistryError, OSError) as exc:
                 metrics.MODEL_RECORDS.labels("refused").inc()
                 log.error("model version not installed", version=got.version, error=str(exc))
                 return
-        else:
-            return  # a withdrawn version: the registry prunes its own copies
+        else:  # withdrawn by the worker (its registry pruned it): this copy goes too, unless it serves
+            with contextlib.suppress(RegistryError, OSError):
+                self.registry.delete(got.version, keep_rollback_targets=False)
+            return
         wanted = self.waiting
         if wanted is None or not (self.registry.versions_dir / wanted).is_dir():
             return

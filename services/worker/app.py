@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import json
+import os
 import sqlite3
 import sys
 import threading
@@ -171,11 +173,20 @@ class Worker:
         champion = registry.champion()
         if champion is None or champion == self._published_champion:
             return False
+        ledger_path = self.settings.state_dir / "worker" / "models-published.json"
+        try:
+            ledger: dict[str, list[str]] = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+        except (OSError, ValueError):
+            ledger = {}
         try:
             records = version_records(champion, registry.version_files(champion))
             history = registry.history()
             reason = str(history[-1].get("reason", "")) if history else ""
-            self.producer.send_many(self.topics.models, [*records, champion_record(champion, reason)])
+            # versions this worker published that its registry has pruned since: withdrawn (tombstones), so the
+            # compacted topic holds what the registry holds, not every version ever promoted
+            gone = [v for v in ledger if v != champion and not (registry.versions_dir / v).is_dir()]
+            tombstones: list[tuple[str | bytes | None, bytes | None]] = [(k, None) for v in gone for k in ledger[v]]
+            self.producer.send_many(self.topics.models, [*records, champion_record(champion, reason), *tombstones])
         except (RegistryError, OSError) as exc:
             log.error("champion not published", version=champion, error=str(exc))
             return False
@@ -183,7 +194,16 @@ class Worker:
             log.warning("champion not published yet (Kafka down)", version=champion, error=str(exc))
             return False
         self._published_champion = champion
-        log.info("champion published on the models topic", version=champion, records=len(records) + 1)
+        ledger = {v: keys for v, keys in ledger.items() if v not in gone}
+        ledger[champion] = [k for k, _ in records]
+        try:
+            tmp = ledger_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(ledger))
+            os.replace(tmp, ledger_path)
+        except OSError as exc:
+            log.warning("models ledger not saved", error=str(exc))
+        log.info("champion published on the models topic", version=champion, records=len(records) + 1,
+                 withdrawn=gone)
         return True
 
     def _emit_model_event(self, event: ModelEvent) -> None:

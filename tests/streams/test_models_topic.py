@@ -14,7 +14,14 @@ import orjson
 import pytest
 
 from services.settings import Settings
-from streams.models import CHUNK_BYTES, ModelAssembler, champion_record, version_records, version_tombstones
+from streams.models import (
+    CHUNK_BYTES,
+    ChampionRecord,
+    ModelAssembler,
+    champion_record,
+    version_records,
+    version_tombstones,
+)
 
 
 def _files(size: int, seed: int = 0) -> dict[str, bytes]:
@@ -140,3 +147,57 @@ def test_a_replica_on_an_empty_disk_serves_the_champion_and_follows_promotions(
         stop.set()
         producer.close()
     assert not follower.assembler.refused, follower.assembler.refused  # every record was whole and well formed
+
+
+@pytest.mark.integration
+def test_the_worker_publishes_each_champion_once_and_withdraws_what_its_registry_pruned(
+        kafka: Settings, corpus: list, tmp_path: Path) -> None:
+    """Worker.publish_champion: a new champion's records go out once; a version the worker's registry no longer
+    holds is withdrawn (the newest record of each of its keys is a tombstone), so the topic stays bounded."""
+    import shutil
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    from models.registry import Registry
+    from services.worker.app import Worker
+    from streams import admin
+    from streams.topics import Topics, topic_specs
+
+    s = kafka.model_copy(update={"topic_prefix": f"models-{uuid.uuid4().hex[:8]}", "state_dir": tmp_path})
+    admin.ensure_topics(s.streams(), topic_specs(s.streams()))
+    registry = Registry(s.registry)
+    v1, v2, v3 = _quick_registry(registry.root, corpus, 3)  # v1 is the champion
+    worker = Worker(s, serve_metrics=False, learn=False)  # publishes the champion at start
+    try:
+        assert not worker.publish_champion()  # unchanged: nothing sent again
+        registry.promote(v2, "better")
+        assert worker.publish_champion()
+        shutil.rmtree(registry.versions_dir / v1)  # the registry pruned it
+        registry.promote(v3, "better still")
+        assert worker.publish_champion()
+    finally:
+        worker.close()
+    consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers.split(","), group_id=None,
+                             enable_auto_commit=False)
+    topic = Topics.from_config(s.streams()).models
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        end = consumer.end_offsets([tp])[tp]
+        latest: dict[str, bytes | None] = {}
+        while consumer.position(tp) < end:
+            for records in consumer.poll(timeout_ms=500).values():
+                latest.update((r.key.decode(), r.value) for r in records)
+    finally:
+        consumer.close()
+    gone = [k for k in latest if f"/{v1}" in k]
+    assert gone and all(latest[k] is None for k in gone)  # every key of v1 withdrawn
+    assert all(latest[k] is not None for k in latest if f"/{v2}" in k or f"/{v3}" in k)
+    assert ChampionRecord.model_validate(orjson.loads(latest["champion"] or b"{}")).version == v3
+    from services.api.follow import ModelFollower
+
+    followed = Registry(tmp_path / "replica")
+    replica = ModelFollower(s.model_copy(update={"model_source": "kafka"}), followed)
+    assert replica.catch_up(30.0) and followed.champion() == v3
+    assert sorted(p.name for p in followed.versions_dir.iterdir()) == sorted([v2, v3])
