@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["BrokerError", "answers_metadata",
-    "brokers_answering", "ensure_topics", "topic_partitions"]
+__all__ = ["BrokerError", "answers_metadata", "brokers_answering", "ensure_topics", "topic_partitions"]
 
 
 class BrokerError(RuntimeError):

@@ -31,7 +31,19 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-__all__ = ["ModelFollower", "TopicFollower"]
+__all__ = ["ModelFollower", "TopicFollower", "follower_consumer"]
+
+
+def follower_consumer(settings: Settings, name: str, **extra: Any) -> KafkaConsumer:
+    """A consumer without a group (partitions assigned by hand) on the configured brokers and security: each
+    replica follows the topics on its own, whatever the others read."""
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers.split(","), **settings.streams().kafka_python_auth(),
+        group_id=None, enable_auto_commit=False, client_id=f"flywheel-api-{name}-{os.getpid()}",
+        request_timeout_ms=5000, reconnect_backoff_max_ms=2000, **extra,
+    )
 
 
 class TopicFollower:
@@ -50,14 +62,7 @@ class TopicFollower:
         self.position = -1  # the offset applied last
 
     def _consumer(self) -> KafkaConsumer:
-        from kafka import KafkaConsumer
-
-        return KafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers.split(","), **self.settings.streams().kafka_python_auth(),
-            group_id=None, enable_auto_commit=False, client_id=f"flywheel-api-{self.name}-{os.getpid()}",
-            request_timeout_ms=5000, reconnect_backoff_max_ms=2000, fetch_max_wait_ms=100,
-            **self.consumer_settings,
-        )
+        return follower_consumer(self.settings, self.name, fetch_max_wait_ms=100, **self.consumer_settings)
 
     def _assign(self, consumer: KafkaConsumer) -> Any:
         from kafka import TopicPartition
@@ -153,7 +158,7 @@ class ModelFollower:
         """One record of the models topic."""
         got = self.assembler.feed(key, value)
         if got is None:
-            if self.assembler.refused and key is not None and not key.startswith(b"file/"):
+            if key is not None and not key.startswith(b"file/"):  # a manifest or pointer refused (not a chunk)
                 metrics.MODEL_RECORDS.labels("refused").inc()
             return
         self._received(got)

@@ -32,7 +32,6 @@ import structlog
 from services.api import metrics
 
 if TYPE_CHECKING:
-    from kafka import KafkaConsumer
 
     from models.campaign import CampaignIndex
     from models.classifier import Classifier
@@ -399,7 +398,8 @@ class ServingState:
             from services.api.follow import ModelFollower
 
             follower = ModelFollower(self.settings, self.registry, self.request_check)
-            follower.catch_up(self.settings.model_bootstrap_timeout_s)
+            if self.registry.champion() is None:  # `flywheel serve` has caught up before starting the workers
+                follower.catch_up(self.settings.model_bootstrap_timeout_s)
             loops.append((lambda: follower.run(self._stop), "flywheel-models"))
         version = require_champion(self.settings, self.registry)
         engine = self._load_rules_from_disk(initial=True)
@@ -591,6 +591,7 @@ class ServingState:
         from kafka import TopicPartition
         from kafka.errors import KafkaError
 
+        from services.api.follow import follower_consumer
         from streams.events import EventInvalid, ModelEvent, RuleChangeEvent, decode
 
         wanted = (self.topics.model_events, self.topics.rule_changes)
@@ -598,7 +599,7 @@ class ServingState:
         while not self._stop.is_set():
             consumer = None
             try:
-                consumer = self._follower("reload")
+                consumer = follower_consumer(self.settings, "reload")
                 parts = []
                 for topic in wanted:
                     for p in consumer.partitions_for_topic(topic) or ():
@@ -630,22 +631,6 @@ class ServingState:
                 if consumer is not None:
                     with contextlib.suppress(Exception):
                         consumer.close()
-
-    def _follower(self, name: str, **extra: Any) -> KafkaConsumer:
-        """A consumer without a group (partitions assigned by hand) on the configured brokers and security: each
-        replica follows the topics on its own, whatever the others read."""
-        from kafka import KafkaConsumer
-
-        return KafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap_servers.split(","),
-            **self.settings.streams().kafka_python_auth(),
-            group_id=None,
-            enable_auto_commit=False,
-            client_id=f"flywheel-api-{name}-{os.getpid()}",
-            request_timeout_ms=5000,
-            reconnect_backoff_max_ms=2000,
-            **extra,
-        )
 
     def _campaign_loop(self) -> None:
         """Follow the compacted campaign topic from its beginning: every trusted label's fingerprint, whenever

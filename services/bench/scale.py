@@ -30,6 +30,10 @@ version.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,8 +42,12 @@ import httpx
 import structlog
 
 from services.bench.api_process import ApiProcess
-from services.bench.harness import LocalStack
-from services.local.daemon import free_port, free_port_run, wait_until
+from services.bench.harness import LocalStack, reporter_keys
+from services.bench.manifests import install_tools, validate_manifests
+from services.local import broker
+from services.local.daemon import Child, free_port, free_port_run, wait_until
+from services.settings import REPO_ROOT
+from streams.topics import Topics
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -70,8 +78,6 @@ class FlagStream:
     acknowledged (202: partition and offset) and what it refused (by status), as a mail client would see it."""
 
     def __init__(self, stack: LocalStack, users: list[str]) -> None:
-        import threading
-
         self.stack = stack
         self.users = users
         self.acked: list[tuple[int, int]] = []
@@ -110,8 +116,6 @@ class FlagStream:
 
     def stored(self, timeout_s: float = 300.0) -> tuple[int, int]:
         """Once the worker applied every acknowledged offset: (acknowledged but not stored, stored twice)."""
-        from streams.topics import Topics
-
         topic = Topics.from_config(self.stack.settings.streams()).feedback
         last: dict[int, int] = {}
         for p, o in self.acked:
@@ -125,19 +129,12 @@ class FlagStream:
 
 
 def _users() -> tuple[dict[str, str], list[str]]:
-    from services.bench.harness import reporter_keys
-
     keys = reporter_keys(10, prefix="k-scale")
     return keys, [k for k in keys if k != "dev-admin-key"]
 
 
 def broker_kill(settings: Settings, root: Path, *, flags: int = 300) -> dict[str, Any]:
     """Flags through the API on a three-node cluster while a node is killed and restarted (module docstring)."""
-    import os
-    import signal
-
-    from services.local import broker
-
     port = free_port_run(3)
     cport = free_port_run(3, avoid=range(port, port + 3))
     keys, users = _users()
@@ -171,14 +168,6 @@ def takeover(settings: Settings, root: Path, *, flags: int = 200) -> dict[str, A
     """The worker image's lease (``deploy/worker/flywheel-worker-leased``) run twice on one state directory: the
     active worker is SIGKILLed while flags stream in; ``takeover_s`` is the time until the standby has applied a
     flag acknowledged after the kill, ``takeover_lost_flags`` the acknowledged flags never stored."""
-    import os
-    import signal
-    import sys
-
-    from services.local.daemon import Child
-    from services.settings import REPO_ROOT
-    from streams.topics import Topics
-
     keys, users = _users()
     lease = REPO_ROOT / "deploy" / "worker" / "flywheel-worker-leased"
     half = max(1, flags // 2)
@@ -223,24 +212,22 @@ def takeover(settings: Settings, root: Path, *, flags: int = 200) -> dict[str, A
             "takeover_acknowledged": len(stream.acked)}
 
 
-def run_scale_bench(settings: Settings, json_path: Path | None, *, repeats: int = 3,
-                    broker_kill_flags: int = 300) -> dict[str, Any]:
-    """Run the benchmark (module docstring) and return its figures (also written to ``json_path``)."""
+def replica_convergence(settings: Settings, root: Path, *, repeats: int) -> dict[str, Any]:
+    """A worker and two API replicas with ``model_source=kafka`` and state directories of their own; ``repeats``
+    promotions on the worker's registry, each timed until both replicas answer ``/classify`` with it."""
     from models.corpus import load_corpus, split_p1
     from services.bench.api import train_quick_version
 
-    started = time.monotonic()
-    root = settings.state_dir / "bench-scale" / time.strftime("%Y%m%dT%H%M%S")
     train, _ = split_p1(load_corpus(settings.downloads, settings.corpus_dir))
     sample = train[:: max(1, len(train) // 300)][:300]
-    result: dict[str, Any] = {"repeats": repeats, "replicas": 2}
     _say("==> worker (its registry on its own disk) and the broker")
     stack = LocalStack(settings, root / "worker", neural_retrain=False, linear_refit_s=86400.0)
     replicas: list[ApiProcess] = []
+    boot: list[float] = []
+    converge: list[float] = []
     try:
         stack.start(api=False)  # the worker alone: the replicas are the API
         worker_registry = stack.registry()
-        boot: list[float] = []
         for i in range(2):
             s = stack.settings.model_copy(update={
                 "state_dir": root / f"replica-{i}", "registry_dir": None, "rules_path": None,
@@ -250,13 +237,10 @@ def run_scale_bench(settings: Settings, json_path: Path | None, *, repeats: int 
             replicas.append(ApiProcess(s, root / f"replica-{i}.log").start())
             boot.append(time.monotonic() - t0)
             assert s.registry.resolve() != worker_registry.root.resolve()  # nothing shared but Kafka
-        result["replica_bootstrap_s"] = round(max(boot), 2)
         clients = [httpx.Client(base_url=r.base_url, timeout=10.0) for r in replicas]
         champion = worker_registry.champion()
         wait_until(lambda: all(_served_version(c) == champion for c in clients), 60, "both replicas on the seed")
-        _say(f"    two replicas serve {champion} from the models topic (start to ready, worst "
-             f"{result['replica_bootstrap_s']} s)")
-        converge: list[float] = []
+        _say(f"    two replicas serve {champion} from the models topic (start to ready, worst {max(boot):.2f} s)")
         for r in range(repeats):
             version = train_quick_version(worker_registry.root, [m.raw for m in sample],
                                           [m.is_spam for m in sample], seed=100 + r)
@@ -272,12 +256,20 @@ def run_scale_bench(settings: Settings, json_path: Path | None, *, repeats: int 
         for p in replicas:
             p.stop()
         stack.stop()
-    result["replica_converge_s_runs"] = [round(x, 2) for x in converge]
-    result["replica_converge_s"] = round(max(converge), 2)
-    result.update(takeover(settings, root / "takeover", flags=broker_kill_flags))
-    result.update(broker_kill(settings, root / "cluster", flags=broker_kill_flags))
-    from services.bench.manifests import install_tools, validate_manifests
+    return {"replica_bootstrap_s": round(max(boot), 2), "replica_converge_s_runs": [round(x, 2) for x in converge],
+            "replica_converge_s": round(max(converge), 2)}
 
+
+def run_scale_bench(settings: Settings, json_path: Path | None, *, repeats: int = 3,
+                    flags: int = 300) -> dict[str, Any]:
+    """Run the benchmark (module docstring) and return its figures (also written to ``json_path``); ``flags``:
+    about how many flags each of the two kill measurements sends."""
+    started = time.monotonic()
+    root = settings.state_dir / "bench-scale" / time.strftime("%Y%m%dT%H%M%S")
+    result: dict[str, Any] = {"repeats": repeats, "replicas": 2}
+    result.update(replica_convergence(settings, root, repeats=repeats))
+    result.update(takeover(settings, root / "takeover", flags=flags))
+    result.update(broker_kill(settings, root / "cluster", flags=flags))
     _say("==> deploy/ validated offline (compose-spec, hadolint, helm lint/template, kubernetes-validate)")
     manifests = validate_manifests(install_tools(settings.downloads))
     result["manifests_valid"] = manifests["valid"]

@@ -77,10 +77,6 @@ def node_daemon(config: StreamsConfig, node: int = 0) -> Daemon:
     )
 
 
-def _daemon(config: StreamsConfig) -> Daemon:
-    return node_daemon(config, 0)
-
-
 def _nodes(config: StreamsConfig) -> range:
     return range(max(1, config.kafka_nodes))
 
@@ -451,7 +447,7 @@ def start(config: StreamsConfig) -> None:
         return
     daemons = [node_daemon(config, i) for i in _nodes(config)]
     if all(d.running() for d in daemons):
-        _wait_ready(config, daemons, started_at=None)
+        _wait_ready(config, daemons, started_at=None, started=daemons)
         log.info("kafka already running", pids=[d.pid() for d in daemons], bootstrap=config.bootstrap_servers)
         return
     _check_security(config)
@@ -470,23 +466,25 @@ def start(config: StreamsConfig) -> None:
                 )
     kafka_dir(config).mkdir(parents=True, exist_ok=True)
     _cluster_id(kafka_dir(config))  # before any node formats: they share it
+    props = {i: _write_config(config, i) for i in down}
     for i in down:
-        props = _write_config(config, i)
-        _format_storage(config, java, libs, props, i)
+        _format_storage(config, java, libs, props[i], i)
     where = ", ".join(f"127.0.0.1:{config.kafka_port + i}" for i in down)
     _progress(f"==> starting Kafka {config.kafka_version} on {where}")
     started_at = time.monotonic()
     for i in down:
         try:
-            daemons[i].start(_java_argv(config, java, libs, "kafka.Kafka", str(kafka_dir(config, i) / "server.properties"),
-                                        node=i), cwd=kafka_dir(config, i))
+            daemons[i].start(_java_argv(config, java, libs, "kafka.Kafka", str(props[i]), node=i),
+                             cwd=kafka_dir(config, i))
         except DaemonError as exc:
             raise BrokerError(str(exc)) from exc
-    _wait_ready(config, daemons, started_at=started_at)
+    _wait_ready(config, daemons, started_at=started_at, started=[daemons[i] for i in down])
 
 
-def _wait_ready(config: StreamsConfig, daemons: list[Daemon], started_at: float | None) -> None:
-    """Until every node is in the cluster's metadata (one node: until it answers)."""
+def _wait_ready(config: StreamsConfig, daemons: list[Daemon], started_at: float | None,
+                started: list[Daemon]) -> None:
+    """Until every node is in the cluster's metadata (one node: until it answers); when they are not by the
+    deadline, the ``started`` nodes are stopped (a node restarted into a running cluster: that node only)."""
     deadline_s = config.kafka_start_timeout_s
     want = len(daemons)
     ok = wait_for(
@@ -504,14 +502,12 @@ def _wait_ready(config: StreamsConfig, daemons: list[Daemon], started_at: float 
             log.info("kafka ready", seconds=round(elapsed, 2), pids=pids, rss_mb=[r and round(r / 1e6) for r in rss])
         return
     dead = [d for d in daemons if not d.running()]
-    daemon = dead[0] if dead else daemons[0]
+    daemon = dead[0] if dead else started[0]
     tail = daemon.log_tail(30)
-    if dead:
-        for d in daemons:
-            d.stop(timeout_s=10.0)
-        raise BrokerError(f"the broker exited during start-up; last lines of {daemon.logfile}:\n{tail}")
-    for d in daemons:
+    for d in started:
         d.stop(timeout_s=10.0)
+    if dead:
+        raise BrokerError(f"the broker exited during start-up; last lines of {daemon.logfile}:\n{tail}")
     raise BrokerError(
         f"the broker did not answer a metadata request within {deadline_s:.0f}s "
         f"(FLYWHEEL_KAFKA_START_TIMEOUT_S) and was stopped; last lines of {daemon.logfile}:\n{tail}"
@@ -555,7 +551,7 @@ def status(config: StreamsConfig) -> dict[str, Any]:
         "version": config.kafka_version if config.manages_kafka else None,
     }
     if config.manages_kafka:
-        daemon = _daemon(config)
+        daemon = node_daemon(config)
         pid = daemon.pid()
         rss = rss_bytes(pid) if pid else None
         st.update(

@@ -420,10 +420,7 @@ def run_stack(
         _print_addresses(settings, kids, public_keys)
         # --- wait for Ctrl-C or a child's death
         while not stop.wait(0.5):
-            dead = [c for c in kids if c.returncode is not None]
-            if dead:
-                for c in dead:
-                    _progress(f"!!  {c.name} exited with code {c.returncode}; stopping the stack")
+            if _dead(kids):
                 exit_code = 1
                 break
         else:
@@ -449,15 +446,21 @@ def run_stack(
     return exit_code
 
 
+def _dead(kids: Sequence[Child]) -> list[Child]:
+    """The children that have exited, each said on the console."""
+    dead = [c for c in kids if c.returncode is not None]
+    for c in dead:
+        _progress(f"!!  {c.name} exited with code {c.returncode}; stopping the stack")
+    return dead
+
+
 def _watch_children(kids: Sequence[Child], stop: threading.Event, done: threading.Event,
                     died: list[Child]) -> None:
     """While the replay runs in the main thread (until ``done``): a child that exits stops the stack (``died``
     says which)."""
     while not done.wait(0.5) and not stop.is_set():
-        dead = [c for c in kids if c.returncode is not None]
+        dead = _dead(kids)
         if dead:
-            for c in dead:
-                _progress(f"!!  {c.name} exited with code {c.returncode}; stopping the stack")
             died.extend(dead)
             stop.set()
             return

@@ -18,7 +18,7 @@ def test_replicas_sharing_only_kafka_follow_a_promotion(kafka: Settings, tmp_pat
     from services.bench.scale import TARGETS, run_scale_bench
 
     out = tmp_path / "scale.json"
-    r = run_scale_bench(kafka.model_copy(update={"state_dir": tmp_path}), out, repeats=1, broker_kill_flags=60)
+    r = run_scale_bench(kafka.model_copy(update={"state_dir": tmp_path}), out, repeats=1, flags=60)
     assert len(r["replica_converge_s_runs"]) == 1 and 0 < r["replica_converge_s"] == r["replica_converge_s_runs"][0]
     assert r["checks"]["replica_converge_s"]["bound"] == TARGETS["replica_converge_s"]
     assert r["replica_converge_s"] < 60  # the bench waits up to 120 s; the target is 10

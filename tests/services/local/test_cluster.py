@@ -6,23 +6,20 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import make_settings
+from conftest import consume_all, make_settings
 
 from services.local import broker
 from services.local.daemon import free_port_run, wait_until
 from streams import admin
-from streams.events import FeedbackEvent, decode
+from streams.events import FeedbackEvent
 from streams.topics import BrokerUnavailable, EventProducer, Topics, topic_specs
 
 
 @pytest.mark.integration
 def test_a_node_killed_mid_stream_loses_no_acknowledged_flag(tmp_path: Path) -> None:
-    from kafka import KafkaConsumer, TopicPartition
-
     port = free_port_run(3)
     cport = free_port_run(3, avoid=range(port, port + 3))
     s = make_settings(tmp_path / "state", kafka_nodes=3, kafka_port=port, kafka_controller_port=cport)
@@ -75,20 +72,7 @@ def test_a_node_killed_mid_stream_loses_no_acknowledged_flag(tmp_path: Path) -> 
             stop.set()
             sender.join(30)
             producer.close()
-        consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers.split(","), group_id=None,
-                                 enable_auto_commit=False, consumer_timeout_ms=5000)
-        try:
-            parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
-            consumer.assign(parts)
-            consumer.seek_to_beginning(*parts)
-            end = consumer.end_offsets(parts)
-            stored: list[str] = []
-            deadline = time.monotonic() + 60
-            while any(consumer.position(tp) < end[tp] for tp in parts) and time.monotonic() < deadline:
-                for records in consumer.poll(timeout_ms=500).values():
-                    stored += [decode(r.value).event_id for r in records]
-        finally:
-            consumer.close()
+        stored = [record["event_id"] for record in consume_all(s, topic, timeout_s=60)]
         lost = set(acked) - set(stored)
         assert not lost, f"{len(lost)} of {len(acked)} acknowledged flags lost ({refused} refused, never acknowledged)"
         assert len(stored) == len(set(stored))  # the idempotent producer's retries duplicated nothing
