@@ -21,6 +21,7 @@ from models.learning import (
     refit_linear,
     select_linear,
     subset,
+    tail_threshold,
 )
 from models.linear import LinearConfig, LinearModel
 from models.metrics import roc_auc
@@ -190,3 +191,25 @@ def test_calibration_keeps_the_fpr_budget_within_each_group_of_ham() -> None:
     assert fpr(plain, hard) > 0.01  # the whole ham's budget is spent on the hard group
     assert fpr(grouped, hard) <= 0.01 and fpr(grouped, groups == "easy") <= 0.01
     assert grouped.threshold >= plain.threshold and "each group of ham" in source["thresholds"]
+
+
+def test_a_small_group_of_ham_keeps_the_budget_by_its_tail_not_its_maximum() -> None:
+    """100 ham cannot show a 0.1% quantile: the empirical threshold is just above their maximum, and fresh ham of
+    the same kind crosses it several times as often as the budget allows. The logistic tail fitted to the same
+    100 scores keeps the budget on 200,000 fresh ones."""
+    from models.classifier import threshold_for_fpr
+
+    rng = np.random.default_rng(11)
+    budget = 0.001
+    empirical_fpr, tail_fpr = [], []
+    for _ in range(20):
+        seen = rng.logistic(-5.0, 1.5, 100)
+        fresh = rng.logistic(-5.0, 1.5, 200_000)
+        empirical = threshold_for_fpr(seen, np.zeros(seen.size, dtype=bool), budget)
+        tail = tail_threshold(seen, budget)
+        empirical_fpr.append(float((fresh >= empirical).mean()))
+        tail_fpr.append(float((fresh >= max(empirical, tail)).mean()))
+    assert np.median(empirical_fpr) > 5 * budget
+    assert np.median(tail_fpr) <= 1.5 * budget  # a fit to 100 points: right on the median, not in every draw
+    assert max(tail_fpr) < max(empirical_fpr) / 5
+    assert tail_threshold(np.zeros(5), budget) == -np.inf  # too few or constant scores: no extrapolation
