@@ -50,7 +50,6 @@ from models.learning import (
     fold_key,
     refit_linear,
     select_linear,
-    subset,
 )
 from models.message import configure_trusted_authserv_ids
 from models.metrics import recall_at_fpr, roc_auc
@@ -435,7 +434,7 @@ class Learner:
         if len(set(train.labels.tolist())) < 2:
             return None
         fit = fit_neural(train, self.choice.flag_weight if self.choice else 1.0, features=self.features)
-        cal, cal_source = calibrate(subset(train, fit.validation), fit.logits, fpr_budget=self.settings.fpr_budget)
+        cal, cal_source = fit.calibrate(train, fpr_budget=self.settings.fpr_budget)
         base_n = train.rows - len(flags)
         oof = {flags[i - base_n].message_id: float(z) for i, z in zip(fit.validation, fit.logits, strict=True)
                if i >= base_n}

@@ -17,6 +17,7 @@ from models.learning import (
     calibrate,
     cross_fit_linear,
     fit_neural,
+    NeuralFit,
     fold_of,
     refit_linear,
     select_linear,
@@ -213,3 +214,38 @@ def test_a_small_group_of_ham_keeps_the_budget_by_its_tail_not_its_maximum() -> 
     assert np.median(tail_fpr) <= 1.5 * budget  # a fit to 100 points: right on the median, not in every draw
     assert max(tail_fpr) < max(empirical_fpr) / 5
     assert tail_threshold(np.zeros(5), budget) == -np.inf  # too few or constant scores: no extrapolation
+
+
+def test_the_neural_challengers_threshold_keeps_the_budget_on_the_flags_it_is_judged_on() -> None:
+    """Its validation share is mostly easy corpus ham; the gate judges it on users' flags, whose ham is harder.
+    A threshold fitted on the whole share calls several times the budget of fresh flagged ham spam; its own
+    calibration keeps the budget on them."""
+    from models.classifier import Calibration
+
+    rng = np.random.default_rng(5)
+    n_corpus, n_flags = 3000, 600
+    is_flag = np.r_[np.zeros(n_corpus, dtype=bool), np.ones(n_flags, dtype=bool)]
+    y = rng.random(is_flag.size) < 0.4
+
+    def logits(flag: np.ndarray, spam: np.ndarray) -> np.ndarray:
+        return np.where(spam, rng.normal(4.0, 1.0, spam.size),
+                        np.where(flag, rng.logistic(-3.0, 0.8, spam.size), rng.logistic(-7.0, 0.8, spam.size)))
+
+    empty = FeatureBatch(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64), is_flag.size)
+    train = TrainingSet(empty, y.astype(int), np.zeros(is_flag.size), is_flag)
+    fresh_ham = logits(np.ones(100_000, dtype=bool), np.zeros(100_000, dtype=bool))
+
+    def fpr(cal: Calibration) -> float:
+        return float((cal.combined(fresh_ham, np.zeros(fresh_ham.size)) >= cal.threshold).mean())
+
+    own_fpr, whole_fpr = [], []
+    for _ in range(10):  # a threshold from ~50 flagged ham varies a lot: the median of ten draws
+        z = logits(is_flag, y)
+        val = np.flatnonzero(rng.random(is_flag.size) < 0.15)
+        fit = NeuralFit(model=None, config={}, validation=val, logits=z[val], report=[])
+        own, source = fit.calibrate(train, fpr_budget=0.001)
+        whole, _ = calibrate(subset(train, val), z[val], fpr_budget=0.001)
+        own_fpr.append(fpr(own))
+        whole_fpr.append(fpr(whole))
+    assert np.median(whole_fpr) > 0.005
+    assert np.median(own_fpr) <= 0.0015 and "each group of ham" in source["thresholds"]
