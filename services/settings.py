@@ -62,6 +62,10 @@ class Settings(BaseSettings):
         " started while Kafka is down waits this long before it exits."
     )
     feedback_partitions: int = Field(4, description="Partitions of the feedback topic.")
+    feedback_retention_ms: int = Field(
+        -1, ge=-1, description="Retention of the feedback topic when Flywheel creates it (-1: kept for good). The "
+        "topic is the source of truth: a worker on an empty disk rebuilds its labels and reputations from it and "
+        "the worker's journal, so a finite retention (for privacy: flags may carry mail) gives that up.")
     kafka_session_timeout_s: float = Field(
         10.0, ge=6.0, le=300.0,
         description="The worker's consumer-group session: how long a crashed worker still holds its partitions "
@@ -282,6 +286,9 @@ class Settings(BaseSettings):
         "full), with backoff, before it exits without acknowledging the batch (a supervisor restarts it from its "
         "committed offsets). Below faust's max poll interval (1000 s).",
     )
+    worker_rebuild: bool = Field(
+        True, description="A worker whose store is empty (a new disk) first replays the worker's journal and the "
+        "feedback topic into it: the labels, reputations and counters of the worker that wrote them.")
     store_quota_bytes: int = Field(
         1024**3, ge=1024 * 1024, description="Raw mail the worker's store keeps, in bytes; beyond it the oldest "
         "raw bytes of the largest user are dropped (their votes stay; a message without bytes is not trained on).",
@@ -365,6 +372,7 @@ class Settings(BaseSettings):
         return StreamsConfig(
             topic_prefix=self.topic_prefix,
             feedback_partitions=self.feedback_partitions,
+            feedback_retention_ms=self.feedback_retention_ms,
             kafka_bootstrap=self.kafka_bootstrap,
             kafka_port=self.kafka_port,
             kafka_controller_port=self.kafka_controller_port,

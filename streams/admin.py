@@ -86,50 +86,64 @@ def brokers_answering(target: StreamsConfig | str, timeout_s: float = 2.0) -> in
 def ensure_topics(config: StreamsConfig, specs: Iterable[tuple[str, int]], timeout_s: float = 30.0) -> None:
     """Create missing topics with their partition counts and grow ones with too few; idempotent.
 
-    Returns once every topic has a leader for each partition, so producers can send right away.
+    Returns once every topic has a leader for each partition, so producers can send right away. A cluster that
+    has just started may answer with a node its client does not know yet (``UnknownBrokerIdError``: the brokers'
+    registrations still spreading): such errors are retried with a new client until ``timeout_s``.
     """
-    from kafka.errors import KafkaError
+    from kafka.errors import BrokerNotAvailableError, KafkaError, UnknownBrokerIdError
 
     wanted = {name: max(1, int(n)) for name, n in specs}
     if not wanted:
         return
-    rf = config.replication_factor  # every node of the local cluster; someone else's cluster: its default (-1)
-    try:
-        admin = _admin(config, timeout_s)
-    except (KafkaError, OSError) as exc:
-        raise BrokerError(f"Kafka at {config.bootstrap_servers} is not reachable to create topics: {exc}") from exc
-    try:
-        existing = {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics()}
-        missing = {n: p for n, p in wanted.items() if n not in existing}
-        if missing:
-            from streams.topics import topic_configs
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = _admin(config, timeout_s)
+        except (KafkaError, OSError) as exc:
+            raise BrokerError(f"Kafka at {config.bootstrap_servers} is not reachable to create topics: {exc}") from exc
+        try:
+            _ensure_with(admin, config, wanted, max(1.0, deadline - time.monotonic()))
+            return
+        except (UnknownBrokerIdError, BrokerNotAvailableError) as exc:
+            if time.monotonic() >= deadline:
+                raise BrokerError(f"managing topics on {config.bootstrap_servers} failed: {exc}") from exc
+            log.info("cluster not settled yet; topics retried", error=repr(exc))
+            time.sleep(0.5)
+        except KafkaError as exc:
+            raise BrokerError(f"managing topics on {config.bootstrap_servers} failed: {exc}") from exc
+        finally:
+            with contextlib.suppress(Exception):
+                admin.close()
 
-            configs = topic_configs(config)
-            result = admin.create_topics(
-                {n: {"num_partitions": p, "replication_factor": rf, **({"configs": configs[n]} if n in configs else {})}
-                 for n, p in missing.items()},
-                timeout_ms=int(timeout_s * 1000),
-                raise_errors=False,
-                wait_for_metadata=True,
-            )
-            for t in result.get("topics", []):
-                code = t.get("error_code", 0)
-                if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent creator won)
-                    raise BrokerError(f"creating topic {t.get('name')} failed: {t.get('error_message') or code}")
-            log.info("topics created", topics=missing)
-        grow = {n: p for n, p in wanted.items() if n in existing and existing[n] < p}
-        if grow:
-            admin.create_partitions(grow, timeout_ms=int(timeout_s * 1000))
-            log.info("topics grown", topics=grow)
-        for n, p in wanted.items():
-            if n in existing and existing[n] > p:
-                log.warning("topic has more partitions than configured", topic=n, has=existing[n], wanted=p)
-        _wait_topics_ready(admin, wanted, timeout_s)
-    except KafkaError as exc:
-        raise BrokerError(f"managing topics on {config.bootstrap_servers} failed: {exc}") from exc
-    finally:
-        with contextlib.suppress(Exception):
-            admin.close()
+
+def _ensure_with(admin: Any, config: StreamsConfig, wanted: dict[str, int], timeout_s: float) -> None:
+    rf = config.replication_factor  # every node of the local cluster; someone else's cluster: its default (-1)
+    existing = {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics()}
+    missing = {n: p for n, p in wanted.items() if n not in existing}
+    if missing:
+        from streams.topics import topic_configs
+
+        configs = topic_configs(config)
+        result = admin.create_topics(
+            {n: {"num_partitions": p, "replication_factor": rf, **({"configs": configs[n]} if n in configs else {})}
+             for n, p in missing.items()},
+            timeout_ms=int(timeout_s * 1000),
+            raise_errors=False,
+            wait_for_metadata=True,
+        )
+        for t in result.get("topics", []):
+            code = t.get("error_code", 0)
+            if code not in (0, 36):  # 36: TOPIC_ALREADY_EXISTS (a concurrent creator won)
+                raise BrokerError(f"creating topic {t.get('name')} failed: {t.get('error_message') or code}")
+        log.info("topics created", topics=missing)
+    grow = {n: p for n, p in wanted.items() if n in existing and existing[n] < p}
+    if grow:
+        admin.create_partitions(grow, timeout_ms=int(timeout_s * 1000))
+        log.info("topics grown", topics=grow)
+    for n, p in wanted.items():
+        if n in existing and existing[n] > p:
+            log.warning("topic has more partitions than configured", topic=n, has=existing[n], wanted=p)
+    _wait_topics_ready(admin, wanted, timeout_s)
 
 
 def _wait_topics_ready(admin: Any, wanted: dict[str, int], timeout_s: float) -> None:

@@ -30,6 +30,8 @@ class StreamsConfig:
     topic_prefix: str
     """Prefix of every topic name: ``<prefix>.feedback`` and so on; also names the worker's consumer group."""
     feedback_partitions: int
+    feedback_retention_ms: int = -1
+    """How long the feedback topic keeps flags (-1: for good, so a worker on an empty disk can rebuild from it)."""
     kafka_bootstrap: str | None
     """An existing cluster (``host:port,...``); when set, the local broker is never fetched, started or stopped."""
     kafka_port: int

@@ -47,6 +47,7 @@ class Topics:
     dead_letter: str
     campaigns: str  # compacted: the fingerprints of trusted labels (streams.campaign)
     models: str  # compacted: published model versions and the champion (streams.models)
+    journal: str  # the worker's order of application (streams.journal)
 
     @classmethod
     def from_config(cls, config: StreamsConfig) -> Topics:
@@ -59,6 +60,7 @@ class Topics:
             dead_letter=config.topic("dead-letter"),
             campaigns=config.topic("campaigns"),
             models=config.topic("models"),
+            journal=config.topic("worker-journal"),
         )
 
 
@@ -66,7 +68,7 @@ def topic_specs(config: StreamsConfig) -> list[tuple[str, int]]:
     """(name, partitions) of every topic to create before producers or the worker start.
 
     Model events and rule changes have one partition so every consumer sees one total order of decisions; so
-    have the campaign and models topics, which every API replica reads whole.
+    have the campaign and models topics, which every API replica reads whole, and the worker's journal.
     """
     t = Topics.from_config(config)
     return [
@@ -76,16 +78,19 @@ def topic_specs(config: StreamsConfig) -> list[tuple[str, int]]:
         (t.dead_letter, 1),
         (t.campaigns, 1),
         (t.models, 1),
+        (t.journal, 1),
     ]
 
 
 def topic_configs(config: StreamsConfig) -> dict[str, dict[str, str]]:
     """Topic-level settings a topic is created with (the others take the broker's defaults)."""
     from streams.campaign import CAMPAIGN_TOPIC_CONFIG
+    from streams.journal import JOURNAL_TOPIC_CONFIG
     from streams.models import MODELS_TOPIC_CONFIG
 
     t = Topics.from_config(config)
-    return {t.campaigns: dict(CAMPAIGN_TOPIC_CONFIG), t.models: dict(MODELS_TOPIC_CONFIG)}
+    return {t.campaigns: dict(CAMPAIGN_TOPIC_CONFIG), t.models: dict(MODELS_TOPIC_CONFIG),
+            t.journal: dict(JOURNAL_TOPIC_CONFIG), t.feedback: {"retention.ms": str(config.feedback_retention_ms)}}
 
 
 class EventProducer:

@@ -58,7 +58,12 @@ class StoreUnavailable(RuntimeError):
 
 
 def store_error_cause(exc: BaseException) -> str:
-    """A bounded label for ``flywheel_worker_store_errors_total``: locked, disk_full, io or other."""
+    """A bounded label for ``flywheel_worker_store_errors_total``: locked, disk_full, io, journal (Kafka did not
+    acknowledge the batch's journal entry) or other."""
+    from streams.topics import BrokerUnavailable
+
+    if isinstance(exc, BrokerUnavailable):
+        return "journal"
     text = str(exc).lower()
     if isinstance(exc, sqlite3.OperationalError) and "locked" in text:
         return "locked"
@@ -80,6 +85,7 @@ class Worker:
         serve_metrics: bool = True,
         learn: bool = True,
     ) -> None:
+        from streams.journal import JournalWriter
         from streams.topics import EventProducer, Topics
 
         self.settings = settings
@@ -92,10 +98,16 @@ class Worker:
                                 source_share=settings.store_source_share)
         self.metrics.store_quota.set(settings.store_quota_bytes)
         self.producer = EventProducer(settings.streams(), timeout_s=5.0, client_id="flywheel-worker")
+        self.journal = JournalWriter(self.producer, self.topics.journal)
+        if settings.worker_rebuild and self.store.is_empty():
+            from services.worker.journal import rebuild_store
+
+            await_kafka(settings)
+            rebuild_store(settings, self.store)
         self.learner: Learner | None = None
         if learn:
             self.learner = Learner(settings, self.store, self.metrics, self._emit_model_event,
-                                   corpus if corpus is not None else corpus_data(settings))
+                                   corpus if corpus is not None else corpus_data(settings), self.journal)
             if self.learner.registry.champion() is None:
                 self.learner.refit()  # a fresh registry: the base model becomes the first champion
             self.learner.show_champion()
@@ -251,13 +263,18 @@ class Worker:
     def apply_durably(self, records: list[Record]) -> BatchResult:
         """Apply a batch, retrying while the store refuses it (see the module docstring); ``StoreUnavailable``
         past ``worker_store_retry_s`` or at shutdown. Retrying is exact: the store's offset filter skips any
-        record a failed attempt did commit."""
+        record a failed attempt did commit. The batch's journal entry is acknowledged before the store commits;
+        Kafka not acknowledging it is retried the same way (an entry whose commit failed is never replayed)."""
+        from services.worker.journal import apply_journaled
+        from streams.topics import BrokerUnavailable
+
+        retryable: tuple[type[BaseException], ...] = (*STORE_ERRORS, BrokerUnavailable)
         start = time.monotonic()
         attempt = 0
         while True:
             try:
-                res = self.store.apply(records)
-            except STORE_ERRORS as exc:
+                res = apply_journaled(self.store, self.journal, records)
+            except retryable as exc:
                 attempt += 1
                 cause = store_error_cause(exc)
                 self.metrics.store_errors.labels(error=cause).inc()

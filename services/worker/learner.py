@@ -55,6 +55,7 @@ from models.message import configure_trusted_authserv_ids
 from models.metrics import recall_at_fpr, roc_auc
 from models.registry import jsonable
 from services.worker.data import Candidate, CorpusData, Judge, load_oof, oof_path, save_oof
+from services.worker.journal import count_evidence
 from services.worker.store import Labelled, LabelStore
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ if TYPE_CHECKING:
     from services.settings import Settings
     from services.worker.metrics import WorkerMetrics
     from streams.events import ModelEvent
+    from streams.journal import JournalWriter
 
 log = structlog.get_logger(__name__)
 
@@ -91,11 +93,13 @@ class Learner:
         metrics: WorkerMetrics,
         emit: Callable[[ModelEvent], None],
         corpus: CorpusData,
+        journal: JournalWriter | None = None,
     ) -> None:
         from models.registry import Registry
         from models.rules import RuleEngine
 
         self.settings = settings
+        self.journal = journal  # judged votes are journaled before they count (streams.journal)
         configure_trusted_authserv_ids(settings.trusted_authserv_ids)  # as the API parses
         self.store = store
         self.metrics = metrics
@@ -242,7 +246,7 @@ class Learner:
             return 0
         probs = self.evidence_probability([(mid, raw) for _, _, mid, _, raw in pending])
         evidence = [(rep, model_evidence(label, p)) for (_, rep, _, label, _), p in zip(pending, probs, strict=True)]
-        live = self.store.apply_model_evidence(pending[-1][0], evidence)
+        live = count_evidence(self.store, self.journal, [seq for seq, *_ in pending], evidence)
         if live:  # the served verdicts these flags judged, weighted now that the flags are judged
             self.metrics.count_live(live)
         return len(pending)

@@ -30,11 +30,13 @@ transactions.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -201,6 +203,20 @@ class LabelStore:
             self._readers.append(conn)
         return conn
 
+    def contents(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every table's rows, sorted (raw mail as its SHA-256): what a store rebuilt from the journal must equal."""
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        for (table,) in self._r().execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE "
+                                          "'sqlite_%' ORDER BY name").fetchall():
+            rows = self._r().execute(f'SELECT * FROM "{table}"').fetchall()  # noqa: S608 - names from sqlite_master
+            out[table] = sorted((tuple(hashlib.sha256(v).hexdigest() if isinstance(v, bytes) else v for v in row)
+                                 for row in rows), key=repr)
+        return out
+
+    def is_empty(self) -> bool:
+        """Nothing was ever applied (a new disk): the worker may rebuild the store from the journal."""
+        return not self._offsets and not self.counters()
+
     def last_offsets(self) -> dict[tuple[str, int], int]:
         return dict(self._offsets)
 
@@ -309,8 +325,17 @@ class LabelStore:
             )
         ]
 
-    def apply_model_evidence(self, upto_seq: int,
-                             evidence: Sequence[tuple[str, int]]) -> dict[tuple[str, str], float]:
+    def journal_prev(self) -> int:
+        """The journal offset of the last entry whose transaction committed here (-1: none; ``streams.journal``)."""
+        return self.counter("journal_position") - 1
+
+    def _journaled(self, journal_at: int | None) -> None:
+        if journal_at is not None:
+            self._db.execute("INSERT INTO counters VALUES ('journal_position', ?) ON CONFLICT(name) DO UPDATE SET "
+                             "value=excluded.value", (journal_at + 1,))
+
+    def apply_model_evidence(self, upto_seq: int, evidence: Sequence[tuple[str, int]],
+                             journal_at: int | None = None) -> dict[tuple[str, str], float]:
         """Add the models' verdicts on the votes :meth:`pending_evidence` returned, up to ``upto_seq`` and in its
         order, to reputations (once: the watermark is in the same transaction). A vote retracted or changed
         since, or on a message only its reporter has seen, earns nothing.
@@ -318,7 +343,8 @@ class LabelStore:
         Returns the live tallies these votes add ((served version, outcome) -> weight): a flag judges the verdict
         served for it once its reporter's record includes the flag's own judgement, weighted by
         :func:`models.consensus.live_weight` (counting at ingest would weigh every flag of a fast stream as a
-        newcomer's, before the models judged any of them)."""
+        newcomer's, before the models judged any of them). ``journal_at``: the offset of this transaction's
+        journal entry, kept with it."""
         live: dict[tuple[str, str], float] = {}
         with self._lock:
             db = self._db
@@ -353,6 +379,7 @@ class LabelStore:
                     "INSERT INTO counters VALUES ('evidence_seq', ?) ON CONFLICT(name) DO UPDATE SET value=excluded.value",
                     (upto_seq,),
                 )
+                self._journaled(journal_at)
                 if moved:
                     self._bump("data_version", 1)
                 db.execute("COMMIT")
@@ -366,8 +393,10 @@ class LabelStore:
         self,
         records: Sequence[Record],
         model_probability: Callable[[list[bytes]], list[float | None]] | None = None,
+        journal_at: int | None = None,
     ) -> BatchResult:
-        """Apply a batch of records atomically (labels, reputations, tallies and offsets in one transaction)."""
+        """Apply a batch of records atomically (labels, reputations, tallies and offsets in one transaction, with
+        ``journal_at``, the offset of the batch's journal entry)."""
         res = BatchResult()
         fresh: list[tuple[Record, FeedbackEvent | RetractionEvent | None]] = []
         with self._lock:
@@ -418,6 +447,7 @@ class LabelStore:
                 for (version, outcome), n in res.live.items():
                     db.execute("INSERT INTO live VALUES (?,?,?) ON CONFLICT(version, outcome) DO UPDATE SET n=n+excluded.n",
                                (version, outcome, n))
+                self._journaled(journal_at)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

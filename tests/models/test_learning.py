@@ -12,12 +12,12 @@ from models.features import FeatureBatch
 from models.learning import (
     FOLDS,
     REPEATS,
+    NeuralFit,
     RetrainSchedule,
     TrainingSet,
     calibrate,
     cross_fit_linear,
     fit_neural,
-    NeuralFit,
     fold_of,
     refit_linear,
     select_linear,

@@ -26,7 +26,7 @@ from streams.events import (
     encode,
     message_id_for,
 )
-from streams.topics import BrokerUnavailable, EventProducer, Topics, topic_specs
+from streams.topics import BrokerUnavailable, EventProducer, Topics, topic_configs, topic_specs
 
 
 @pytest.mark.unit
@@ -109,7 +109,11 @@ def test_topics_and_specs() -> None:
     assert t.feedback == "t1.feedback" and t.retractions == t.feedback
     specs = dict(topic_specs(s.streams()))
     assert specs == {"t1.feedback": 6, "t1.model-events": 1, "t1.rule-changes": 1, "t1.dead-letter": 1,
-                     "t1.campaigns": 1, "t1.models": 1}
+                     "t1.campaigns": 1, "t1.models": 1, "t1.worker-journal": 1}
+    configs = topic_configs(s.streams())  # the log a worker is rebuilt from is kept (unless set otherwise)
+    assert configs["t1.feedback"] == {"retention.ms": "-1"} and configs["t1.worker-journal"]["retention.ms"] == "-1"
+    kept = topic_configs(Settings(topic_prefix="t1", feedback_retention_ms=86_400_000).streams())["t1.feedback"]
+    assert kept == {"retention.ms": "86400000"}
 
 
 def _closed_port() -> int:

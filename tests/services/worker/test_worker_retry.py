@@ -16,6 +16,7 @@ from services.worker.app import StoreUnavailable, Worker, store_error_cause
 from services.worker.metrics import WorkerMetrics
 from services.worker.store import BatchResult, LabelStore
 from streams.events import FeedbackEvent, encode
+from streams.journal import JournalWriter, decode_entry
 from streams.records import Record
 
 pytestmark = pytest.mark.unit
@@ -28,11 +29,22 @@ class FailingStore(LabelStore):
         super().__init__(path)
         self.error, self.failures, self.attempts = error, failures, 0
 
-    def apply(self, records, model_probability=None) -> BatchResult:  # type: ignore[no-untyped-def,override]
+    def apply(self, records, model_probability=None, journal_at=None) -> BatchResult:  # type: ignore[no-untyped-def,override]
         self.attempts += 1
         if self.attempts <= self.failures:
             raise self.error
-        return super().apply(records, model_probability)
+        return super().apply(records, model_probability, journal_at)
+
+
+class JournalTopic:
+    """The journal's topic as the producer sees it: entries appended, each acknowledged with its offset."""
+
+    def __init__(self) -> None:
+        self.entries: list[bytes] = []
+
+    def send_bytes(self, topic: str, key: object, value: bytes) -> tuple[int, int]:
+        self.entries.append(value)
+        return 0, len(self.entries) - 1
 
 
 def _worker(tmp_path: Path, store: LabelStore, retry_s: float) -> Worker:
@@ -41,6 +53,7 @@ def _worker(tmp_path: Path, store: LabelStore, retry_s: float) -> Worker:
     w.settings = make_settings(tmp_path, worker_store_retry_s=retry_s)
     w.metrics = WorkerMetrics()
     w.store = store
+    w.journal = JournalWriter(JournalTopic(), "t.worker-journal")  # type: ignore[arg-type]
     w._closing = threading.Event()
     return w
 
@@ -57,6 +70,9 @@ def test_a_full_disk_is_retried_counted_and_the_batch_stored_once_it_clears(tmp_
     w = _worker(tmp_path, store, retry_s=30.0)
     res = w.apply_durably(_records(5))
     assert res.accepted_flags == 5 and store.attempts == 4 and store.vote_count() == 5
+    # an entry per attempt, each naming the last committed one (none yet); the store keeps the one that committed
+    entries = [decode_entry(e) for e in w.journal.producer.entries]  # type: ignore[attr-defined]
+    assert len(entries) == 4 and {e.prev for e in entries} == {-1} and store.journal_prev() == 3
     assert w.metrics.registry.get_sample_value("flywheel_worker_store_errors_total", {"error": "disk_full"}) == 3
     assert w.metrics.registry.get_sample_value("flywheel_worker_store_ok") == 1
     store.close()
