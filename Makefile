@@ -45,7 +45,7 @@ $(STAMP): pyproject.toml requirements.lock | $(UV)
 	$(UV) pip install --python $(PY) --no-deps -e .
 	@touch $(STAMP)
 
-system-deps:  ## Debian packages: Java (broker), Maven (jars), npm (corpus), Prometheus, spamc, SpamAssassin rules
+system-deps:  ## Debian packages: Java (broker), Maven (jars), npm (corpus), Prometheus, spamc, SpamAssassin rules, rspamd (bench speed)
 	@bash deploy/system-deps.sh
 
 lock: | $(UV)  ## re-pin after editing pyproject.toml: the full lock, then each role's lock as a subset of it

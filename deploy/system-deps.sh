@@ -13,6 +13,7 @@ command -v spamc >/dev/null || need+=(spamc)
 command -v chromium >/dev/null || need+=(chromium)
 [ -x /usr/sbin/postfix ] || need+=(postfix)
 [ -x /usr/sbin/spamass-milter ] || need+=(spamass-milter)
+command -v rspamd >/dev/null || need+=(rspamd)
 if [ ${#need[@]} -eq 0 ]; then
   echo "==> system packages: all present"
   exit 0
@@ -33,7 +34,7 @@ $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null || 
   echo "error: apt-get install ${need[*]} failed; install them by hand (Debian/Ubuntu package names)" >&2; exit 1; }
 # Where an init system runs the packages' services, the ones the tests start themselves stay off.
 if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-  for unit in postfix spamass-milter; do
+  for unit in postfix spamass-milter rspamd; do
     case " ${need[*]} " in *" $unit "*) $SUDO systemctl disable --now "$unit" >/dev/null 2>&1 || true ;; esac
   done
 fi

@@ -524,6 +524,24 @@ def bench_scale(json_path: Path | None, repeats: int) -> None:
         run_scale_bench(s, json_path, repeats=repeats)
 
 
+@bench.command("speed")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
+@click.option("--messages", type=click.IntRange(10, 6046), default=400, show_default=True,
+              help="Corpus messages each side classifies per round (a seeded sample, both classes).")
+@click.option("--rounds", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Alternating rounds (the median ratio is reported, and the worst).")
+@friendly_errors
+def bench_speed(json_path: Path | None, messages: int, rounds: int) -> None:
+    """Flywheel's /classify and rspamd's /checkv2 side by side: one worker each, one sequential client, the same
+    messages (vs_rspamd: Flywheel's msgs/s over rspamd's)."""
+    from services.bench.speed import run_speed_bench
+
+    s = get_settings()
+    _configure_logging(s)
+    with _bench_progress() as progress, progress.stage("bench speed"):
+        run_speed_bench(s, json_path, messages=messages, rounds=rounds)
+
+
 @bench.command("loop")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
 @friendly_errors

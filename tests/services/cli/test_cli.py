@@ -177,6 +177,8 @@ RUN_ELSEWHERE: dict[tuple[str, ...], tuple[str, ...] | None] = {
     ("bench", "campaign"): ("tests/services/bench/test_campaignbench.py::test_bench_campaign_runs_on_a_sample",),
     ("bench", "abuse"): ("tests/services/bench/test_benches.py::test_abuse_bench_briefly",),
     ("bench", "scale"): ("tests/services/bench/test_scalebench.py::test_replicas_sharing_only_kafka_follow_a_promotion",),
+    ("bench", "speed"): ("tests/services/bench/test_speedbench.py::"
+                         "test_flywheel_and_rspamd_classify_the_same_messages_side_by_side",),
     # `run` is the replay below that then keeps serving, on the stack run_stack keeps until Ctrl-C
     ("run",): ("tests/test_e2e_replay.py::test_both_curves_are_drawn_by_the_running_system",
                "tests/services/local/test_stack.py::test_run_stack_starts_everything_and_ctrl_c_stops_it_in_reverse_order"),
