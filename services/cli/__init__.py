@@ -344,6 +344,7 @@ def corpus_info() -> None:
     from models.corpus import load_corpus
 
     s = get_settings()
+    _configure_logging(s)  # log lines on stderr: stdout is the JSON alone
     with Progress() as progress, progress.stage("loading the corpus"):
         msgs = load_corpus(s.downloads, s.corpus_dir)
     groups = Counter(m.group for m in msgs)
@@ -540,6 +541,21 @@ def bench_speed(json_path: Path | None, messages: int, rounds: int) -> None:
     _configure_logging(s)
     with _bench_progress() as progress, progress.stage("bench speed"):
         run_speed_bench(s, json_path, messages=messages, rounds=rounds)
+
+
+@bench.command("gpu")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
+@click.option("--cpu-ok", is_flag=True, help="Report the CPU figures and exit 0 where CUDA is not used.")
+@friendly_errors
+def bench_gpu(json_path: Path | None, cpu_ok: bool) -> None:
+    """The CUDA path of ONNX Runtime on this machine: which provider each model gets, CPU-CUDA parity of the
+    logits (<= 1e-5) and throughput at batches of 1, 64 and 1,024; exits 1 where CUDA is not used."""
+    from services.bench.gpu import run_gpu_bench
+
+    s = get_settings()
+    _configure_logging(s)
+    with _bench_progress() as progress, progress.stage("bench gpu"):
+        run_gpu_bench(s, json_path, cpu_ok=cpu_ok)
 
 
 @bench.command("loop")

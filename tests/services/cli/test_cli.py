@@ -177,6 +177,7 @@ RUN_ELSEWHERE: dict[tuple[str, ...], tuple[str, ...] | None] = {
     ("bench", "campaign"): ("tests/services/bench/test_campaignbench.py::test_bench_campaign_runs_on_a_sample",),
     ("bench", "abuse"): ("tests/services/bench/test_benches.py::test_abuse_bench_briefly",),
     ("bench", "scale"): ("tests/services/bench/test_scalebench.py::test_replicas_sharing_only_kafka_follow_a_promotion",),
+    ("bench", "gpu"): ("tests/services/bench/test_gpubench.py::test_both_families_are_checked_on_every_provider_offered",),
     ("bench", "speed"): ("tests/services/bench/test_speedbench.py::"
                          "test_flywheel_and_rspamd_classify_the_same_messages_side_by_side",),
     # `run` is the replay below that then keeps serving, on the stack run_stack keeps until Ctrl-C
