@@ -531,7 +531,9 @@ class Learner:
 
         onnx_path = self.dir / "tmp" / f"{cand.kind}-{int(time.time() * 1000)}.onnx"
         cand.model.export_onnx(onnx_path)
-        served = OnnxModel(onnx_path, use_cuda=False)
+        # the provider serving uses (CUDA first where there is one), like the champion's, which the registry opened:
+        # both sides of the gate are scored the way they are or would be served
+        served = OnnxModel(onnx_path)
 
         def chall_logit(b: FeatureBatch) -> np.ndarray:
             return np.asarray(served.decision_function(b), dtype=np.float64).reshape(-1)
