@@ -157,7 +157,11 @@ class LocalStack:
             self._started_broker = False
 
     def __enter__(self) -> LocalStack:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a stack that failed to start leaves nothing running (its broker nodes included)
+            self.stop()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
