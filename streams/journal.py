@@ -117,11 +117,10 @@ def decode_entry(value: bytes) -> BatchEntry | EvidenceEntry:
 
 
 def _consumer(config: StreamsConfig, name: str) -> KafkaConsumer:
-    from kafka import KafkaConsumer
+    from streams.topics import plain_consumer
 
-    return KafkaConsumer(bootstrap_servers=config.bootstrap_servers.split(","), **config.kafka_python_auth(),
-                         group_id=None, enable_auto_commit=False, client_id=f"flywheel-rebuild-{name}",
-                         request_timeout_ms=10_000, fetch_max_wait_ms=100, allow_auto_create_topics=False)
+    return plain_consumer(config, f"flywheel-rebuild-{name}", request_timeout_ms=10_000, fetch_max_wait_ms=100,
+                          allow_auto_create_topics=False)
 
 
 def read_journal(config: StreamsConfig, topic: str, poll_ms: int = 1000,

@@ -1,4 +1,5 @@
-"""Topic names, their partition counts, and the one producer every Flywheel process uses.
+"""Topic names, their partition counts, the one producer every Flywheel process uses, and a consumer without a
+group for the processes that read topics by hand.
 
 Retractions travel on the feedback topic, keyed like the flag they withdraw (by message id): Kafka orders
 records only within a partition, so a separate retractions topic could deliver a retraction before its flag
@@ -15,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -24,7 +25,7 @@ from streams.events import encode
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from kafka import KafkaProducer
+    from kafka import KafkaConsumer, KafkaProducer
 
     from streams.config import StreamsConfig
     from streams.events import _Event
@@ -91,6 +92,15 @@ def topic_configs(config: StreamsConfig) -> dict[str, dict[str, str]]:
     t = Topics.from_config(config)
     return {t.campaigns: dict(CAMPAIGN_TOPIC_CONFIG), t.models: dict(MODELS_TOPIC_CONFIG),
             t.journal: dict(JOURNAL_TOPIC_CONFIG), t.feedback: {"retention.ms": str(config.feedback_retention_ms)}}
+
+
+def plain_consumer(config: StreamsConfig, client_id: str, **extra: Any) -> KafkaConsumer:
+    """A kafka-python consumer without a group (partitions assigned by hand, nothing committed) on the config's
+    brokers and security protocol: for a process that reads a topic whole or by offset, whatever others read."""
+    from kafka import KafkaConsumer
+
+    return KafkaConsumer(bootstrap_servers=config.bootstrap_servers.split(","), **config.kafka_python_auth(),
+                         group_id=None, enable_auto_commit=False, client_id=client_id, **extra)
 
 
 class EventProducer:
@@ -227,6 +237,7 @@ __all__ = [
     "BrokerUnavailable",
     "EventProducer",
     "Topics",
+    "plain_consumer",
     "topic_configs",
     "topic_specs",
 ]

@@ -37,13 +37,10 @@ __all__ = ["ModelFollower", "TopicFollower", "follower_consumer"]
 def follower_consumer(settings: Settings, name: str, **extra: Any) -> KafkaConsumer:
     """A consumer without a group (partitions assigned by hand) on the configured brokers and security: each
     replica follows the topics on its own, whatever the others read."""
-    from kafka import KafkaConsumer
+    from streams.topics import plain_consumer
 
-    return KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers.split(","), **settings.streams().kafka_python_auth(),
-        group_id=None, enable_auto_commit=False, client_id=f"flywheel-api-{name}-{os.getpid()}",
-        request_timeout_ms=5000, reconnect_backoff_max_ms=2000, **extra,
-    )
+    return plain_consumer(settings.streams(), f"flywheel-api-{name}-{os.getpid()}", request_timeout_ms=5000,
+                          reconnect_backoff_max_ms=2000, **extra)
 
 
 class TopicFollower:

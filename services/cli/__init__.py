@@ -425,6 +425,15 @@ def _bench_progress() -> Progress:
     return Progress(refresh_per_second=1.0)
 
 
+def _run_bench(name: str, run: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """Run ``run(settings, *args, **kwargs)``, a benchmark, with the console logging and progress stage every
+    benchmark command shows."""
+    s = get_settings()
+    _configure_logging(s)
+    with _bench_progress() as progress, progress.stage(f"bench {name}"):
+        run(s, *args, **kwargs)
+
+
 @bench.command("models")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the figures as JSON here.")
 @friendly_errors
@@ -446,10 +455,7 @@ def bench_api(json_path: Path | None) -> None:
     """Over loopback HTTP and the spamd port, with the load generator in another process."""
     from services.bench.api import run_api_bench
 
-    s = get_settings()
-    _configure_logging(s)
-    with _bench_progress() as progress, progress.stage("bench api"):
-        run_api_bench(s, json_path)
+    _run_bench("api", run_api_bench, json_path)
 
 
 @bench.command("hostile")
@@ -462,10 +468,7 @@ def bench_hostile(json_path: Path | None, corpus_messages: int | None, no_http: 
     """Crafted hostile messages up to the size limit, in-process and over HTTP, against real mail's cost."""
     from services.bench.hostile import run_hostile_bench
 
-    s = get_settings()
-    _configure_logging(s)
-    with _bench_progress() as progress, progress.stage("bench hostile"):
-        run_hostile_bench(s, json_path, corpus_messages=corpus_messages, http=not no_http)
+    _run_bench("hostile", run_hostile_bench, json_path, corpus_messages=corpus_messages, http=not no_http)
 
 
 @bench.command("abuse")
@@ -484,10 +487,7 @@ def bench_abuse(json_path: Path | None, attacks: tuple[str, ...], flood_s: float
     flooded with raw mail, a rollback during a gate decision)."""
     from services.bench.abuse import run_abuse_bench
 
-    s = get_settings()
-    _configure_logging(s)
-    with _bench_progress() as progress, progress.stage("bench abuse"):
-        run_abuse_bench(s, json_path, attacks=list(attacks) or None, flood_s=flood_s)
+    _run_bench("abuse", run_abuse_bench, json_path, attacks=list(attacks) or None, flood_s=flood_s)
 
 
 @bench.command("campaign")
@@ -503,10 +503,7 @@ def bench_campaign(json_path: Path | None, every: int, memory_fingerprints: int)
     (campaign_fp), and memory per 100,000 fingerprints."""
     from services.bench.campaign import run_campaign_bench
 
-    s = get_settings()
-    _configure_logging(s)
-    with _bench_progress() as progress, progress.stage("bench campaign"):
-        run_campaign_bench(s, json_path, every=every, memory_n=memory_fingerprints)
+    _run_bench("campaign", run_campaign_bench, json_path, every=every, memory_n=memory_fingerprints)
 
 
 @bench.command("scale")
@@ -519,10 +516,7 @@ def bench_scale(json_path: Path | None, repeats: int) -> None:
     promotion on the worker until both serve it (replica_converge_s)."""
     from services.bench.scale import run_scale_bench
 
-    s = get_settings()
-    _configure_logging(s)
-    with _bench_progress() as progress, progress.stage("bench scale"):
-        run_scale_bench(s, json_path, repeats=repeats)
+    _run_bench("scale", run_scale_bench, json_path, repeats=repeats)
 
 
 @bench.command("speed")
@@ -537,10 +531,7 @@ def bench_speed(json_path: Path | None, messages: int, rounds: int) -> None:
     messages (vs_rspamd: Flywheel's msgs/s over rspamd's)."""
     from services.bench.speed import run_speed_bench
 
-    s = get_settings()
-    _configure_logging(s)
-    with _bench_progress() as progress, progress.stage("bench speed"):
-        run_speed_bench(s, json_path, messages=messages, rounds=rounds)
+    _run_bench("speed", run_speed_bench, json_path, messages=messages, rounds=rounds)
 
 
 @bench.command("gpu")
@@ -552,10 +543,7 @@ def bench_gpu(json_path: Path | None, cpu_ok: bool) -> None:
     logits (<= 1e-5) and throughput at batches of 1, 64 and 1,024; exits 1 where CUDA is not used."""
     from services.bench.gpu import run_gpu_bench
 
-    s = get_settings()
-    _configure_logging(s)
-    with _bench_progress() as progress, progress.stage("bench gpu"):
-        run_gpu_bench(s, json_path, cpu_ok=cpu_ok)
+    _run_bench("gpu", run_gpu_bench, json_path, cpu_ok=cpu_ok)
 
 
 @bench.command("loop")
@@ -565,10 +553,7 @@ def bench_loop(json_path: Path | None) -> None:
     """On the real broker, API and worker: flag-to-serving latency, a neural cycle, ingestion rate."""
     from services.bench.loop import run_loop_bench
 
-    s = get_settings()
-    _configure_logging(s)
-    with _bench_progress() as progress, progress.stage("bench loop"):
-        run_loop_bench(s, json_path)
+    _run_bench("loop", run_loop_bench, json_path)
 
 
 @bench.command("flywheel")
@@ -585,10 +570,7 @@ def bench_flywheel(json_path: Path | None, noise: float, no_noisy_run: bool, rep
     offline refit on the same data (and again with wrong flags)."""
     from services.bench.flywheel import run_flywheel_bench
 
-    s = get_settings()
-    _configure_logging(s)
-    with _bench_progress() as progress, progress.stage("bench flywheel"):
-        run_flywheel_bench(s, json_path, noise=noise, noisy_run=not no_noisy_run, repeats=repeats)
+    _run_bench("flywheel", run_flywheel_bench, json_path, noise=noise, noisy_run=not no_noisy_run, repeats=repeats)
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -86,15 +86,13 @@ class CampaignPublisher:
     # -- the state on the topic ------------------------------------------------------------------------
     def load_published(self, timeout_s: float = 10.0) -> None:
         """Read the compacted topic to its end: what earlier runs published (best effort, bounded)."""
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
 
         from streams.campaign import decode_campaign
         from streams.events import EventInvalid
+        from streams.topics import plain_consumer
 
-        consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers.split(","), group_id=None,
-                                 **self.settings.streams().kafka_python_auth(),
-                                 enable_auto_commit=False, client_id="flywheel-worker-campaigns",
-                                 request_timeout_ms=5000)
+        consumer = plain_consumer(self.settings.streams(), "flywheel-worker-campaigns", request_timeout_ms=5000)
         try:
             parts = [TopicPartition(self.topic, p) for p in consumer.partitions_for_topic(self.topic) or ()]
             if not parts:
