@@ -286,6 +286,15 @@ class Settings(BaseSettings):
         "full), with backoff, before it exits without acknowledging the batch (a supervisor restarts it from its "
         "committed offsets). Below faust's max poll interval (1000 s).",
     )
+    worker_catch_up_lag: int = Field(
+        2_000, ge=0, description="While more feedback records than this wait to be applied, the learner's and the "
+        "campaign publisher's passes wait (at most worker_catch_up_max_s at a time), so a backlog is applied at "
+        "full speed instead of being refitted every few batches.",
+    )
+    worker_catch_up_max_s: float = Field(
+        30.0, gt=0, description="The longest a background pass waits for a backlog: a flood that never ends still "
+        "gets a refit this often.",
+    )
     worker_rebuild: bool = Field(
         True, description="A worker whose store is empty (a new disk) first replays the worker's journal and the "
         "feedback topic into it: the labels, reputations and counters of the worker that wrote them.")

@@ -31,7 +31,7 @@ import structlog
 
 from services.worker.data import CorpusData, corpus_data
 from services.worker.learner import Learner
-from services.worker.metrics import WorkerMetrics
+from services.worker.metrics import Backlog, WorkerMetrics
 from services.worker.store import BatchResult, LabelStore
 from streams.records import Record
 
@@ -104,10 +104,12 @@ class Worker:
 
             await_kafka(settings)
             rebuild_store(settings, self.store)
+        self.backlog = Backlog(settings.worker_catch_up_lag, settings.worker_catch_up_max_s)
         self.learner: Learner | None = None
         if learn:
             self.learner = Learner(settings, self.store, self.metrics, self._emit_model_event,
-                                   corpus if corpus is not None else corpus_data(settings), self.journal)
+                                   corpus if corpus is not None else corpus_data(settings), self.journal,
+                                   backlog=self.backlog)
             if self.learner.registry.champion() is None:
                 self.learner.refit()  # a fresh registry: the base model becomes the first champion
             self.learner.show_champion()
@@ -365,6 +367,7 @@ class Worker:
                 if hw is not None:
                     lag += max(0, int(hw) - 1 - offsets.get((tp.topic, tp.partition), -1))
             self.metrics.lag.set(lag)
+            self.backlog.update(lag)
         except Exception:  # lag is best effort
             log.debug("lag update failed", exc_info=True)
 

@@ -138,6 +138,8 @@ class CampaignPublisher:
         now = time.monotonic()
         if not force and version == self._seen_version and now - self._full_at < FULL_PASS_S:
             return 0
+        if not force and self.learner.backlog is not None and self.learner.backlog.defer("campaign"):
+            return 0
         labelled = self.store.labelled()
         probs = self.learner.base_probability([(lb.message_id, lb.raw) for lb in labelled])
         want: dict[str, tuple[Literal["spam", "ham"], float, bytes]] = {}

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from models.registry import LoadedModel, Registry, SelfCheckVector
     from models.rules import RuleEngine, RuleResult
     from services.settings import Settings
-    from services.worker.metrics import WorkerMetrics
+    from services.worker.metrics import Backlog, WorkerMetrics
     from streams.events import ModelEvent
     from streams.journal import JournalWriter
 
@@ -94,12 +94,15 @@ class Learner:
         emit: Callable[[ModelEvent], None],
         corpus: CorpusData,
         journal: JournalWriter | None = None,
+        *,
+        backlog: Backlog | None = None,
     ) -> None:
         from models.registry import Registry
         from models.rules import RuleEngine
 
         self.settings = settings
         self.journal = journal  # judged votes are journaled before they count (streams.journal)
+        self.backlog = backlog  # while the ingest catches up, passes wait (services.worker.metrics.Backlog)
         configure_trusted_authserv_ids(settings.trusted_authserv_ids)  # as the API parses
         self.store = store
         self.metrics = metrics
@@ -257,6 +260,8 @@ class Learner:
 
         Votes are judged first (their evidence moves reputations, and so what is trusted), but a steady stream of
         flags must not starve the refits: one pass judges what is pending now, then the clocks run."""
+        if self.backlog is not None and self.backlog.defer("learner"):
+            return False
         did = False
         for _ in range(4):  # bounded: under a flood the refit still comes round every few chunks
             n = self._judge_votes()

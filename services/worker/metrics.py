@@ -9,11 +9,16 @@ served versions) are bounded.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-__all__ = ["WorkerMetrics"]
+__all__ = ["Backlog", "WorkerMetrics"]
+
+log = structlog.get_logger(__name__)
 
 FPRS = ("0.001", "0.01")
 
@@ -135,3 +140,44 @@ class WorkerMetrics:
             old = self._live_versions.pop(0)
             for o in ("tp", "fp", "tn", "fn"):
                 self.live.remove(old, o)
+
+
+class Backlog:
+    """Whether the worker is catching up on a backlog of feedback, and so whether background work should wait.
+
+    A worker that restarts behind a burst (or falls behind a flood) shares two cores between applying the backlog
+    and the learner's and the campaign publisher's passes, which featurize, refit and read the whole store again
+    for every few batches applied: work that the pass after the backlog redoes on all of it. So while more than
+    ``threshold`` records wait, each background task (``who``) runs at most one pass every ``max_wait_s``: the
+    backlog is applied at the ingest path's own speed, and a flood that never ends still gets its refits.
+    """
+
+    def __init__(self, threshold: int, max_wait_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.threshold = threshold
+        self.max_wait_s = max_wait_s
+        self._clock = clock
+        self.lag = 0
+        self._lock = threading.Lock()
+        self._ran: dict[str, float] = {}  # who -> when its last pass during this backlog was let through
+
+    def update(self, lag: int) -> None:
+        """The records still to apply (the worker's lag, measured on its timer)."""
+        with self._lock:
+            behind, self.lag = self.lag > self.threshold, lag
+            if behind != (lag > self.threshold):
+                log.info("catching up on a backlog: background passes wait" if not behind else "backlog applied",
+                         lag=lag, threshold=self.threshold)
+            if lag <= self.threshold:
+                self._ran.clear()
+
+    def defer(self, who: str) -> bool:
+        """True when ``who`` should skip this pass (a backlog is being applied and its last pass was recent)."""
+        with self._lock:
+            if self.lag <= self.threshold:
+                return False
+            now = self._clock()
+            last = self._ran.setdefault(who, now)
+            if now - last < self.max_wait_s:
+                return True
+            self._ran[who] = now
+            return False

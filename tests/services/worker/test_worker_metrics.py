@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.worker.metrics import WorkerMetrics
+from services.worker.metrics import Backlog, WorkerMetrics
 
 pytestmark = pytest.mark.unit
 
@@ -42,3 +42,21 @@ def test_the_champion_series_follows_the_champion() -> None:
     m.set_champion("b", "neural", 200.0)
     assert [s["version"] for s in _series(m, "flywheel_champion_info")] == ["b"]
     assert m.registry.get_sample_value("flywheel_champion_promoted_timestamp_seconds") == 200.0
+
+
+def test_a_backlog_holds_background_passes_back_but_lets_one_through_every_max_wait() -> None:
+    now = [0.0]
+    b = Backlog(threshold=100, max_wait_s=30.0, clock=lambda: now[0])
+    assert not b.defer("learner")  # no lag measured yet: passes run
+    b.update(5_000)
+    assert b.defer("learner") and b.defer("campaign")  # a backlog: both wait
+    now[0] = 29.0
+    assert b.defer("learner")
+    now[0] = 30.0
+    assert not b.defer("learner")  # a flood that never ends still gets a pass every max_wait_s...
+    assert b.defer("learner")  # ...one
+    assert not b.defer("campaign")  # each task has its own clock
+    b.update(100)  # at the threshold: caught up, everything runs
+    assert not b.defer("learner") and not b.defer("learner") and not b.defer("campaign")
+    b.update(101)
+    assert b.defer("learner")  # a new backlog starts its wait afresh
