@@ -287,7 +287,7 @@ class Settings(BaseSettings):
         "committed offsets). Below faust's max poll interval (1000 s).",
     )
     worker_catch_up_lag: int = Field(
-        2_000, ge=0, description="While more feedback records than this wait to be applied, the learner's and the "
+        1_000, ge=0, description="While more feedback records than this wait to be applied, the learner's and the "
         "campaign publisher's passes wait (at most worker_catch_up_max_s at a time), so a backlog is applied at "
         "full speed instead of being refitted every few batches.",
     )

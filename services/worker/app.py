@@ -104,7 +104,7 @@ class Worker:
 
             await_kafka(settings)
             rebuild_store(settings, self.store)
-        self.backlog = Backlog(settings.worker_catch_up_lag, settings.worker_catch_up_max_s)
+        self.backlog = Backlog(settings.worker_catch_up_lag, settings.worker_catch_up_max_s, awaiting=learn)
         self.learner: Learner | None = None
         if learn:
             self.learner = Learner(settings, self.store, self.metrics, self._emit_model_event,
@@ -233,6 +233,7 @@ class Worker:
         self._app = app
 
     async def handle(self, records: Sequence[Record]) -> None:
+        self._update_lag()  # a backlog is known from its first batch, before the learner's next pass (see Backlog)
         fut = self._exec.submit(self.process, list(records))
         try:
             await asyncio.wrap_future(fut)
@@ -362,12 +363,16 @@ class Worker:
             consumer = app.consumer
             offsets = self.store.last_offsets()
             lag = 0
+            measured = bool(consumer.assignment())  # a lag only once partitions are assigned and their ends known
             for tp in consumer.assignment():
                 hw = consumer.highwater(tp)
-                if hw is not None:
+                if hw is None:
+                    measured = False
+                else:
                     lag += max(0, int(hw) - 1 - offsets.get((tp.topic, tp.partition), -1))
             self.metrics.lag.set(lag)
-            self.backlog.update(lag)
+            if measured:
+                self.backlog.update(lag)
         except Exception:  # lag is best effort
             log.debug("lag update failed", exc_info=True)
 

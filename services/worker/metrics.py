@@ -149,31 +149,38 @@ class Backlog:
     and the learner's and the campaign publisher's passes, which featurize, refit and read the whole store again
     for every few batches applied: work that the pass after the backlog redoes on all of it. So while more than
     ``threshold`` records wait, each background task (``who``) runs at most one pass every ``max_wait_s``: the
-    backlog is applied at the ingest path's own speed, and a flood that never ends still gets its refits.
+    backlog is applied at the ingest path's own speed, and a flood that never ends still gets its refits. A
+    worker starts ``awaiting`` its first measurement (its consumer has partitions and knows their ends), counted
+    as a backlog: a restart's first refit would otherwise start on the first batch of the backlog.
     """
 
-    def __init__(self, threshold: int, max_wait_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, threshold: int, max_wait_s: float, *, awaiting: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.threshold = threshold
         self.max_wait_s = max_wait_s
+        self.lag: int | None = None if awaiting else 0  # None: not measured yet
         self._clock = clock
-        self.lag = 0
         self._lock = threading.Lock()
         self._ran: dict[str, float] = {}  # who -> when its last pass during this backlog was let through
 
+    def _behind(self) -> bool:
+        return self.lag is None or self.lag > self.threshold
+
     def update(self, lag: int) -> None:
-        """The records still to apply (the worker's lag, measured on its timer)."""
+        """The records still to apply (the worker's lag, measured on its timer and with every batch)."""
         with self._lock:
-            behind, self.lag = self.lag > self.threshold, lag
-            if behind != (lag > self.threshold):
-                log.info("catching up on a backlog: background passes wait" if not behind else "backlog applied",
+            was = self._behind()
+            self.lag = lag
+            if was != self._behind():
+                log.info("backlog applied" if was else "catching up on a backlog: background passes wait",
                          lag=lag, threshold=self.threshold)
-            if lag <= self.threshold:
+            if not self._behind():
                 self._ran.clear()
 
     def defer(self, who: str) -> bool:
         """True when ``who`` should skip this pass (a backlog is being applied and its last pass was recent)."""
         with self._lock:
-            if self.lag <= self.threshold:
+            if not self._behind():
                 return False
             now = self._clock()
             last = self._ran.setdefault(who, now)

@@ -60,3 +60,13 @@ def test_a_backlog_holds_background_passes_back_but_lets_one_through_every_max_w
     assert not b.defer("learner") and not b.defer("learner") and not b.defer("campaign")
     b.update(101)
     assert b.defer("learner")  # a new backlog starts its wait afresh
+
+
+def test_a_worker_awaiting_its_first_measurement_counts_as_behind() -> None:
+    now = [0.0]
+    b = Backlog(threshold=100, max_wait_s=30.0, awaiting=True, clock=lambda: now[0])
+    assert b.lag is None and b.defer("learner")  # a restart's first refit waits for the lag
+    now[0] = 30.0
+    assert not b.defer("learner")  # bounded: a consumer that never gets partitions does not stop learning
+    b.update(0)
+    assert not b.defer("learner") and not b.defer("learner")
