@@ -252,14 +252,12 @@ class LocalStack:
 
     def backlog(self) -> int:
         """Records on the feedback topic the worker has not applied yet (end offsets against its store)."""
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
 
-        from streams.topics import Topics
+        from streams.topics import Topics, plain_consumer
 
         topic = Topics.from_config(self.settings.streams()).feedback
-        consumer = KafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers, group_id=None,
-                                 enable_auto_commit=False, request_timeout_ms=10_000,
-                                 **self.settings.streams().kafka_python_auth())
+        consumer = plain_consumer(self.settings.streams(), "flywheel-bench-backlog", request_timeout_ms=10_000)
         try:
             parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
             ends = consumer.end_offsets(parts)
