@@ -169,12 +169,13 @@ class Backlog:
     def update(self, lag: int) -> None:
         """The records still to apply (the worker's lag, measured on its timer and with every batch)."""
         with self._lock:
-            was = self._behind()
-            self.lag = lag
-            if was != self._behind():
-                log.info("backlog applied" if was else "catching up on a backlog: background passes wait",
+            before, self.lag = self.lag, lag
+            behind = lag > self.threshold
+            if before is None or (before > self.threshold) != behind:  # the first measurement, or a change
+                log.info("catching up on a backlog: background passes wait" if behind
+                         else "no backlog: background passes run" if before is None else "backlog applied",
                          lag=lag, threshold=self.threshold)
-            if not self._behind():
+            if not behind:
                 self._ran.clear()
 
     def defer(self, who: str) -> bool:

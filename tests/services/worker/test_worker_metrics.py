@@ -70,3 +70,18 @@ def test_a_worker_awaiting_its_first_measurement_counts_as_behind() -> None:
     assert not b.defer("learner")  # bounded: a consumer that never gets partitions does not stop learning
     b.update(0)
     assert not b.defer("learner") and not b.defer("learner")
+
+
+def test_the_backlog_says_when_it_starts_and_ends_from_the_first_measurement_on() -> None:
+    from structlog.testing import capture_logs
+
+    with capture_logs() as logs:
+        Backlog(threshold=100, max_wait_s=30.0, awaiting=True).update(5_000)  # a restart behind a burst
+        quiet = Backlog(threshold=100, max_wait_s=30.0, awaiting=True)
+        quiet.update(3)
+        quiet.update(50)  # no change: nothing said
+        quiet.update(101)
+        quiet.update(0)
+    assert [e["event"] for e in logs] == ["catching up on a backlog: background passes wait",
+                                         "no backlog: background passes run",
+                                         "catching up on a backlog: background passes wait", "backlog applied"]
