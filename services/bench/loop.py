@@ -128,7 +128,10 @@ def run_loop_bench(settings: Settings, json_path: Path | None, *, flags: int = 1
         wait_until(lambda: stack.counters().get("events", 0) >= base + ingest_events, 600, "the burst", 0.02)
         t_last = time.monotonic()
         result["ingest_events"] = ingest_events
-        result["ingest_events_per_s"] = round((base + ingest_events - first_count) / max(1e-9, t_last - t_first), 1)
+        # The rate counts from the first batch seen applied to the last: a burst the worker takes in one batch
+        # (under batch_max records) has no interval to measure, so it has no rate rather than a rate of 0.
+        rest = base + ingest_events - first_count
+        result["ingest_events_per_s"] = round(rest / max(1e-9, t_last - t_first), 1) if rest > 0 else None
         _say(f"    {result['ingest_events_per_s']} events/s")
 
         # 3. neural cycle ----------------------------------------------------------------------------------

@@ -4,12 +4,14 @@ No Docker engine or Kubernetes cluster runs here, so the compose file is checked
 (check-jsonschema's vendored copy), the Dockerfiles with hadolint, the Helm chart with ``helm lint --strict`` and
 ``helm template`` (default values, and GPU + Secret + ServiceMonitor), and every rendered manifest with
 kubernetes-validate (strict) for the oldest and the newest Kubernetes the chart and the validator know. helm and
-hadolint come from ``deploy/validation-tools.sh`` (built or fetched once into ``<downloads>/deploy-tools``);
+hadolint come from ``deploy/validation-tools.sh``, built or fetched once per machine into the user's cache
+(``~/.cache/flywheel/deploy-tools``, like Go's and uv's own caches), so a fresh clone does not build helm again;
 ``tests/deploy/test_manifests.py`` runs the same checks and shows each validator a broken input it must refuse.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,8 @@ CHART = DEPLOY / "helm" / "flywheel"
 COMPOSE = DEPLOY / "compose.yaml"
 KUBE_VERSIONS = ("1.25.0", "1.37.0")
 """The chart's kubeVersion floor and the newest schema kubernetes-validate ships."""
+TOOLS_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flywheel" / "deploy-tools"
+"""Where helm and hadolint live: versioned binaries, independent of any clone or state directory."""
 CHART_VALUES: tuple[tuple[str, ...], ...] = (
     (), ("gpu.enabled=true", "metrics.serviceMonitor.enabled=true", "apiKeys.keys.k1=alice"))
 
@@ -33,9 +37,9 @@ def _run(cmd: list[str], timeout_s: float = 300) -> subprocess.CompletedProcess[
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=REPO_ROOT, check=False)  # noqa: S603 - argv built here
 
 
-def install_tools(downloads: Path) -> dict[str, str]:
+def install_tools(tools_dir: Path = TOOLS_CACHE) -> dict[str, str]:
     """Paths of helm, hadolint, check-jsonschema and kubernetes-validate (the first two installed once)."""
-    out = _run(["bash", str(DEPLOY / "validation-tools.sh"), str(downloads / "deploy-tools")], timeout_s=1500)
+    out = _run(["bash", str(DEPLOY / "validation-tools.sh"), str(tools_dir)], timeout_s=1500)
     if out.returncode != 0:
         raise RuntimeError(f"deploy/validation-tools.sh exited {out.returncode}:\n{out.stderr[-2000:]}")
     found = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)

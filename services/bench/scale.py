@@ -315,7 +315,7 @@ def run_scale_bench(settings: Settings, json_path: Path | None, *, repeats: int 
     result.update(takeover(settings, root / "takeover", flags=flags))
     result.update(broker_kill(settings, root / "cluster", flags=flags))
     _say("==> deploy/ validated offline (compose-spec, hadolint, helm lint/template, kubernetes-validate)")
-    manifests = validate_manifests(install_tools(settings.downloads))
+    manifests = validate_manifests(install_tools())
     result["manifests_valid"] = manifests["valid"]
     result["manifests"] = manifests
     for name, c in manifests["checks"].items():

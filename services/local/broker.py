@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -392,6 +393,7 @@ def _java_argv(config: StreamsConfig, java: str, libs: Path, main: str, *args: s
         f"-Xms{min(_mb(config.kafka_heap), 256)}m",
         "-XX:+UseG1GC",
         "-XX:MaxGCPauseMillis=20",
+        *shlex.split(config.kafka_jvm_options),
         "-Djava.awt.headless=true",
         "-Dlog4j2.shutdownHookEnabled=false",
         f"-Dlog4j2.configurationFile={d / 'log4j2.properties'}",

@@ -12,7 +12,7 @@ can be checked without one is checked with the tools that own each format.
   the oldest and the newest Kubernetes the chart and the validator know.
 
 Each validator is also shown a broken input and must refuse it, so a pass means something. helm and hadolint come
-from deploy/validation-tools.sh (built or fetched once into var/downloads/deploy-tools).
+from deploy/validation-tools.sh (built or fetched once per machine into ~/.cache/flywheel/deploy-tools).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from services.bench.manifests import (
 )
 from services.settings import REPO_ROOT, Settings
 
-TOOLS_DIR = REPO_ROOT / "var" / "downloads" / "deploy-tools"
 HELM_VERSION = "v4.3.2"
 HADOLINT_VERSION = "2.15.1"
 # the first run builds helm from source (about 7 minutes on 2 cores with an empty Go cache), within the first test
@@ -56,7 +55,7 @@ def run(cmd: list[str], *, ok: bool = True, timeout_s: float = 300, cwd: Path = 
 @pytest.fixture(scope="module")
 def tools() -> dict[str, str]:
     """helm and hadolint, installed by the project's own script (idempotent; the first helm build takes minutes)."""
-    found = install_tools(TOOLS_DIR.parent)
+    found = install_tools()
     for name, path in found.items():
         assert Path(path).is_file(), f"{name}: {path} missing"
     return found

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.settings import REPO_ROOT, Settings
+from services.settings import REPO_ROOT, Settings, SettingsError
 
 pytestmark = pytest.mark.unit
 
@@ -50,6 +50,12 @@ def test_serving_limits_and_secrets_from_the_environment(monkeypatch: pytest.Mon
     assert "a-long-shared-secret-value" not in repr(s)  # never in a log line that prints the settings
 
     assert s.child_env()["FLYWHEEL_SPAMD_TELL_SECRET"] == "a-long-shared-secret-value"  # workers get the value
+
+
+def test_unparseable_jvm_options_are_refused_by_name() -> None:
+    assert Settings(_env_file=None, kafka_jvm_options="-Xss2m -Dx='a b'").streams().kafka_jvm_options
+    with pytest.raises(SettingsError, match="FLYWHEEL_KAFKA_JVM_OPTIONS"):
+        Settings(_env_file=None, kafka_jvm_options="-Dx='unclosed")
 
 
 def test_serving_defaults_are_the_safe_ones(monkeypatch: pytest.MonkeyPatch) -> None:
