@@ -170,3 +170,10 @@ def topic_partitions(config: StreamsConfig, names: Iterable[str]) -> dict[str, i
     with contextlib.closing(_admin(config, 10.0)) as admin:
         return {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics(list(names))
                 if t.get("error_code", 0) == 0}
+
+
+def topic_replicas(config: StreamsConfig, names: Iterable[str]) -> dict[str, int]:
+    """The fewest replicas of any partition of each named topic that exists (three on a three-node cluster)."""
+    with contextlib.closing(_admin(config, 10.0)) as admin:
+        return {t["name"]: min((len(p["replica_nodes"]) for p in t.get("partitions") or []), default=0)
+                for t in admin.describe_topics(list(names)) if t.get("error_code", 0) == 0}

@@ -18,7 +18,8 @@ Then a three-node local KRaft cluster (``kafka_nodes = 3``: every topic on three
 a worker and an API on it: flags stream through ``POST /feedback`` while one node is SIGKILLed and, later,
 restarted. ``broker_kill_lost_flags`` counts the flags the API acknowledged (202, with their partition and offset)
 that the worker's store does not hold once it has caught up (target 0); flags answered 503 while the cluster
-elected new leaders were never acknowledged and are counted apart.
+elected new leaders were never acknowledged and are counted apart. ``broker_kill_replicas``: the fewest replicas of
+any partition of the project's topics on that cluster (3).
 
 Last, ``manifests_valid``: compose file, Dockerfiles, Helm chart and its rendered manifests validated offline
 (``services.bench.manifests``), with the validators' versions.
@@ -48,7 +49,8 @@ from services.bench.manifests import install_tools, validate_manifests
 from services.local import broker
 from services.local.daemon import Child, free_port, free_port_run, wait_until
 from services.settings import REPO_ROOT
-from streams.topics import Topics
+from streams import admin
+from streams.topics import Topics, topic_specs
 
 if TYPE_CHECKING:
     from services.settings import Settings
@@ -156,6 +158,7 @@ def broker_kill(settings: Settings, root: Path, *, flags: int = 300) -> dict[str
                     campaign_memory=False) as stack:
         streams = stack.settings.streams()
         assert streams.kafka_nodes == 3 and streams.bootstrap_servers.count(",") == 2
+        replicas = min(admin.topic_replicas(streams, [name for name, _ in topic_specs(streams)]).values())
         with FlagStream(stack, users) as stream:
             stream.wait_for(third, 120, "flags before the kill")
             pid = broker.node_daemon(streams, 1).pid()
@@ -171,6 +174,7 @@ def broker_kill(settings: Settings, root: Path, *, flags: int = 300) -> dict[str
          f"{sum(stream.refused.values())} refused {stream.refused}; acknowledged but not stored: {lost}")
     return {"broker_kill_lost_flags": lost, "broker_kill_doubled_flags": doubled,
             "broker_kill_acknowledged": len(stream.acked), "broker_kill_refused": stream.refused,
+            "broker_kill_replicas": replicas,
             "broker_kill_node_down_s": round(down_s, 1)}
 
 

@@ -89,6 +89,7 @@ def test_project_topics_exist_with_their_partition_counts(kafka: Settings) -> No
     assert admin.topic_partitions(kafka.streams(), specs) == specs
     admin.ensure_topics(kafka.streams(), list(specs.items()))  # idempotent: no error, nothing changes
     assert admin.topic_partitions(kafka.streams(), specs) == specs
+    assert admin.topic_replicas(kafka.streams(), specs) == dict.fromkeys(specs, 1)  # one node, one replica
 
 
 @pytest.mark.integration
