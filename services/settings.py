@@ -58,10 +58,9 @@ class Settings(BaseSettings):
     kafka_version: str = Field("4.1.1", description="org.apache.kafka:kafka_2.13 version from Maven Central.")
     kafka_heap: str = Field("512m", description="-Xmx of the local broker.")
     kafka_jvm_options: str = Field(
-        "-XX:TieredStopAtLevel=1", description="More JVM options of the local broker (and its storage tool), split"
-        " like a shell's words. The default compiles with C1 only: the broker starts on about half the CPU (9-10 s"
-        " to 5.3-5.5 s to start and take 2,000 records, 0.9 to 0.6 s per idle 20 s, measured on 2 cores) and runs"
-        " this project's rates no slower; '' restores the JVM's tiered C1+C2 compilation for a long-lived broker.")
+        "", description="More JVM options of the local broker (and its storage tool), split like a shell's words."
+        " '-XX:TieredStopAtLevel=1' (C1 compilation only, what the test run uses) starts a broker on about half the"
+        " CPU: 9-10 s to 5.3-5.5 s to start and take 2,000 records, measured on 2 cores.")
     kafka_start_timeout_s: float = Field(
         60.0, description="Deadline for the broker to answer metadata: the local broker's start, and a worker"
         " started while Kafka is down waits this long before it exits."

@@ -26,6 +26,7 @@ import pytest
 from services.settings import REPO_ROOT, Settings
 
 DOWNLOADS = REPO_ROOT / "var" / "downloads"
+TEST_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
 
 
 def free_ports(n: int) -> list[int]:
@@ -55,6 +56,8 @@ def make_settings(state_dir: Path, **overrides: object) -> Settings:
         "spamd_port": spamd,
         "worker_port": worker,
         "topic_prefix": f"test-{uuid.uuid4().hex[:8]}",
+        # C1 only: a test broker lives minutes, and starts on about half the CPU of the JVM's default compilers
+        "kafka_jvm_options": TEST_JVM_OPTIONS,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
