@@ -356,10 +356,7 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
     try:
         proc.start()
         print(f"==> API up on {proc.base_url} ({s.workers} workers), spamd on {spamd_port}")
-        # the side phases (warm-up, /healthz, 100 req/s, the capacity check before the swap) last as long as the
-        # measured ones up to their usual length: a brief run (the test's 1 s) is brief throughout
-        side = min(duration_s, 2.0)
-        run_load("closed", host=host, port=port, requests=single, connections=8, duration_s=side,
+        run_load("closed", host=host, port=port, requests=single, connections=8, duration_s=2.0,
                  per_request_items=1)  # warm-up
         r = run_load("closed", host=host, port=port, requests=single, connections=32, duration_s=duration_s,
                      per_request_items=1)
@@ -367,7 +364,7 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
         result["classify_rps"] = r["rps"]
         print(f"    /classify: {r['rps']:.0f} req/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
               f"failed {r['failed']}")
-        h = run_load("closed", host=host, port=port, connections=32, duration_s=1.5 * side, per_request_items=1,
+        h = run_load("closed", host=host, port=port, connections=32, duration_s=3.0, per_request_items=1,
                      requests=[f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()])
         result["healthz_rps"] = h["rps"]  # the HTTP stack's own ceiling, without the spam pipeline
         print(f"    /healthz (HTTP stack alone): {h['rps']:.0f} req/s")
@@ -379,7 +376,7 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
         print(f"    /classify at 500 req/s: p50 {result['p50_ms_at_500rps']:.2f} ms, "
               f"p99 {result['p99_ms_at_500rps']:.2f} ms")
         # below saturation on a busy machine: the latency the HTTP layer adds when the server is not queueing
-        o = run_load("open", host=host, port=port, requests=single, rate=100.0, duration_s=2.0 * side)
+        o = run_load("open", host=host, port=port, requests=single, rate=100.0, duration_s=4.0)
         lat = [x[1] * 1000 for x in o["samples"]]
         result["p99_ms_at_100rps"] = _pct(lat, 99)
         result["p50_ms_at_100rps"] = _pct(lat, 50)
@@ -403,7 +400,7 @@ def run_api_bench(settings: Settings, json_path: Path | None, models_json: Path 
         # machine cannot sustain 500 (otherwise the p99 would measure the queue, not the swap). On a shared machine
         # the capacity moves within a minute, so it is measured again just before the swap and the lower figure
         # counts (a swap at 60% of what the machine had a minute ago was refused 503s when it had less).
-        again = run_load("closed", host=host, port=port, requests=single, connections=32, duration_s=side,
+        again = run_load("closed", host=host, port=port, requests=single, connections=32, duration_s=2.0,
                          per_request_items=1)
         capacity = min(result["classify_rps"], again["rps"])
         swap_rate = min(500.0, 0.6 * capacity)
