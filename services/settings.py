@@ -212,6 +212,11 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise SettingsError(f"FLYWHEEL_{name.upper()} {path}: no such file")
+        return self
+
+    @model_validator(mode="after")
+    def _jvm_options_split(self) -> Settings:
+        """Options the broker's command line could not be built from stop every command at start, by name."""
         import shlex
 
         try:

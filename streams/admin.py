@@ -165,15 +165,19 @@ def _wait_topics_ready(admin: Any, wanted: dict[str, int], timeout_s: float) -> 
         time.sleep(0.2)
 
 
+def _partitions(config: StreamsConfig, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """The described partitions of each named topic that exists."""
+    with contextlib.closing(_admin(config, 10.0)) as admin:
+        return {t["name"]: t.get("partitions") or [] for t in admin.describe_topics(list(names))
+                if t.get("error_code", 0) == 0}
+
+
 def topic_partitions(config: StreamsConfig, names: Iterable[str]) -> dict[str, int]:
     """Partition count of each named topic that exists (for status pages and tests)."""
-    with contextlib.closing(_admin(config, 10.0)) as admin:
-        return {t["name"]: len(t.get("partitions") or []) for t in admin.describe_topics(list(names))
-                if t.get("error_code", 0) == 0}
+    return {name: len(parts) for name, parts in _partitions(config, names).items()}
 
 
 def topic_replicas(config: StreamsConfig, names: Iterable[str]) -> dict[str, int]:
     """The fewest replicas of any partition of each named topic that exists (three on a three-node cluster)."""
-    with contextlib.closing(_admin(config, 10.0)) as admin:
-        return {t["name"]: min((len(p["replica_nodes"]) for p in t.get("partitions") or []), default=0)
-                for t in admin.describe_topics(list(names)) if t.get("error_code", 0) == 0}
+    return {name: min((len(p["replica_nodes"]) for p in parts), default=0)
+            for name, parts in _partitions(config, names).items()}

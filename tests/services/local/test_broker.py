@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import socket
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def test_status_reports_the_running_broker(kafka: Settings) -> None:
         before = st["pid"]
         with open(f"/proc/{before}/cmdline", "rb") as f:  # the configured JVM options reached the broker's JVM
             argv = f.read().decode().split("\0")
-        assert kafka.kafka_jvm_options and all(opt in argv for opt in kafka.kafka_jvm_options.split()), argv
+        assert kafka.kafka_jvm_options and all(opt in argv for opt in shlex.split(kafka.kafka_jvm_options)), argv
         broker.start(kafka.streams())  # already running: a no-op, same process
         assert broker.status(kafka.streams())["pid"] == before
 
